@@ -1,0 +1,11 @@
+"""minitf: a small, fast and fully transparent GPT-style language-model engine."""
+
+import os as _os
+
+__version__ = "0.1.0"
+
+# In a source checkout, kernels/ sits beside this folder and is installed as minitf.kernels
+# (see pyproject.toml); searching the checkout's root as well makes `minitf.kernels` resolve
+# when minitf is run from there. An installed minitf has minitf/kernels/ and skips this.
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")):
+    __path__.append(_os.path.dirname(_os.path.abspath(__path__[0])))

@@ -1,0 +1,26 @@
+"""Every numerical tolerance of the test suite, in one table keyed by (check, dtype).
+
+Each entry is (rtol, atol) unless noted. A test looks its tolerance up here so a reader sees
+in one place how close "equal" means for each comparison.
+"""
+
+import numpy as np
+
+TOL = {
+    # hand-written backward vs central finite differences, float64: relative error
+    ("finite_difference", np.float64): 1e-6,
+    # whole-model gradients vs PyTorch autograd: max |diff| / max |grad| of the tensor
+    ("torch_grad", np.float64): 1e-8,
+    ("torch_grad", np.float32): 1e-4,
+    # losses of 10 AdamW steps vs torch.optim.AdamW, relative
+    ("torch_adamw_loss", np.float64): 1e-6,
+    # KV-cache decode logits vs full forward, absolute
+    ("kv_cache_logits", np.float32): 1e-5,
+    # kernel backends vs the numpy reference: (rtol, atol)
+    ("kernel", np.float32): (1e-5, 1e-6),
+    ("kernel", np.float64): (1e-12, 1e-14),
+    # logits of a whole model across backends, absolute
+    ("backend_logits", np.float32): 1e-5,
+    # sampling probabilities vs HF transformers' warpers, absolute
+    ("sampling", np.float32): 1e-6,
+}
