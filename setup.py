@@ -25,7 +25,18 @@ extensions = [
         ["kernels/_cython_kernels.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-march=native"],
+        # -fassociative-math (with the two flags it requires) lets gcc vectorize float sums
+        # and dot products, like numba's `reassoc` fastmath flag (kernels/_jit.py). Not
+        # -ffast-math: it would assume no inf/NaN (breaking softmax's all -inf rows) and
+        # allow x / s -> x * (1 / s) (breaking quantize_rows' bit-exact agreement).
+        extra_compile_args=[
+            "-O3",
+            "-march=native",
+            "-fassociative-math",
+            "-fno-signed-zeros",
+            "-fno-trapping-math",
+            "-fno-math-errno",
+        ],
     )
 ]
 

@@ -7,23 +7,26 @@ bit-for-bit agreement of `quantize_rows` across backends. The flags kept allow w
 the loops fast: reassociation (vectorized sums and dot products), fused multiply-add, and
 ignoring the sign of zero. setup.py gives the Cython build the matching gcc flags.
 
+`parallel` is off: at the model's shapes a `prange` was measured slower than the serial
+loop on the 2-core target (thread wake-up costs more than a decode-size kernel takes, and
+the threads compete with BLAS's and the other backends'); run several engines in parallel
+instead.
+
 `NUMBA_DISABLE_JIT=1` turns every kernel into plain Python (slow, but debuggable and
 still correct): nothing in `numba_kernels` may depend on being compiled.
 """
 
 import numba
 
-FASTMATH = frozenset({"reassoc", "contract", "nsz"})
+JIT_OPTIONS = dict(
+    cache=True,  # compiled code is kept in __pycache__: later processes start fast
+    fastmath={"reassoc", "contract", "nsz"},  # see above: no nnan / ninf / arcp
+    parallel=False,  # see above
+    nogil=True,  # kernels release the GIL: callers may run them from threads
+    error_model="numpy",  # x / 0 gives inf/nan as numpy does, no Python exception check
+)
 
-# Serial kernels: single-row (decode) shapes, where starting threads costs more than it saves.
-JIT = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
-# Kernels whose outer loop is a `numba.prange`, for many-row (prefill, training) shapes.
-JIT_PARALLEL = dict(JIT, parallel=True)
 
-
-def njit(fn=None, *, parallel=False):
-    """`numba.njit` with this module's options; `parallel=True` picks JIT_PARALLEL."""
-    options = JIT_PARALLEL if parallel else JIT
-    if fn is None:
-        return lambda f: numba.njit(**options)(f)
-    return numba.njit(**options)(fn)
+def njit(fn):
+    """`numba.njit` with JIT_OPTIONS."""
+    return numba.njit(**JIT_OPTIONS)(fn)

@@ -210,10 +210,10 @@ def attention(
     """
     Tq, C = q.shape
     Tk = k.shape[0]
-    if C % n_head != 0 or Tq > Tk or k.shape != (Tk, C) or v.shape != (Tk, C):
+    if n_head < 1 or C % n_head != 0 or Tq > Tk or k.shape != (Tk, C) or v.shape != (Tk, C):
         raise ValueError(
-            f"attention: q {q.shape}, k {k.shape}, v {v.shape}, n_head={n_head}: need "
-            f"k and v (Tk, C), Tq <= Tk and C divisible by n_head"
+            f"attention: q {q.shape}, k {k.shape}, v {v.shape}, n_head={n_head!r}: need "
+            f"k and v (Tk, C), Tq <= Tk and C divisible by a positive n_head"
         )
     NH, HS = n_head, C // n_head
     qh = q.reshape(Tq, NH, HS).transpose(1, 0, 2)  # (NH, Tq, HS)

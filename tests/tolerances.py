@@ -23,4 +23,6 @@ TOL = {
     ("backend_logits", np.float32): 1e-5,
     # sampling probabilities vs HF transformers' warpers, absolute
     ("sampling", np.float32): 1e-6,
+    # the same, with HF's warpers run in float64 on the same (float64) logits, absolute
+    ("sampling", np.float64): 1e-12,
 }

@@ -1,0 +1,437 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False
+"""Cython loop kernels of minitf (private: `cython_kernels` is the checked Python API).
+
+The same loops as `numba_kernels`, compiled ahead of time. Each `def` entry point takes
+C-contiguous typed memoryviews, outputs first, then inputs, weights and sizes; it does no
+checking (the wrapper did) and runs its loops without the GIL. Entry points come in a
+`_f32` and a `_f64` version where both dtypes are supported, so the wrapper picks one by
+dtype instead of paying for Cython's fused-type dispatch on every call.
+
+Matmul loops run k outside m so that the innermost loop walks a (K, M) weight row and an
+output row contiguously and gcc vectorizes it; k is unrolled by 4 (and rows taken 4 at a
+time) so each output element is loaded and stored once per 4 products. Sums of floats are
+reassociated by the compiler (setup.py: -fassociative-math), as numba's fastmath does;
+int8 products are widened to int32 before they are summed, so those sums are exact.
+"""
+
+from libc.float cimport FLT_MIN
+from libc.math cimport INFINITY, exp, expf, fabsf, rintf, sqrt, tanh
+from libc.stdint cimport int8_t, int32_t
+
+ctypedef fused real:
+    float
+    double
+
+cdef double GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+# ------------------------------------------------------------------- building blocks ----
+
+
+cdef inline real _dot(const real* a, const real* b, Py_ssize_t n) noexcept nogil:
+    """sum_k a[k] * b[k], summed in the dtype of the arrays."""
+    cdef real acc = 0
+    cdef Py_ssize_t k
+    for k in range(n):
+        acc += a[k] * b[k]
+    return acc
+
+
+cdef void _matmul_row(real* y, const real* x, const real* w,
+                      Py_ssize_t K, Py_ssize_t M) noexcept nogil:
+    """y (M,) = x (K,) @ w (K, M)."""
+    cdef Py_ssize_t k = 0, m
+    cdef real a0, a1, a2, a3
+    cdef const real* w0
+    for m in range(M):
+        y[m] = 0
+    while k + 4 <= K:
+        a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
+        w0 = w + k * M
+        for m in range(M):
+            y[m] += a0 * w0[m] + a1 * w0[M + m] + a2 * w0[2 * M + m] + a3 * w0[3 * M + m]
+        k += 4
+    while k < K:
+        a0 = x[k]
+        w0 = w + k * M
+        for m in range(M):
+            y[m] += a0 * w0[m]
+        k += 1
+
+
+cdef void _matmul_4rows(real* y, const real* x, const real* w,
+                        Py_ssize_t K, Py_ssize_t M) noexcept nogil:
+    """y[0:4] (4, M) = x[0:4] (4, K) @ w (K, M): each weight loaded once for 4 rows x 4 k."""
+    cdef Py_ssize_t k = 0, m
+    cdef real* y0 = y
+    cdef real* y1 = y + M
+    cdef real* y2 = y + 2 * M
+    cdef real* y3 = y + 3 * M
+    cdef const real* x0 = x
+    cdef const real* x1 = x + K
+    cdef const real* x2 = x + 2 * K
+    cdef const real* x3 = x + 3 * K
+    cdef const real* w0
+    cdef const real* w1
+    cdef const real* w2
+    cdef const real* w3
+    cdef real b0, b1, b2, b3
+    for m in range(M):
+        y0[m] = 0; y1[m] = 0; y2[m] = 0; y3[m] = 0
+    while k + 4 <= K:
+        w0 = w + k * M; w1 = w0 + M; w2 = w1 + M; w3 = w2 + M
+        for m in range(M):
+            b0 = w0[m]; b1 = w1[m]; b2 = w2[m]; b3 = w3[m]
+            y0[m] += x0[k] * b0 + x0[k + 1] * b1 + x0[k + 2] * b2 + x0[k + 3] * b3
+            y1[m] += x1[k] * b0 + x1[k + 1] * b1 + x1[k + 2] * b2 + x1[k + 3] * b3
+            y2[m] += x2[k] * b0 + x2[k + 1] * b1 + x2[k + 2] * b2 + x2[k + 3] * b3
+            y3[m] += x3[k] * b0 + x3[k + 1] * b1 + x3[k + 2] * b2 + x3[k + 3] * b3
+        k += 4
+    while k < K:
+        w0 = w + k * M
+        for m in range(M):
+            y0[m] += x0[k] * w0[m]
+            y1[m] += x1[k] * w0[m]
+            y2[m] += x2[k] * w0[m]
+            y3[m] += x3[k] * w0[m]
+        k += 1
+
+
+cdef void _matmul(real* y, const real* x, const real* w, const real* bias,
+                  Py_ssize_t N, Py_ssize_t K, Py_ssize_t M) noexcept nogil:
+    """y (N, M) = x (N, K) @ w (K, M) (+ bias (M,) unless NULL)."""
+    cdef Py_ssize_t n = 0, m
+    while n + 4 <= N:
+        _matmul_4rows(y + n * M, x + n * K, w, K, M)
+        n += 4
+    while n < N:
+        _matmul_row(y + n * M, x + n * K, w, K, M)
+        n += 1
+    if bias != NULL:
+        for n in range(N):
+            for m in range(M):
+                y[n * M + m] += bias[m]
+
+
+cdef float _quantize_row(int8_t* xq, const float* x, Py_ssize_t K) noexcept nogil:
+    """Quantize one row x (K,) into xq (K,) int8; return its scale (1 for a rejected row)."""
+    cdef float amax = 0, a, scale, r
+    cdef Py_ssize_t k
+    for k in range(K):
+        a = fabsf(x[k])
+        if a > amax or a != a:  # `a != a`: a NaN sticks, so the row is rejected below
+            amax = a
+    scale = amax / <float>127.0
+    if not (scale >= FLT_MIN and scale < INFINITY):  # zero, subnormal, inf or NaN
+        for k in range(K):
+            xq[k] = 0
+        return 1.0
+    for k in range(K):
+        r = rintf(x[k] / scale)  # round half to even (the default rounding mode)
+        if r > 127:
+            r = 127
+        elif r < -127:
+            r = -127
+        xq[k] = <int8_t>r
+    return scale
+
+
+cdef void _int8_acc_row(int32_t* acc, const int8_t* xq, const int8_t* wq,
+                        Py_ssize_t K, Py_ssize_t M) noexcept nogil:
+    """acc (M,) int32 = xq (K,) @ wq (K, M), every int8 product widened to int32."""
+    cdef Py_ssize_t k = 0, m
+    cdef int32_t a0, a1, a2, a3
+    cdef const int8_t* w0
+    for m in range(M):
+        acc[m] = 0
+    while k + 4 <= K:
+        a0 = xq[k]; a1 = xq[k + 1]; a2 = xq[k + 2]; a3 = xq[k + 3]
+        w0 = wq + k * M
+        for m in range(M):
+            acc[m] += (a0 * <int32_t>w0[m] + a1 * <int32_t>w0[M + m]
+                       + a2 * <int32_t>w0[2 * M + m] + a3 * <int32_t>w0[3 * M + m])
+        k += 4
+    while k < K:
+        a0 = xq[k]
+        w0 = wq + k * M
+        for m in range(M):
+            acc[m] += a0 * <int32_t>w0[m]
+        k += 1
+
+
+cdef void _softmax(real* y, const real* x, Py_ssize_t N, Py_ssize_t M) noexcept nogil:
+    """Row softmax of x (N, M) into y; an all -inf row gives zeros. Sums in double."""
+    cdef Py_ssize_t n, m
+    cdef real mx, e
+    cdef double total
+    cdef const real* xr
+    cdef real* yr
+    for n in range(N):
+        xr = x + n * M
+        yr = y + n * M
+        mx = xr[0]
+        for m in range(1, M):
+            if xr[m] > mx:
+                mx = xr[m]
+        if mx == -INFINITY:  # nothing to attend to: exp(-inf) would be 0 everywhere
+            for m in range(M):
+                yr[m] = 0
+            continue
+        total = 0
+        for m in range(M):
+            if real is float:
+                e = expf(xr[m] - mx)
+            else:
+                e = exp(xr[m] - mx)
+            yr[m] = e
+            total += e
+        for m in range(M):
+            yr[m] = <real>(yr[m] / total)
+
+
+cdef void _layernorm(real* y, const real* x, const real* weight, const real* bias,
+                     double eps, Py_ssize_t N, Py_ssize_t C) noexcept nogil:
+    """LayerNorm of each row of x (N, C) into y; mean and variance summed in double."""
+    cdef Py_ssize_t n, c
+    cdef double total, mean, sq, d, rstd
+    cdef const real* xr
+    cdef real* yr
+    for n in range(N):
+        xr = x + n * C
+        yr = y + n * C
+        total = 0
+        for c in range(C):
+            total += xr[c]
+        mean = total / C
+        sq = 0
+        for c in range(C):
+            d = xr[c] - mean
+            sq += d * d
+        rstd = 1.0 / sqrt(sq / C + eps)  # biased variance, as torch / GPT-2
+        for c in range(C):
+            yr[c] = <real>((xr[c] - mean) * rstd * weight[c] + bias[c])
+
+
+cdef void _gelu(real* y, const real* x, Py_ssize_t n) noexcept nogil:
+    """Tanh-approximated GELU of the flat array x (n,) into y, evaluated in double."""
+    cdef Py_ssize_t i
+    cdef double v
+    for i in range(n):
+        v = x[i]
+        y[i] = <real>(0.5 * v * (1.0 + tanh(GELU_C * (v + 0.044715 * v * v * v))))
+
+
+cdef void _attention(real* out, real* att, const real* q, const real* k, const real* v,
+                     Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t C, Py_ssize_t n_head,
+                     real scale) noexcept nogil:
+    """Causal attention: out (Tq, C), att (NH, Tq, Tk) weights; q (Tq, C), k, v (Tk, C).
+
+    Query i sits at absolute position Tk - Tq + i and sees keys 0 .. that position.
+    """
+    cdef Py_ssize_t HS = C // n_head
+    cdef Py_ssize_t h, i, j, c, last
+    cdef real s, p
+    cdef double mx, total
+    cdef real* a
+    cdef real* o
+    cdef const real* qi
+    cdef const real* vj
+    for h in range(n_head):
+        for i in range(Tq):
+            last = Tk - Tq + i
+            a = att + (h * Tq + i) * Tk  # (Tk,)
+            qi = q + i * C + h * HS  # (HS,)
+            mx = -INFINITY
+            for j in range(last + 1):
+                s = _dot(qi, k + j * C + h * HS, HS) * scale
+                a[j] = s
+                if s > mx:
+                    mx = s
+            total = 0
+            for j in range(last + 1):
+                a[j] = <real>exp(a[j] - mx)
+                total += a[j]  # the rounded weights, which are what is stored
+            for j in range(last + 1):
+                a[j] = <real>(a[j] / total)
+            for j in range(last + 1, Tk):
+                a[j] = 0
+            o = out + i * C + h * HS  # (HS,)
+            for c in range(HS):
+                o[c] = 0
+            for j in range(last + 1):
+                p = a[j]
+                vj = v + j * C + h * HS
+                for c in range(HS):
+                    o[c] += p * vj[c]
+
+
+# ------------------------------------------------------------------- entry points -------
+# Shapes come from the memoryviews; `&a[0, 0]` is only an address, valid for empty arrays.
+
+
+def matmul_f32(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w,
+               const float[::1] bias):
+    """y (N, M) = x (N, K) @ w (K, M) + bias (M,) or None; float32."""
+    cdef const float* b = &bias[0] if bias is not None else NULL
+    with nogil:
+        _matmul(&y[0, 0], &x[0, 0], &w[0, 0], b, x.shape[0], x.shape[1], w.shape[1])
+
+
+def matmul_f64(double[:, ::1] y, const double[:, ::1] x, const double[:, ::1] w,
+               const double[::1] bias):
+    """y (N, M) = x (N, K) @ w (K, M) + bias (M,) or None; float64."""
+    cdef const double* b = &bias[0] if bias is not None else NULL
+    with nogil:
+        _matmul(&y[0, 0], &x[0, 0], &w[0, 0], b, x.shape[0], x.shape[1], w.shape[1])
+
+
+def matmul_nt_f32(float[:, ::1] y, const float[:, ::1] x, const float[:, ::1] w):
+    """y (N, M) = x (N, K) @ w.T, w (M, K); float32."""
+    cdef Py_ssize_t n, m, K = x.shape[1]
+    with nogil:
+        for n in range(x.shape[0]):
+            for m in range(w.shape[0]):
+                y[n, m] = _dot(&x[n, 0], &w[m, 0], K)
+
+
+def matmul_nt_f64(double[:, ::1] y, const double[:, ::1] x, const double[:, ::1] w):
+    """y (N, M) = x (N, K) @ w.T, w (M, K); float64."""
+    cdef Py_ssize_t n, m, K = x.shape[1]
+    with nogil:
+        for n in range(x.shape[0]):
+            for m in range(w.shape[0]):
+                y[n, m] = _dot(&x[n, 0], &w[m, 0], K)
+
+
+def quantize_rows(int8_t[:, ::1] xq, float[::1] scale, const float[:, ::1] x):
+    """xq (N, K) int8 and scale (N,) float32 from x (N, K) float32, row by row."""
+    cdef Py_ssize_t n, K = x.shape[1]
+    with nogil:
+        for n in range(x.shape[0]):
+            scale[n] = _quantize_row(&xq[n, 0], &x[n, 0], K)
+
+
+def matmul_int8_acc(int32_t[:, ::1] acc, const int8_t[:, ::1] xq, const int8_t[:, ::1] wq):
+    """acc (N, M) int32 = xq (N, K) int8 @ wq (K, M) int8, exact."""
+    cdef Py_ssize_t n, K = xq.shape[1], M = wq.shape[1]
+    with nogil:
+        for n in range(xq.shape[0]):
+            _int8_acc_row(&acc[n, 0], &xq[n, 0], &wq[0, 0], K, M)
+
+
+def matmul_int8_weight_only(float[:, ::1] y, const float[:, ::1] x, const int8_t[:, ::1] wq,
+                            const float[::1] w_scale, const float[::1] bias):
+    """y (N, M) = (x (N, K) @ float32(wq (K, M))) * w_scale (M,) + bias (M,) or None."""
+    cdef Py_ssize_t N = x.shape[0], K = x.shape[1], M = wq.shape[1]
+    cdef Py_ssize_t n, k, m
+    cdef float a0, a1, a2, a3
+    cdef float* yr
+    cdef const float* xr
+    cdef const int8_t* w0
+    cdef bint has_bias = bias is not None
+    with nogil:
+        for n in range(N):
+            yr = &y[n, 0]
+            xr = &x[n, 0]
+            for m in range(M):
+                yr[m] = 0
+            k = 0
+            while k + 4 <= K:
+                a0 = xr[k]; a1 = xr[k + 1]; a2 = xr[k + 2]; a3 = xr[k + 3]
+                w0 = &wq[k, 0]
+                for m in range(M):
+                    yr[m] += (a0 * <float>w0[m] + a1 * <float>w0[M + m]
+                              + a2 * <float>w0[2 * M + m] + a3 * <float>w0[3 * M + m])
+                k += 4
+            while k < K:
+                a0 = xr[k]
+                w0 = &wq[k, 0]
+                for m in range(M):
+                    yr[m] += a0 * <float>w0[m]
+                k += 1
+            for m in range(M):
+                yr[m] = yr[m] * w_scale[m]  # the channel scale, once per output
+            if has_bias:
+                for m in range(M):
+                    yr[m] += bias[m]
+
+
+def matmul_w8a8(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[::1] acc,
+                const float[:, ::1] x, const int8_t[:, ::1] wq, const float[::1] w_scale,
+                const float[::1] bias):
+    """W8A8 linear: quantize each row of x, int32 int8 x int8 sums, then both scales.
+
+    Outputs y (N, M) float32; scratch xq (N, K) int8, sx (N,) float32, acc (M,) int32;
+    inputs x (N, K) float32, wq (K, M) int8, w_scale (M,) float32, bias (M,) or None.
+    """
+    cdef Py_ssize_t N = x.shape[0], K = x.shape[1], M = wq.shape[1]
+    cdef Py_ssize_t n, m
+    cdef float s
+    cdef bint has_bias = bias is not None
+    with nogil:
+        for n in range(N):
+            s = _quantize_row(&xq[n, 0], &x[n, 0], K)
+            sx[n] = s
+            _int8_acc_row(&acc[0], &xq[n, 0], &wq[0, 0], K, M)
+            for m in range(M):
+                y[n, m] = (<float>acc[m] * s) * w_scale[m]
+            if has_bias:
+                for m in range(M):
+                    y[n, m] += bias[m]
+
+
+def softmax_f32(float[:, ::1] y, const float[:, ::1] x):
+    """Row softmax of x (N, M) float32 into y."""
+    with nogil:
+        _softmax(&y[0, 0], &x[0, 0], x.shape[0], x.shape[1])
+
+
+def softmax_f64(double[:, ::1] y, const double[:, ::1] x):
+    """Row softmax of x (N, M) float64 into y."""
+    with nogil:
+        _softmax(&y[0, 0], &x[0, 0], x.shape[0], x.shape[1])
+
+
+def layernorm_f32(float[:, ::1] y, const float[:, ::1] x, const float[::1] weight,
+                  const float[::1] bias, double eps):
+    """LayerNorm of x (N, C) float32 into y, weight and bias (C,)."""
+    with nogil:
+        _layernorm(&y[0, 0], &x[0, 0], &weight[0], &bias[0], eps, x.shape[0], x.shape[1])
+
+
+def layernorm_f64(double[:, ::1] y, const double[:, ::1] x, const double[::1] weight,
+                  const double[::1] bias, double eps):
+    """LayerNorm of x (N, C) float64 into y, weight and bias (C,)."""
+    with nogil:
+        _layernorm(&y[0, 0], &x[0, 0], &weight[0], &bias[0], eps, x.shape[0], x.shape[1])
+
+
+def gelu_f32(float[::1] y, const float[::1] x):
+    """GELU of the flat float32 array x into y."""
+    with nogil:
+        _gelu(&y[0], &x[0], x.shape[0])
+
+
+def gelu_f64(double[::1] y, const double[::1] x):
+    """GELU of the flat float64 array x into y."""
+    with nogil:
+        _gelu(&y[0], &x[0], x.shape[0])
+
+
+def attention_f32(float[:, ::1] out, float[:, :, ::1] att, const float[:, ::1] q,
+                  const float[:, ::1] k, const float[:, ::1] v, Py_ssize_t n_head,
+                  float scale):
+    """Causal attention, float32: out (Tq, C), att (NH, Tq, Tk); q (Tq, C), k, v (Tk, C)."""
+    with nogil:
+        _attention(&out[0, 0], &att[0, 0, 0], &q[0, 0], &k[0, 0], &v[0, 0],
+                   q.shape[0], k.shape[0], q.shape[1], n_head, scale)
+
+
+def attention_f64(double[:, ::1] out, double[:, :, ::1] att, const double[:, ::1] q,
+                  const double[:, ::1] k, const double[:, ::1] v, Py_ssize_t n_head,
+                  double scale):
+    """Causal attention, float64: out (Tq, C), att (NH, Tq, Tk); q (Tq, C), k, v (Tk, C)."""
+    with nogil:
+        _attention(&out[0, 0], &att[0, 0, 0], &q[0, 0], &k[0, 0], &v[0, 0],
+                   q.shape[0], k.shape[0], q.shape[1], n_head, scale)

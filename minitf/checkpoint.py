@@ -1,0 +1,505 @@
+"""Checkpoints: safetensors weights and JSON beside them; never pickle; every write atomic.
+
+A checkpoint is a directory:
+
+    model.safetensors      the parameters by GPT-2 name, exactly the keys of
+                           `param_shapes(config)` (the tied head is `wte`, stored once);
+                           metadata {"format": "minitf", "format_version": "1",
+                           "dtype": "float32", "sha256": <checksum of the tensor data>}
+    config.json            GPTConfig.to_dict(), the model configuration only
+    tokenizer.json         see minitf.tokenizer
+    optimizer.safetensors  optional: AdamW moments "m.<name>", "v.<name>" per parameter
+    train_state.json       with it: {"step": int, ...} (e.g. "rng_state", the learning rate)
+    meta.json              optional, free-form: command line, seed, losses, quantization...
+
+`save_checkpoint` writes all of it into a sibling `.<DIR>.minitf-tmp` directory, then swaps it
+in: rename DIR -> DIR.old, rename the new one -> DIR, delete DIR.old. A crash at any moment
+leaves either the old or the new checkpoint complete; if it struck between the two renames,
+only DIR.old exists and `load_checkpoint(DIR)` loads it (with a warning), and the next save
+completes the swap. Only one process may write a given DIR at a time.
+
+Loading checks names, shapes, dtypes, finiteness, the data checksum and the config, and turns
+any damaged, truncated or missing file into a one-line `CheckpointError` naming the file.
+Only safetensors and JSON are read, so loading cannot run code.
+
+Extension point (int8 checkpoints): `layout` maps every tensor name to (shape, dtype). The
+default is `param_shapes(config)` with dtype None, meaning "the checkpoint's float dtype".
+A quantized checkpoint passes its own layout (int8 weights, float32 scales, ...) to both
+`save_checkpoint` and `load_checkpoint`; the latter also accepts a function
+`layout(config, meta) -> dict`, so the layout can be derived from what meta.json records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import safetensors.numpy
+
+from minitf.config import GPTConfig, param_shapes
+from minitf.tokenizer import TokenizerError, load_tokenizer
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAIN_STATE_FILE = "train_state.json"
+META_FILE = "meta.json"
+CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, META_FILE)
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+# {tensor name: (shape, dtype)}; dtype None means "the checkpoint's float dtype".
+Layout = dict[str, tuple[tuple[int, ...], "np.dtype | None"]]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, or does not match its config."""
+
+
+# ----------------------------------------------------------------------------------------
+# Atomic writes, reused by every module that writes a file
+
+
+@contextlib.contextmanager
+def _atomic_target(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; if the body succeeds, fsync it and rename it
+    onto `path` (os.replace is atomic on POSIX and Windows). On failure, delete it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically: the file is either the old one or all of `data`."""
+    with _atomic_target(path) as tmp:
+        with open(tmp, "xb") as f:  # created with the usual umask permissions
+            f.write(data)
+
+
+def _json_default(obj):
+    # numpy scalars and arrays (losses, seeds) are common in meta; store them as plain JSON.
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def save_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    """Write `obj` as strict JSON (no NaN/inf: other readers reject them) atomically."""
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot write {path} as JSON: {e} (NaN/inf: store None or a string)") from e
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+
+
+def load_json(path: str | os.PathLike):
+    """Read a JSON file; CheckpointError naming the file if it is missing or invalid."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+
+
+def _tensor_checksum(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: catches corruption in the data section,
+    which safetensors itself (header checks only) cannot see."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_safetensors_atomic(
+    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    """Write `tensors` as safetensors atomically; metadata (str -> str) gets a "sha256" entry
+    that `load_safetensors` verifies."""
+    metadata = dict(metadata or {})
+    if "sha256" in metadata:
+        raise ValueError('metadata key "sha256" is reserved for the tensor checksum')
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    metadata["sha256"] = _tensor_checksum(tensors)
+    with _atomic_target(path) as tmp:
+        safetensors.numpy.save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a safetensors file -> (tensors, metadata), verifying the checksum if recorded.
+
+    Raises CheckpointError naming the file if it is missing, truncated or corrupt.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    # Header: 8-byte little-endian length, then that many bytes of JSON (safetensors format).
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: truncated ({len(data)} bytes; not a safetensors file)")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt: header claims {n} bytes, file has {len(data) - 8}"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    try:  # tell a cut-off file from other damage: the header says how long the data is
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        end = 0  # malformed entry: let safetensors report it below
+    if isinstance(end, int) and len(data) < 8 + n + end:
+        raise CheckpointError(f"{path}: truncated: {len(data)} bytes, the header needs {8 + n + end}")
+    try:
+        metadata = header.get("__metadata__") or {}
+        tensors = safetensors.numpy.load(data)
+    except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes means damage
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt safetensors file: {msg}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors file: metadata is not an object")
+    expected = metadata.get("sha256")
+    if expected is not None and _tensor_checksum(tensors) != expected:
+        raise CheckpointError(f"{path}: tensor data does not match its SHA-256 checksum (corrupt)")
+    return tensors, metadata
+
+
+# ----------------------------------------------------------------------------------------
+# Validation shared by save and load
+
+
+def default_layout(config: GPTConfig) -> Layout:
+    """The float model: every name of `param_shapes(config)`, in the checkpoint's float dtype."""
+    return {name: (shape, None) for name, shape in param_shapes(config).items()}
+
+
+def _check_tensors(tensors: dict[str, np.ndarray], layout: Layout, where: str) -> str:
+    """Check names, shapes, dtypes and finiteness against `layout`; return the float dtype
+    name shared by the tensors whose layout dtype is None. Raises CheckpointError."""
+    missing = [k for k in layout if k not in tensors]
+    extra = sorted(k for k in tensors if k not in layout)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors {_names(missing)}")
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensors {_names(extra)}")
+    float_dtypes: set[str] = set()
+    for name, (shape, dtype) in layout.items():
+        a = tensors[name]
+        if not isinstance(a, np.ndarray):
+            raise CheckpointError(f"{where}: tensor {name} is a {type(a).__name__}, not an ndarray")
+        if tuple(a.shape) != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {name} has shape {a.shape}, expected {tuple(shape)}")
+        if dtype is None:
+            if a.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{where}: tensor {name} has dtype {a.dtype}, expected float16/32/64"
+                )
+            float_dtypes.add(a.dtype.name)
+        elif a.dtype != np.dtype(dtype):
+            raise CheckpointError(
+                f"{where}: tensor {name} has dtype {a.dtype}, expected {np.dtype(dtype)}"
+            )
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            bad = int(np.count_nonzero(~np.isfinite(a)))
+            raise CheckpointError(f"{where}: tensor {name} has {bad} NaN/inf values of {a.size}")
+    if len(float_dtypes) > 1:
+        raise CheckpointError(f"{where}: float tensors mix dtypes {sorted(float_dtypes)}; use one")
+    return float_dtypes.pop() if float_dtypes else "none"
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _optimizer_layout(params: dict[str, np.ndarray]) -> Layout:
+    return {
+        f"{moment}.{name}": (p.shape, None) for moment in ("m", "v") for name, p in params.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    params: dict[str, np.ndarray],
+    config: GPTConfig,
+    tokenizer,
+    optimizer_state: dict | None = None,
+    meta: dict | None = None,
+    *,
+    layout: Layout | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (see the module docstring). Returns its path.
+
+    Args:
+        params: {GPT-2 name: array}, exactly the names and shapes of `layout` (default:
+            `param_shapes(config)`, all in one float dtype); every value finite.
+        tokenizer: a CharTokenizer or BPETokenizer with `vocab_size == config.vocab_size`.
+        optimizer_state: {"m": {name: array}, "v": {name: array}, "step": int, ...}; the
+            moments go to optimizer.safetensors, every other (JSON-able) entry, e.g.
+            "rng_state" = `rng.bit_generator.state`, to train_state.json.
+        meta: free-form JSON-able dict -> meta.json.
+
+    Raises CheckpointError (nothing is written) for mismatched names/shapes/dtypes, NaN/inf
+    weights or moments, a tokenizer/config vocabulary mismatch, or a DIR that exists and is
+    not a checkpoint. Files in an existing checkpoint DIR that are not checkpoint files
+    (plots, notes) are carried over into the new one.
+    """
+    directory = Path(directory).absolute()
+    where = f"refusing to save checkpoint {directory}"
+    if not isinstance(config, GPTConfig):
+        raise CheckpointError(f"{where}: config is a {type(config).__name__}, not a GPTConfig")
+    dtype_name = _check_tensors(params, layout or default_layout(config), where)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(
+            f"{where}: tokenizer has {tokenizer.vocab_size} tokens, config.vocab_size is "
+            f"{config.vocab_size}"
+        )
+    if optimizer_state is not None:
+        moments, train_state = _split_optimizer_state(optimizer_state, params, where)
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: meta must be a dict, got {type(meta).__name__}")
+    _check_replaceable(directory)
+
+    tmp = directory.with_name(f".{directory.name}.minitf-tmp")
+    old = directory.with_name(directory.name + ".old")
+    if tmp.exists():  # left by an earlier save that crashed
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        save_safetensors_atomic(
+            tmp / MODEL_FILE,
+            params,
+            {"format": "minitf", "format_version": str(FORMAT_VERSION), "dtype": dtype_name},
+        )
+        save_json_atomic(tmp / CONFIG_FILE, config.to_dict())
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        if optimizer_state is not None:
+            save_safetensors_atomic(
+                tmp / OPTIMIZER_FILE, moments, {"format": "minitf", "format_version": str(FORMAT_VERSION)}
+            )
+            save_json_atomic(tmp / TRAIN_STATE_FILE, train_state)
+        if meta is not None:
+            save_json_atomic(tmp / META_FILE, meta)
+        _carry_over_extra_files(directory if directory.exists() else old, tmp)
+        _fsync_dir(tmp)
+        # The swap: at every instant DIR or DIR.old is a complete checkpoint.
+        if directory.exists():
+            if old.exists():
+                shutil.rmtree(old)  # stale: DIR is the good one
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old.exists():
+        shutil.rmtree(old)
+    return directory
+
+
+def _split_optimizer_state(state: dict, params: dict, where: str) -> tuple[dict, dict]:
+    """{"m": .., "v": .., "step": .., rest} -> (flat moment tensors, JSON train state)."""
+    if not isinstance(state, dict) or not {"m", "v", "step"} <= set(state):
+        raise CheckpointError(f'{where}: optimizer_state needs keys "m", "v" and "step"')
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise CheckpointError(f"{where}: optimizer step {step!r} must be an integer >= 0")
+    moments = {f"{k}.{name}": a for k in ("m", "v") for name, a in state[k].items()}
+    _check_tensors(moments, _optimizer_layout(params), where + " (optimizer state)")
+    train_state = {k: v for k, v in state.items() if k not in ("m", "v")}
+    train_state["step"] = int(step)
+    return moments, train_state
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Refuse to swap away a directory that is not a minitf checkpoint (e.g. a typo'd '.')."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise CheckpointError(f"refusing to save checkpoint {directory}: it exists and is a file")
+    entries = list(directory.iterdir())
+    if entries and not ((directory / MODEL_FILE).exists() or (directory / CONFIG_FILE).exists()):
+        raise CheckpointError(
+            f"refusing to save checkpoint {directory}: it exists and is not a minitf checkpoint "
+            f"(no {MODEL_FILE} or {CONFIG_FILE}); choose a new or empty directory"
+        )
+
+
+def _carry_over_extra_files(source: Path, dest: Path) -> None:
+    # Copy, not move: until the swap, the old checkpoint must stay complete.
+    if not source.is_dir():
+        return
+    for entry in source.iterdir():
+        if entry.name in CHECKPOINT_FILES or entry.name.endswith(".tmp"):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dest / entry.name)
+        else:
+            shutil.copy2(entry, dest / entry.name)
+
+
+# ----------------------------------------------------------------------------------------
+# Load
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns."""
+
+    params: dict[str, np.ndarray]  # {GPT-2 name: array}, in the order of the layout
+    config: GPTConfig
+    tokenizer: object  # CharTokenizer | BPETokenizer
+    optimizer_state: dict | None  # {"m": {...}, "v": {...}, "step": int, ...} or None
+    meta: dict  # meta.json, {} if absent
+    path: Path  # the directory actually read (DIR.old after an interrupted save)
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    dtype=np.float32,
+    *,
+    layout: Layout | Callable[[GPTConfig, dict], Layout] | None = None,
+) -> Checkpoint:
+    """Load and verify a checkpoint directory.
+
+    Args:
+        dtype: float dtype to return the parameters in (None: as stored). Tensors that the
+            layout gives an explicit dtype (int8 weights, say) are returned as stored.
+        layout: {name: (shape, dtype or None)} or a function (config, meta) -> that dict;
+            default `default_layout(config)`.
+
+    Raises CheckpointError with a one-line message naming the file for: a missing directory
+    or file, invalid JSON, a bad config, a damaged tokenizer, a truncated or corrupt
+    safetensors file, missing/unexpected tensors, wrong shapes or dtypes, NaN/inf values.
+    """
+    directory = _resolve_directory(Path(directory))
+    config_path = directory / CONFIG_FILE
+    try:
+        config = GPTConfig.from_dict(load_json(config_path))
+    except (ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{config_path}: invalid config: {e}") from None
+    meta_path = directory / META_FILE
+    meta = load_json(meta_path) if meta_path.exists() else {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: must be a JSON object, got {type(meta).__name__}")
+    try:
+        tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(
+            f"{directory / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens but "
+            f"{config_path} says vocab_size={config.vocab_size}"
+        )
+
+    if layout is None:
+        layout = default_layout(config)
+    elif callable(layout):
+        layout = layout(config, meta)
+    model_path = directory / MODEL_FILE
+    tensors, metadata = load_safetensors(model_path)
+    _check_format(model_path, metadata)
+    stored_dtype = _check_tensors(tensors, layout, str(model_path))
+    if stored_dtype != "none" and metadata.get("dtype") != stored_dtype:
+        raise CheckpointError(
+            f"{model_path}: tensors are {stored_dtype} but metadata says dtype="
+            f"{metadata.get('dtype')!r}"
+        )
+    params = {}
+    for name, (_, explicit_dtype) in layout.items():  # layout order = param_shapes order
+        a = tensors[name]
+        params[name] = a if explicit_dtype is not None or dtype is None else a.astype(dtype, copy=False)
+
+    optimizer_state = None
+    opt_path = directory / OPTIMIZER_FILE
+    if opt_path.exists():
+        moments, opt_meta = load_safetensors(opt_path)
+        _check_format(opt_path, opt_meta)
+        _check_tensors(moments, _optimizer_layout(params), str(opt_path))
+        state_path = directory / TRAIN_STATE_FILE
+        train_state = load_json(state_path)
+        if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):
+            raise CheckpointError(f'{state_path}: must be a JSON object with an integer "step"')
+        optimizer_state = {
+            **train_state,
+            "m": {name: moments["m." + name] for name in params},
+            "v": {name: moments["v." + name] for name in params},
+        }
+    return Checkpoint(params, config, tokenizer, optimizer_state, meta, directory)
+
+
+def _resolve_directory(directory: Path) -> Path:
+    if directory.is_dir():
+        return directory
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.is_dir():
+        warnings.warn(
+            f"checkpoint {directory} is missing but {old} exists: a save was interrupted; "
+            f"loading the previous checkpoint from {old}",
+            stacklevel=3,
+        )
+        return old
+    if directory.exists():
+        raise CheckpointError(f"{directory}: not a checkpoint directory (it is a file)")
+    raise CheckpointError(f"{directory}: no checkpoint here (directory not found)")
+
+
+def _check_format(path: Path, metadata: dict) -> None:
+    if metadata.get("format") != "minitf":
+        raise CheckpointError(f'{path}: not a minitf file (metadata "format" is missing)')
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{path}: format_version {version!r}; this minitf reads {FORMAT_VERSION}"
+        )

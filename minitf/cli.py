@@ -1,0 +1,62 @@
+"""What every minitf command line shares: one-line errors, the --backend and --threads flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every default shown in --help and errors on one line, exit status 2."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Report a bad value on one line and exit with status 2 (argparse's convention)."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default=os.environ.get("MINITF_BACKEND", "auto"),
+        help=f"kernel backend, one of {', '.join(BACKEND_CHOICES)} (environment: MINITF_BACKEND)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="BLAS and numba threads (default: 1 for generation, all cores for training)",
+    )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value

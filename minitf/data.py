@@ -1,0 +1,235 @@
+"""The TinyShakespeare corpus, the train/validation split, and batches of token windows.
+
+The data path of a training run:
+
+    text = load_corpus()                               # str, 1,115,394 characters
+    train_text, val_text = split_text(text)            # first 90% / last 10% of characters
+    tok = train_tokenizer("bpe", train_text)           # the tokenizer never sees validation
+    train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
+    x, y = get_batch(train_ids, batch_size, block_size, rng)   # (B, T) each, for a step
+    xv, yv = eval_windows(val_ids, block_size)                 # (N, T), the same every time
+
+Why split the text and not the tokens: the BPE vocabulary must be learned from the training
+split alone, so the split has to exist before there are tokens. Splitting at the 90% character
+point is also what makes bits per character comparable across tokenizers: both see the same
+validation text. For the char tokenizer the two orders give identical arrays
+(`train_val_split(encode(text))` == `encode` of each part), as in nanoGPT's shakespeare_char.
+
+Token ids are int32 everywhere (encode, get_batch, eval_windows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
+
+import numpy as np
+
+from minitf.checkpoint import write_bytes_atomic
+
+CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CORPUS_BYTES = 1_115_394
+CACHE_NAME = "tinyshakespeare.txt"
+ENV_VAR = "MINITF_DATA"
+
+
+class CorpusError(OSError):
+    """The corpus could not be downloaded, failed its checksum, or is not UTF-8 text."""
+
+
+def cache_path() -> Path:
+    """Where the downloaded corpus is kept: $XDG_CACHE_HOME/minitf/, else ~/.cache/minitf/."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minitf" / CACHE_NAME
+
+
+def load_corpus(path: str | os.PathLike | None = None) -> str:
+    """The training text, resolved in this order:
+
+    1. `path`, if given (any UTF-8 text file; not checksummed);
+    2. the file named by the environment variable MINITF_DATA (same);
+    3. the cache, `cache_path()` (checksummed);
+    4. a download of TinyShakespeare from CORPUS_URL into the cache, verified against
+       CORPUS_SHA256 before it is written (atomically: no partial or bad file is left).
+
+    Raises:
+        FileNotFoundError: `path` or MINITF_DATA names a missing file.
+        CorpusError: download failed, checksum mismatch, or the file is not UTF-8.
+    """
+    how = (
+        f"pass an existing file, set {ENV_VAR}=/path/to/input.txt, or leave both unset to "
+        f"download TinyShakespeare into {cache_path()}"
+    )
+    if path is not None:
+        return _read_text(Path(path), f"corpus file {path} not found; {how}")
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _read_text(Path(env), f"corpus file {env} (from ${ENV_VAR}) not found; {how}")
+    cached = cache_path()
+    if cached.exists():
+        data = cached.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != CORPUS_SHA256:
+            raise CorpusError(
+                f"{cached}: SHA-256 {digest} does not match TinyShakespeare's {CORPUS_SHA256}; "
+                f"delete the file to download it again"
+            )
+        return _decode(data, cached)
+    return _decode(download_corpus(cached), cached)
+
+
+def download_corpus(dest: Path) -> bytes:
+    """Download TinyShakespeare to `dest` after checking its SHA-256; return its bytes."""
+    print(f"minitf: downloading TinyShakespeare from {CORPUS_URL} to {dest}", file=sys.stderr)
+    try:
+        with urlopen(CORPUS_URL, timeout=60) as response:
+            data = response.read()
+    except (URLError, OSError) as e:
+        raise CorpusError(
+            f"cannot download {CORPUS_URL}: {e}; without network, set {ENV_VAR} to a copy of "
+            f"input.txt"
+        ) from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != CORPUS_SHA256:
+        raise CorpusError(
+            f"downloaded {CORPUS_URL} ({len(data)} bytes) has SHA-256 {digest}, expected "
+            f"{CORPUS_SHA256} ({CORPUS_BYTES} bytes); nothing was saved"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(dest, data)
+    return data
+
+
+def _read_text(path: Path, missing_message: str) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(missing_message) from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"corpus path {path} is a directory, not a text file") from None
+    return _decode(data, path)
+
+
+def _decode(data: bytes, path: Path) -> str:
+    # bytes.decode, not read_text: universal newlines would turn "\r\n" into "\n" and change
+    # the character count that bits per character divides by.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Train / validation split
+
+
+def _split_point(n: int, val_fraction: float) -> int:
+    if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+        raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1)")
+    cut = int(n * (1 - val_fraction))  # nanoGPT: n = int(0.9 * len(data))
+    if cut == 0 or cut == n:
+        raise ValueError(
+            f"cannot split {n} items with val_fraction={val_fraction}: a part would be empty"
+        )
+    return cut
+
+
+def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """(first 90%, last 10%) of the characters of `text`; train the tokenizer on the first."""
+    cut = _split_point(len(text), val_fraction)
+    return text[:cut], text[cut:]
+
+
+def train_val_split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(first 90%, last 10%) of a token array (views, not copies).
+
+    For a tokenizer trained on all the text (char level). With BPE use `split_text` first.
+    """
+    tokens = _check_tokens(tokens)
+    cut = _split_point(len(tokens), val_fraction)
+    return tokens[:cut], tokens[cut:]
+
+
+# ----------------------------------------------------------------------------------------
+# Windows of block_size + 1 tokens: x = window[:-1], y = window[1:]
+
+
+def _check_tokens(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+    return tokens
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+
+
+def _check_length(tokens: np.ndarray, block_size: int) -> None:
+    if len(tokens) < block_size + 1:
+        raise ValueError(
+            f"this split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1} "
+            f"needed for one window; use a smaller block_size or more text"
+        )
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = starts[:, None] + np.arange(block_size + 1)  # (B, T+1)
+    w = tokens[idx].astype(np.int32)  # (B, T+1)
+    return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])  # (B, T), (B, T)
+
+
+def get_batch(
+    tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random batch of windows from one split.
+
+    Returns x, y: int32 (B, T) with B = batch_size, T = block_size and y[:, t] = x[:, t+1]
+    (y[:, -1] is the token after the window). Window starts are uniform over every start
+    that fits, drawn from `rng` (a numpy Generator), so a seeded rng repeats the batches.
+
+    Raises ValueError if the split is shorter than block_size + 1 tokens.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    tokens = _check_tokens(tokens)
+    _check_positive(batch_size=batch_size, block_size=block_size)
+    _check_length(tokens, block_size)
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # (B,) last: len-T-1
+    return _windows(tokens, starts, block_size)
+
+
+def eval_windows(
+    tokens: np.ndarray, block_size: int, n_windows: int | None = None, stride: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed windows for validation loss, the same on every call (float32 vs int8, runs).
+
+    Give at most one of:
+        stride:    windows start at 0, stride, 2*stride, ... while they fit;
+        n_windows: that many windows, start points spread evenly from the first to the last
+                   start that fits (fewer if the split is short; no duplicates).
+    Neither: stride = block_size, non-overlapping windows covering the split.
+
+    Returns x, y: int32 (N, T) as in get_batch; slice them into batches to evaluate.
+    """
+    tokens = _check_tokens(tokens)
+    _check_positive(block_size=block_size)
+    _check_length(tokens, block_size)
+    last = len(tokens) - block_size - 1  # last start whose window fits
+    if n_windows is not None and stride is not None:
+        raise ValueError("give n_windows or stride, not both")
+    if n_windows is not None:
+        _check_positive(n_windows=n_windows)
+        starts = np.unique(np.linspace(0, last, min(n_windows, last + 1)).round().astype(np.int64))
+    else:
+        stride = block_size if stride is None else stride
+        _check_positive(stride=stride)
+        starts = np.arange(0, last + 1, stride)
+    return _windows(tokens, starts, block_size)

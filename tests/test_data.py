@@ -1,0 +1,265 @@
+"""Corpus resolution and download (never for real), the 90/10 split, batches and eval windows."""
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+
+from minitf import data
+from minitf.data import (
+    CORPUS_SHA256,
+    CorpusError,
+    eval_windows,
+    get_batch,
+    load_corpus,
+    split_text,
+    train_val_split,
+)
+from minitf.tokenizer import CharTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO / "../shared/data/tinyshakespeare"
+
+
+def corpus_file() -> Path:
+    """TinyShakespeare from $MINITF_DATA or the shared checkout beside the repo; never downloaded."""
+    path = Path(os.environ.get("MINITF_DATA") or SHARED / "input.txt")
+    if not path.exists():
+        pytest.skip(f"corpus not found at {path}; set MINITF_DATA to TinyShakespeare's input.txt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_bytes():
+    return corpus_file().read_bytes()
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to download fails the test; tests that need urlopen replace it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to download the corpus")
+
+    monkeypatch.setattr(data, "urlopen", refuse)
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """No MINITF_DATA, and a fresh cache directory: load_corpus() must download."""
+    monkeypatch.delenv("MINITF_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "minitf" / "tinyshakespeare.txt"
+
+
+def serve(monkeypatch, payload: bytes) -> list:
+    """Make data.urlopen return `payload`; returns the list of URLs requested."""
+    calls = []
+
+    def fake_urlopen(url, timeout=None):
+        calls.append(url)
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr(data, "urlopen", fake_urlopen)
+    return calls
+
+
+# ---------------------------------------------------------------------------- corpus
+
+
+def test_corpus_sha256_matches(corpus_bytes):
+    digest = hashlib.sha256(corpus_bytes).hexdigest()
+    assert digest == CORPUS_SHA256
+    sums = SHARED / "SHA256SUMS"
+    if sums.exists():
+        assert sums.read_text().split()[0] == CORPUS_SHA256
+    assert len(corpus_bytes) == data.CORPUS_BYTES
+
+
+def test_load_corpus_explicit_path(corpus_bytes):
+    text = load_corpus(corpus_file())
+    assert len(text) == 1_115_394 and text.encode("utf-8") == corpus_bytes
+
+
+def test_load_corpus_env_var(tmp_path, monkeypatch):
+    f = tmp_path / "my.txt"
+    f.write_bytes(b"to be\r\nor not")  # kept byte-exact: no newline translation
+    monkeypatch.setenv("MINITF_DATA", str(f))
+    assert load_corpus() == "to be\r\nor not"
+    assert load_corpus(f) == "to be\r\nor not"
+
+
+def test_missing_path_says_how_to_provide_data(tmp_path, monkeypatch):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match="MINITF_DATA") as e:
+        load_corpus(missing)
+    assert str(missing) in str(e.value)
+    monkeypatch.setenv("MINITF_DATA", str(missing))
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt \(from \$MINITF_DATA\)"):
+        load_corpus()
+
+
+def test_not_utf8(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("señor".encode("latin-1"))
+    with pytest.raises(CorpusError, match="not UTF-8"):
+        load_corpus(f)
+
+
+def test_download_good_hash_then_cached(empty_cache, monkeypatch, corpus_bytes):
+    calls = serve(monkeypatch, corpus_bytes)
+    text = load_corpus()
+    assert calls == [data.CORPUS_URL]
+    assert text.encode("utf-8") == corpus_bytes
+    assert empty_cache.read_bytes() == corpus_bytes
+    assert os.listdir(empty_cache.parent) == [empty_cache.name]  # no temp file left
+    assert load_corpus() == text and len(calls) == 1  # second call reads the cache
+
+
+def test_download_bad_hash_leaves_nothing(empty_cache, monkeypatch, corpus_bytes):
+    tampered = corpus_bytes.replace(b"ROMEO", b"ROMEx", 1)
+    serve(monkeypatch, tampered)
+    with pytest.raises(CorpusError, match="SHA-256") as e:
+        load_corpus()
+    assert CORPUS_SHA256 in str(e.value) and "nothing was saved" in str(e.value)
+    assert not empty_cache.exists()
+    assert not empty_cache.parent.exists() or os.listdir(empty_cache.parent) == []
+
+
+def test_download_network_error(empty_cache, monkeypatch):
+    def offline(url, timeout=None):
+        raise URLError("no route to host")
+
+    monkeypatch.setattr(data, "urlopen", offline)
+    with pytest.raises(CorpusError, match="MINITF_DATA"):
+        load_corpus()
+    assert not empty_cache.exists()
+
+
+def test_corrupt_cache_is_reported(empty_cache):
+    empty_cache.parent.mkdir(parents=True)
+    empty_cache.write_bytes(b"half a corpus")
+    with pytest.raises(CorpusError, match="delete the file"):
+        load_corpus()
+
+
+def test_cache_respects_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data.cache_path() == tmp_path / "minitf" / "tinyshakespeare.txt"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.cache_path() == tmp_path / ".cache" / "minitf" / "tinyshakespeare.txt"
+
+
+# ---------------------------------------------------------------------------- split
+
+
+def test_split_text_90_10(corpus_bytes):
+    text = corpus_bytes.decode("utf-8")
+    train, val = split_text(text)
+    assert len(train) == int(0.9 * len(text)) == 1_003_854  # nanoGPT's split point
+    assert train + val == text
+
+
+def test_char_split_text_equals_split_tokens(corpus_bytes):
+    text = corpus_bytes.decode("utf-8")
+    tok = CharTokenizer.train(text)
+    train_ids, val_ids = train_val_split(tok.encode(text))
+    train, val = split_text(text)
+    assert np.array_equal(train_ids, tok.encode(train)) and np.array_equal(val_ids, tok.encode(val))
+
+
+@pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5, "0.1"])
+def test_split_bad_fraction(bad):
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_text("abcdefghij", bad)
+
+
+def test_split_too_short():
+    with pytest.raises(ValueError, match="empty"):
+        train_val_split(np.arange(1), 0.1)  # int(0.9) = 0 training tokens
+    with pytest.raises(ValueError, match="empty"):
+        split_text("abc", 1e-17)  # 1 - 1e-17 == 1.0: no validation text
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def test_get_batch_windows_come_from_the_split():
+    N, B, T = 1000, 64, 16
+    tokens = np.arange(N, dtype=np.int32)  # token value = its position: windows are legible
+    x, y = get_batch(tokens, B, T, np.random.default_rng(0))
+    assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == np.int32
+    assert np.array_equal(y, x + 1)  # y is x shifted by one
+    assert np.array_equal(np.diff(x, axis=1), np.ones((B, T - 1), dtype=np.int32))  # contiguous
+    assert x.min() >= 0 and y.max() <= N - 1
+
+
+def test_get_batch_real_tokens_shift(corpus_bytes):
+    text = corpus_bytes.decode("utf-8")[:50_000]
+    tokens = CharTokenizer.train(text).encode(text)
+    x, y = get_batch(tokens, 8, 32, np.random.default_rng(1))
+    assert np.array_equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x, y):
+        starts = np.flatnonzero(tokens[: len(tokens) - 32] == row_x[0])
+        assert any(
+            np.array_equal(tokens[s : s + 32], row_x) and np.array_equal(tokens[s + 1 : s + 33], row_y)
+            for s in starts
+        )
+
+
+def test_get_batch_reaches_both_ends_and_is_seeded():
+    tokens = np.arange(12, dtype=np.int32)
+    T = 8  # starts 0..3 fit (window of 9 tokens)
+    x, _ = get_batch(tokens, 400, T, np.random.default_rng(0))
+    assert set(x[:, 0].tolist()) == {0, 1, 2, 3}
+    a = get_batch(tokens, 5, T, np.random.default_rng(7))
+    b = get_batch(tokens, 5, T, np.random.default_rng(7))
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+
+
+def test_get_batch_exact_boundary_and_too_short():
+    x, y = get_batch(np.arange(9), 3, 8, np.random.default_rng(0))  # exactly block_size + 1
+    assert np.array_equal(x, np.tile(np.arange(8), (3, 1))) and np.array_equal(y, x + 1)
+    with pytest.raises(ValueError, match=r"8 tokens, fewer than block_size \+ 1 = 9"):
+        get_batch(np.arange(8), 3, 8, np.random.default_rng(0))
+
+
+def test_get_batch_bad_arguments():
+    rng = np.random.default_rng(0)
+    with pytest.raises(TypeError, match="Generator"):
+        get_batch(np.arange(100), 2, 4, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        get_batch(np.arange(100), 0, 4, rng)
+    with pytest.raises(ValueError, match="1-D integer"):
+        get_batch(np.zeros(100), 2, 4, rng)
+
+
+# ---------------------------------------------------------------------------- eval windows
+
+
+def test_eval_windows_default_non_overlapping():
+    tokens = np.arange(100, dtype=np.int32)
+    x, y = eval_windows(tokens, 16)
+    assert x.shape == (6, 16)  # starts 0, 16, ..., 80: 80 + 17 <= 100; 96 would not fit
+    assert np.array_equal(x[:, 0], np.arange(0, 96, 16)) and np.array_equal(y, x + 1)
+    x2, y2 = eval_windows(tokens, 16)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)  # deterministic
+
+
+def test_eval_windows_n_windows_and_stride():
+    tokens = np.arange(100, dtype=np.int32)
+    x, _ = eval_windows(tokens, 16, n_windows=5)
+    assert x[:, 0].tolist() == [0, 21, 42, 62, 83]  # evenly spread, first and last start
+    x, _ = eval_windows(tokens, 16, n_windows=1000)
+    assert x.shape == (84, 16)  # capped at every possible start, no duplicates
+    x, _ = eval_windows(tokens, 16, stride=40)
+    assert x[:, 0].tolist() == [0, 40, 80]
+    with pytest.raises(ValueError, match="not both"):
+        eval_windows(tokens, 16, n_windows=2, stride=4)
+    with pytest.raises(ValueError, match="block_size"):
+        eval_windows(tokens[:10], 16)

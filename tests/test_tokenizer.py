@@ -1,0 +1,233 @@
+"""Tokenizers: exact round trips, clear errors, streaming decode, JSON save/load."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minitf.data import split_text
+from minitf.tokenizer import (
+    BPETokenizer,
+    CharTokenizer,
+    TokenizerError,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def corpus_file() -> Path:
+    """TinyShakespeare from $MINITF_DATA or the shared checkout beside the repo; never downloaded."""
+    path = Path(os.environ.get("MINITF_DATA") or REPO / "../shared/data/tinyshakespeare/input.txt")
+    if not path.exists():
+        pytest.skip(f"corpus not found at {path}; set MINITF_DATA to TinyShakespeare's input.txt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def text():
+    return corpus_file().read_bytes().decode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def char_tok(text):
+    return train_tokenizer("char", split_text(text)[0])
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(text):
+    # A slice keeps training well under a second; 512 tokens still exercises merges.
+    return train_tokenizer("bpe", text[:200_000], vocab_size=512)
+
+
+# ---------------------------------------------------------------------------- char
+
+
+def test_char_round_trip_full_corpus(text, char_tok):
+    ids = char_tok.encode(text)
+    assert ids.dtype == np.int32 and ids.shape == (len(text),)
+    assert char_tok.vocab_size == 65  # TinyShakespeare's characters, all in the train split
+    assert char_tok.decode(ids) == text
+
+
+def test_char_ids_follow_sorted_characters(char_tok):
+    assert char_tok.chars == sorted(char_tok.chars)
+    assert char_tok.encode("\n ").tolist() == [0, 1]  # '\n' < ' ' < everything else
+    assert char_tok.decode([char_tok.chars.index("z")]) == "z"
+
+
+def test_char_unknown_characters_are_named(char_tok):
+    with pytest.raises(TokenizerError) as e:
+        char_tok.encode("Thou art €5 señor, € again")
+    msg = str(e.value)
+    for part in ("'€' (U+20AC)", "'ñ' (U+00F1)", "'5' (U+0035)", "position 9", "65 characters"):
+        assert part in msg, msg
+    assert msg.count("U+20AC") == 1  # each character named once
+
+
+def test_char_empty_and_types(char_tok):
+    assert char_tok.encode("").dtype == np.int32 and char_tok.encode("").size == 0
+    assert char_tok.decode([]) == ""
+    with pytest.raises(TypeError):
+        char_tok.encode(b"bytes")
+    with pytest.raises(TokenizerError):
+        CharTokenizer.train("")
+
+
+def test_decode_bad_ids(char_tok, bpe_tok):
+    for tok in (char_tok, bpe_tok):
+        V = tok.vocab_size
+        cases = [
+            ([1, 2, V], f"token id {V} at position 2"),
+            (np.array([-1]), "token id -1 at position 0"),
+            ([[1, 2]], "1-D"),
+            ([1.0], "integers"),
+        ]
+        for ids, fragment in cases:
+            with pytest.raises(TokenizerError) as e:
+                tok.decode(ids)
+            assert fragment in str(e.value), str(e.value)
+        assert f"0..{V - 1}" in str(pytest.raises(TokenizerError, tok.decode, [V]).value)
+
+
+def test_char_tokenizer_rejects_bad_vocabulary():
+    for chars in (["a", "a"], ["b", "a"], ["ab"], [], [1]):
+        with pytest.raises(TokenizerError):
+            CharTokenizer(chars)
+
+
+# ---------------------------------------------------------------------------- BPE
+
+
+def test_bpe_round_trip_unseen_slice(text, bpe_tok):
+    held_out = text[500_000:600_000]  # not in the training slice
+    ids = bpe_tok.encode(held_out)
+    assert ids.dtype == np.int32 and ids.ndim == 1
+    assert ids.min() >= 0 and ids.max() < bpe_tok.vocab_size
+    assert len(ids) < 0.6 * len(held_out)  # merges compress English well beyond bytes
+    assert bpe_tok.decode(ids) == held_out
+
+
+def test_bpe_vocab_size_and_determinism(text, bpe_tok):
+    assert bpe_tok.vocab_size == 512
+    again = BPETokenizer.train(text[:200_000], vocab_size=512)
+    assert again.encode(text[:5000]).tolist() == bpe_tok.encode(text[:5000]).tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_bpe_encodes_any_text_exactly(bpe_tok, s):
+    assert bpe_tok.decode(bpe_tok.encode(s)) == s
+
+
+def test_bpe_round_trip_whitespace_and_unicode(bpe_tok):
+    for s in ["", " leading", "trailing  ", "\n\n  \t\r\n", "naïve 日本語 😀 €", "\x00\x7f"]:
+        assert bpe_tok.decode(bpe_tok.encode(s)) == s, repr(s)
+
+
+def test_bpe_bad_vocab_size():
+    with pytest.raises(ValueError, match="256"):
+        BPETokenizer.train("some text", vocab_size=100)
+
+
+def test_train_tokenizer_bad_kind():
+    with pytest.raises(ValueError, match="'word'.*'char', 'bpe'"):
+        train_tokenizer("word", "text")
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+def test_stream_holds_back_partial_utf8(bpe_tok):
+    s = "a😀b"  # 4-byte character: byte-level tokens split it
+    ids = bpe_tok.encode(s)
+    stream = bpe_tok.decode_stream()
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) + stream.flush() == s
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # at least one push completed no character
+
+
+def test_stream_equals_decode_for_random_ids(char_tok, bpe_tok):
+    rng = np.random.default_rng(0)
+    for tok in (char_tok, bpe_tok):
+        for _ in range(300):
+            ids = rng.integers(0, tok.vocab_size, size=rng.integers(0, 30))
+            stream = tok.decode_stream()
+            streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+            assert streamed == tok.decode(ids), ids  # includes invalid byte sequences
+    with pytest.raises(TokenizerError):
+        bpe_tok.decode_stream().push(bpe_tok.vocab_size)
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip(tmp_path, text, char_tok, bpe_tok):
+    sample = text[:3000]
+    for tok in (char_tok, bpe_tok):
+        path = tok.save(tmp_path / f"{tok.kind}.json")
+        assert json.loads(path.read_text())["type"] == tok.kind
+        loaded = load_tokenizer(path)
+        assert type(loaded) is type(tok) and loaded.vocab_size == tok.vocab_size
+        assert loaded.encode(sample).tolist() == tok.encode(sample).tolist()
+    assert sorted(os.listdir(tmp_path)) == ["bpe.json", "char.json"]  # no temp files left
+
+
+def test_save_into_directory(tmp_path, char_tok):
+    assert char_tok.save(tmp_path) == tmp_path / "tokenizer.json"
+    assert load_tokenizer(tmp_path).chars == char_tok.chars
+
+
+def test_save_is_atomic(tmp_path, monkeypatch, char_tok):
+    path = char_tok.save(tmp_path / "tokenizer.json")
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        CharTokenizer(["a", "b"]).save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["tokenizer.json"]
+
+
+def _write(path, obj):
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def test_load_errors_name_the_file(tmp_path, bpe_tok):
+    cases = {
+        "missing.json": (None, "not found"),
+        "bad.json": ("{not json", "invalid JSON"),
+        "list.json": ([1, 2], 'no "type"'),
+        "kind.json": ({"type": "wordpiece", "version": 1}, "unknown tokenizer type 'wordpiece'"),
+        "version.json": ({"type": "char", "version": 9, "chars": ["a"]}, "version 9"),
+        "dup.json": ({"type": "char", "version": 1, "chars": ["a", "a"]}, "sorted and distinct"),
+        "multi.json": ({"type": "char", "version": 1, "chars": ["ab"]}, "not a single character"),
+        "nochars.json": ({"type": "char", "version": 1}, '"chars" must be a list'),
+    }
+    bpe = bpe_tok._to_json()
+    no_byte = json.loads(json.dumps(bpe))
+    del no_byte["tokenizer"]["model"]["vocab"]["Ġ"]  # the space byte
+    cases["nobyte.json"] = (no_byte, "byte")
+    prefix = json.loads(json.dumps(bpe))
+    prefix["tokenizer"]["pre_tokenizer"]["add_prefix_space"] = True
+    cases["prefix.json"] = (prefix, "add_prefix_space")
+    garbage = json.loads(json.dumps(bpe))
+    garbage["tokenizer"]["model"]["merges"] = "not merges"
+    cases["garbage.json"] = (garbage, "tokenizers library rejects")
+    for name, (content, fragment) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            _write(path, content)
+        with pytest.raises(TokenizerError) as e:
+            load_tokenizer(path)
+        assert str(path) in str(e.value) and fragment in str(e.value), str(e.value)
