@@ -77,24 +77,32 @@ cdef void _matmul_4rows(real* y, const real* x, const real* w,
     cdef const real* w2
     cdef const real* w3
     cdef real b0, b1, b2, b3
+    cdef real a00, a01, a02, a03, a10, a11, a12, a13
+    cdef real a20, a21, a22, a23, a30, a31, a32, a33
     for m in range(M):
         y0[m] = 0; y1[m] = 0; y2[m] = 0; y3[m] = 0
     while k + 4 <= K:
         w0 = w + k * M; w1 = w0 + M; w2 = w1 + M; w3 = w2 + M
+        # in locals: the compiler cannot prove that the stores to y leave x unchanged
+        a00 = x0[k]; a01 = x0[k + 1]; a02 = x0[k + 2]; a03 = x0[k + 3]
+        a10 = x1[k]; a11 = x1[k + 1]; a12 = x1[k + 2]; a13 = x1[k + 3]
+        a20 = x2[k]; a21 = x2[k + 1]; a22 = x2[k + 2]; a23 = x2[k + 3]
+        a30 = x3[k]; a31 = x3[k + 1]; a32 = x3[k + 2]; a33 = x3[k + 3]
         for m in range(M):
             b0 = w0[m]; b1 = w1[m]; b2 = w2[m]; b3 = w3[m]
-            y0[m] += x0[k] * b0 + x0[k + 1] * b1 + x0[k + 2] * b2 + x0[k + 3] * b3
-            y1[m] += x1[k] * b0 + x1[k + 1] * b1 + x1[k + 2] * b2 + x1[k + 3] * b3
-            y2[m] += x2[k] * b0 + x2[k + 1] * b1 + x2[k + 2] * b2 + x2[k + 3] * b3
-            y3[m] += x3[k] * b0 + x3[k + 1] * b1 + x3[k + 2] * b2 + x3[k + 3] * b3
+            y0[m] += a00 * b0 + a01 * b1 + a02 * b2 + a03 * b3
+            y1[m] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
+            y2[m] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
+            y3[m] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
         k += 4
     while k < K:
         w0 = w + k * M
+        a00 = x0[k]; a10 = x1[k]; a20 = x2[k]; a30 = x3[k]
         for m in range(M):
-            y0[m] += x0[k] * w0[m]
-            y1[m] += x1[k] * w0[m]
-            y2[m] += x2[k] * w0[m]
-            y3[m] += x3[k] * w0[m]
+            y0[m] += a00 * w0[m]
+            y1[m] += a10 * w0[m]
+            y2[m] += a20 * w0[m]
+            y3[m] += a30 * w0[m]
         k += 1
 
 
@@ -374,8 +382,12 @@ def matmul_w8a8(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[::1] 
             s = _quantize_row(&xq[n, 0], &x[n, 0], K)
             sx[n] = s
             _int8_acc_row(&acc[0], &xq[n, 0], &wq[0, 0], K, M)
+            # (float(acc) * sx) * w_scale in two loops: a compiler allowed to reassociate
+            # would otherwise compute acc * (sx * w_scale), which rounds differently.
             for m in range(M):
-                y[n, m] = (<float>acc[m] * s) * w_scale[m]
+                y[n, m] = <float>acc[m] * s
+            for m in range(M):
+                y[n, m] = y[n, m] * w_scale[m]
             if has_bias:
                 for m in range(M):
                     y[n, m] += bias[m]

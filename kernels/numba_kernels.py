@@ -237,8 +237,12 @@ def _matmul_w8a8(y, xq, sx, acc, x, wq, w_scale, bias):
         s = _quantize_row(xq[n], x[n])
         sx[n] = s
         _int8_acc_row(acc, xq[n], wq)
+        # (float(acc) * sx) * w_scale in two loops: a compiler allowed to reassociate
+        # would otherwise compute acc * (sx * w_scale), which rounds differently.
         for m in range(M):
-            y[n, m] = (np.float32(acc[m]) * s) * w_scale[m]
+            y[n, m] = np.float32(acc[m]) * s
+        for m in range(M):
+            y[n, m] = y[n, m] * w_scale[m]
         if bias is not None:
             for m in range(M):
                 y[n, m] += bias[m]

@@ -159,8 +159,9 @@ def save_safetensors_atomic(
         raise ValueError('metadata key "sha256" is reserved for the tensor checksum')
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata["sha256"] = _tensor_checksum(tensors)
-    with _atomic_target(path) as tmp:
-        safetensors.numpy.save_file(tensors, str(tmp), metadata=metadata)
+    # Serialize in memory and write it ourselves: safetensors' save_file creates files with
+    # mode 0600, unreadable by other users of a shared or installed checkpoint.
+    write_bytes_atomic(path, safetensors.numpy.save(tensors, metadata=metadata))
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:

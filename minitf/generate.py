@@ -47,6 +47,8 @@ def main(argv=None) -> int:
         validate_sampling(args.temperature, args.top_k or None, args.top_p, tokenizer.vocab_size)
         prompt = args.prompt if args.prompt else "\n"
         prompt_ids = [int(t) for t in tokenizer.encode(prompt)]
+        sampler = Sampler(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                          seed=args.seed)
     except (ValueError, OSError) as e:
         fail(parser, str(e))
     if not prompt_ids:  # e.g. a BPE tokenizer given only characters it merges away
@@ -55,7 +57,6 @@ def main(argv=None) -> int:
     if len(prompt_ids) > B:
         print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees its last {B} (the context)",
               file=sys.stderr)
-    sampler = Sampler(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
 
     recorder = None
     if args.viz:

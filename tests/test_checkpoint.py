@@ -3,6 +3,7 @@ atomic saves that survive a crash at any point."""
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -304,18 +305,70 @@ def test_meta_must_be_strict_json(tmp_path):
 def test_crash_in_safetensors_writer_keeps_old_checkpoint(saved, monkeypatch):
     ckpt, params = saved
 
-    def crash_half_way(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 100)  # a partial file, then the process "dies"
-        raise KeyboardInterrupt
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the weights are being serialized
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", crash_half_way)
+    monkeypatch.setattr(safetensors.numpy, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(ckpt, make_params(seed=9), CONFIG, char_tokenizer())
     monkeypatch.undo()
     assert sorted(os.listdir(ckpt.parent)) == ["ckpt"]  # the temporary directory is gone
     ck = load_checkpoint(ckpt)
     assert all(np.array_equal(ck.params[k], params[k]) for k in params)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a real save")
+def test_kill_at_every_rename_leaves_a_loadable_checkpoint(tmp_path):
+    """A child process saves and is killed (os._exit: no cleanup runs) just before its k-th
+    rename, for every k; the checkpoint left behind must load as the old or the new one."""
+    ckpt = tmp_path / "ckpt"
+    old, new = make_params(seed=1), make_params(seed=2)
+    tok = char_tokenizer()
+    real_replace = os.replace
+    calls = []
+
+    def counting(src, dst):
+        calls.append(src)
+        real_replace(src, dst)
+
+    save_checkpoint(ckpt, old, CONFIG, tok, optimizer_state(old))
+    os.replace = counting
+    try:
+        save_checkpoint(ckpt, new, CONFIG, tok, optimizer_state(new))
+    finally:
+        os.replace = real_replace
+    assert len(calls) == 7  # 5 files, DIR -> DIR.old, tmp -> DIR
+
+    outcomes = set()
+    for k in range(len(calls) + 1):
+        save_checkpoint(ckpt, old, CONFIG, tok, optimizer_state(old))
+        pid = os.fork()
+        if pid == 0:  # child: die at the k-th rename, or finish if k is past the last one
+            try:
+                n = [0]
+
+                def killer(src, dst):
+                    if n[0] == k:
+                        os._exit(0)
+                    n[0] += 1
+                    real_replace(src, dst)
+
+                os.replace = killer
+                save_checkpoint(ckpt, new, CONFIG, tok, optimizer_state(new))
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # loading DIR.old warns; that is expected here
+            ck = load_checkpoint(ckpt)
+        version = next((p for p in (old, new) if np.array_equal(ck.params["wte"], p["wte"])), None)
+        assert version is not None, f"killed before rename {k}: unknown weights"
+        assert all(np.array_equal(ck.params[n], version[n]) for n in version)
+        assert all(np.array_equal(ck.optimizer_state["m"][n], optimizer_state(version)["m"][n]) for n in version)
+        outcomes.add("new" if version is new else "old")
+    assert outcomes == {"old", "new"}
+    save_checkpoint(ckpt, new, CONFIG, tok)  # a later save clears every leftover
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 def test_crash_in_single_file_replace_keeps_old_file(tmp_path, monkeypatch):
