@@ -62,47 +62,41 @@ cdef void _matmul_row(real* y, const real* x, const real* w,
 
 cdef void _matmul_4rows(real* y, const real* x, const real* w,
                         Py_ssize_t K, Py_ssize_t M) noexcept nogil:
-    """y[0:4] (4, M) = x[0:4] (4, K) @ w (K, M): each weight loaded once for 4 rows x 4 k."""
+    """y[0:4] (4, M) = x[0:4] (4, K) @ w (K, M): each weight loaded once for 4 rows x 4 k.
+
+    Rows are addressed from one base pointer each for y and w (y[r*M + m], w[(k+i)*M + m]):
+    with a pointer per row gcc gives up on the alias checks and does not vectorize.
+    """
     cdef Py_ssize_t k = 0, m
-    cdef real* y0 = y
-    cdef real* y1 = y + M
-    cdef real* y2 = y + 2 * M
-    cdef real* y3 = y + 3 * M
-    cdef const real* x0 = x
-    cdef const real* x1 = x + K
-    cdef const real* x2 = x + 2 * K
-    cdef const real* x3 = x + 3 * K
-    cdef const real* w0
-    cdef const real* w1
-    cdef const real* w2
-    cdef const real* w3
+    cdef Py_ssize_t M2 = 2 * M, M3 = 3 * M
+    cdef const real* wk
     cdef real b0, b1, b2, b3
     cdef real a00, a01, a02, a03, a10, a11, a12, a13
     cdef real a20, a21, a22, a23, a30, a31, a32, a33
-    for m in range(M):
-        y0[m] = 0; y1[m] = 0; y2[m] = 0; y3[m] = 0
+    for m in range(4 * M):
+        y[m] = 0
     while k + 4 <= K:
-        w0 = w + k * M; w1 = w0 + M; w2 = w1 + M; w3 = w2 + M
+        wk = w + k * M
         # in locals: the compiler cannot prove that the stores to y leave x unchanged
-        a00 = x0[k]; a01 = x0[k + 1]; a02 = x0[k + 2]; a03 = x0[k + 3]
-        a10 = x1[k]; a11 = x1[k + 1]; a12 = x1[k + 2]; a13 = x1[k + 3]
-        a20 = x2[k]; a21 = x2[k + 1]; a22 = x2[k + 2]; a23 = x2[k + 3]
-        a30 = x3[k]; a31 = x3[k + 1]; a32 = x3[k + 2]; a33 = x3[k + 3]
+        a00 = x[k]; a01 = x[k + 1]; a02 = x[k + 2]; a03 = x[k + 3]
+        a10 = x[K + k]; a11 = x[K + k + 1]; a12 = x[K + k + 2]; a13 = x[K + k + 3]
+        a20 = x[2 * K + k]; a21 = x[2 * K + k + 1]; a22 = x[2 * K + k + 2]; a23 = x[2 * K + k + 3]
+        a30 = x[3 * K + k]; a31 = x[3 * K + k + 1]; a32 = x[3 * K + k + 2]; a33 = x[3 * K + k + 3]
         for m in range(M):
-            b0 = w0[m]; b1 = w1[m]; b2 = w2[m]; b3 = w3[m]
-            y0[m] += a00 * b0 + a01 * b1 + a02 * b2 + a03 * b3
-            y1[m] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
-            y2[m] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
-            y3[m] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
+            b0 = wk[m]; b1 = wk[M + m]; b2 = wk[M2 + m]; b3 = wk[M3 + m]
+            y[m] += a00 * b0 + a01 * b1 + a02 * b2 + a03 * b3
+            y[M + m] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
+            y[M2 + m] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
+            y[M3 + m] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
         k += 4
     while k < K:
-        w0 = w + k * M
-        a00 = x0[k]; a10 = x1[k]; a20 = x2[k]; a30 = x3[k]
+        wk = w + k * M
+        a00 = x[k]; a10 = x[K + k]; a20 = x[2 * K + k]; a30 = x[3 * K + k]
         for m in range(M):
-            y0[m] += a00 * w0[m]
-            y1[m] += a10 * w0[m]
-            y2[m] += a20 * w0[m]
-            y3[m] += a30 * w0[m]
+            y[m] += a00 * wk[m]
+            y[M + m] += a10 * wk[m]
+            y[M2 + m] += a20 * wk[m]
+            y[M3 + m] += a30 * wk[m]
         k += 1
 
 

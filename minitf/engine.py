@@ -224,8 +224,9 @@ class Engine:
 def load_engine(model_dir=None, backend: str | None = None):
     """(Engine, tokenizer, checkpoint) for a model directory, default: the shipped model."""
     from .checkpoint import load_checkpoint
+    from .quantize import quantized_layout  # quantization edit: int8 checkpoints load too
 
-    ckpt = load_checkpoint(model_dir or DEFAULT_MODEL_DIR)
+    ckpt = load_checkpoint(model_dir or DEFAULT_MODEL_DIR, layout=quantized_layout)
     quant = (ckpt.meta or {}).get("quantization") or {}
     engine = Engine(ckpt.config, ckpt.params, backend, int8_mode=quant.get("mode", "weight-only"))
     return engine, ckpt.tokenizer, ckpt

@@ -65,7 +65,8 @@ def build_parser() -> Parser:
     g.add_argument("--grad-clip", type=float, default=1.0, help="global-norm gradient clipping (0: off)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-interval", type=positive_int, default=250, help="validate and checkpoint every N steps")
-    g.add_argument("--eval-windows", type=positive_int, default=100, help="validation windows during training (the final evaluation uses the whole split)")
+    g.add_argument("--eval-windows", type=positive_int, default=100, help="validation windows during training")
+    g.add_argument("--final-eval-windows", type=positive_int, default=None, help="validation windows at the last step (default: the whole split)")
     g.add_argument("--seed", type=int, default=1337, help="seed for initialisation and batches")
     g.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="training precision")
     g.add_argument("--no-plot", action="store_true", help="do not write loss_curve.png")
@@ -182,7 +183,7 @@ def run(args, log=print) -> dict:
         if step % args.eval_interval == 0 or step == args.steps:
             final = step == args.steps
             val = evaluate(logits_fn, val_tokens, tokenizer, config.block_size,
-                           None if final else args.eval_windows)
+                           args.final_eval_windows if final else args.eval_windows)
             history["val"].append([step, val["loss"]])
             msg = (f"step {step}: train loss {loss:.4f}, val loss {val['loss']:.4f} nats/token, "
                    f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.4f} bits/char")
@@ -196,7 +197,7 @@ def run(args, log=print) -> dict:
         progress.close()
     wall = time.perf_counter() - t_start
     if val is None:  # nothing left to train (resume at the last step): still report
-        val = evaluate(logits_fn, val_tokens, tokenizer, config.block_size)
+        val = evaluate(logits_fn, val_tokens, tokenizer, config.block_size, args.final_eval_windows)
     train_eval = evaluate(logits_fn, train_tokens, tokenizer, config.block_size, args.eval_windows)
     result = {"step": step, "wall_seconds": round(wall, 1), "val": val, "train": train_eval}
     log(json.dumps(result))
