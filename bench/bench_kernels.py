@@ -42,7 +42,11 @@ LINEARS = [
     for phase, N in (("decode", 1), ("prefill", T))
     for name, K, M in (("c_attn", C, 3 * C), ("c_fc", C, D_FF), ("mlp.c_proj", D_FF, C))
 ]
-HEADS = [(f"{phase} head V={V}", N, C, V) for phase, N in (("decode", 1), ("prefill", T)) for V in (65, 1024)]
+HEADS = [
+    (f"{phase} head V={V}", N, C, V)
+    for phase, N in (("decode", 1), ("prefill", T))
+    for V in (65, 1024)
+]
 INT8_LINEARS = [
     (f"{phase} {name}", N, K, M)
     for phase, N in (("decode", 1), ("prefill", T))
@@ -67,7 +71,9 @@ def test_matmul_nt(benchmark, backend, label, N, K, M):
     _run(benchmark, f"matmul_nt {label} ({N}x{K} @ ({M}x{K}).T)", backend.matmul_nt, x, wte)
 
 
-@pytest.mark.parametrize("N, K", [(1, C), (1, D_FF), (T, C)], ids=["decode C", "decode d_ff", "prefill C"])
+@pytest.mark.parametrize(
+    "N, K", [(1, C), (1, D_FF), (T, C)], ids=["decode C", "decode d_ff", "prefill C"]
+)
 def test_quantize_rows(benchmark, backend, N, K):
     x = _rng().standard_normal((N, K), dtype=np.float32)
     _run(benchmark, f"quantize_rows {N}x{K}", backend.quantize_rows, x)

@@ -24,12 +24,14 @@ import warnings
 BACKENDS = ("numpy", "numba", "cython")
 
 # "auto" takes the first backend of this list that loads. Measured with
-# `pytest --benchmark bench/bench_kernels.py` on the model's shapes (2-core AVX-512
-# machine): cython is fastest on the decode path that dominates generation (single-row
-# matmuls, int8 matmuls, attention against the KV cache), with the lowest per-call
-# overhead; numba runs the same loops but pays ~1 us more per call in dispatch; numpy
-# is far slower on everything int8 and on decode-size softmax/LayerNorm/attention.
-AUTO_ORDER = ("cython", "numba", "numpy")
+# `pytest --benchmark bench/bench_kernels.py` at the default model's shapes (2-core
+# AVX-512 machine, medians): numba and cython tie on the float decode path (matmuls
+# 10-16 us, attention decode 13 us, within noise of numpy's BLAS on matmuls), and numba
+# is 1.3-1.8x faster on every int8 matmul (LLVM widens int8 to int32 better than gcc)
+# and on decode softmax/GELU, so numba goes first. Its cost: compiling once (~4 s on the
+# first run, ~0.15 s from its on-disk cache after). numpy last: 10-25x slower on int8
+# and 2-7x on decode-size softmax/LayerNorm/attention, where per-call overhead dominates.
+AUTO_ORDER = ("numba", "cython", "numpy")
 
 ENV_VAR = "MINITF_BACKEND"
 

@@ -180,7 +180,8 @@ def gelu(x: np.ndarray) -> np.ndarray:
     """
     # Python floats (not np.float64 scalars) keep a float32 input in float32.
     c = math.sqrt(2.0 / math.pi)
-    return 0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * x**3)))
+    x3 = x * x * x  # x**3 would call pow(): hundreds of times slower than two multiplies
+    return 0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * x3)))
 
 
 def attention(

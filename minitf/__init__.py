@@ -9,3 +9,10 @@ __version__ = "0.1.0"
 # when minitf is run from there. An installed minitf has minitf/kernels/ and skips this.
 if not _os.path.isdir(_os.path.join(__path__[0], "kernels")):
     __path__.append(_os.path.dirname(_os.path.abspath(__path__[0])))
+
+from .config import PRESETS, GPTConfig, num_params, param_shapes  # noqa: E402
+from .engine import Engine, load_engine  # noqa: E402
+from .model import GPT, init_params  # noqa: E402
+
+__all__ = ["GPTConfig", "PRESETS", "param_shapes", "num_params", "GPT", "init_params", "Engine",
+           "load_engine"]

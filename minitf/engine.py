@@ -51,6 +51,10 @@ class Int8Linear:
     scale: np.ndarray  # (M,) float32
     bias: np.ndarray  # (M,) float32
     mode: str = "weight-only"
+    # W8A8 on the fused path only (see FusedWeights): the same int8 weights in the VNNI tile
+    # layout, and their column sums. Kept here so that memory accounting sees them.
+    packed: np.ndarray | None = None  # (Mp/64 * Kp/4 * 64 * 4,) int8
+    colsum: np.ndarray | None = None  # (Mp,) int32
 
     def __call__(self, kb, x: np.ndarray) -> np.ndarray:
         return kb.matmul_int8(x, self.weight_q, self.scale, self.bias, mode=self.mode)
