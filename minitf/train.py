@@ -141,14 +141,14 @@ def run(args, log=print) -> dict:
     def logits_fn(x):
         return model.forward(x)[0]
 
-    def save(step_done: int, val: dict | None) -> None:
-        tensors, _ = opt.state_dict()
+    def save(step_done: int, val: dict | None, result: dict | None = None) -> None:
         meta = {
             "command": "python -m minitf.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "args": {k: v for k, v in vars(args).items()},
             "step": step_done,
             "history": history,
             "val": val,
+            "result": result,
         }
         save_checkpoint(out, params, config, tokenizer,
                         optimizer_state={"m": opt.m, "v": opt.v, "step": step_done,
@@ -160,7 +160,7 @@ def run(args, log=print) -> dict:
         from tqdm import tqdm
         progress = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
     tokens_per_step = args.batch_size * config.block_size
-    val = None
+    val = result = None
     t_start = time.perf_counter()
     while step < args.steps:
         t0 = time.perf_counter()
@@ -188,18 +188,22 @@ def run(args, log=print) -> dict:
             msg = (f"step {step}: train loss {loss:.4f}, val loss {val['loss']:.4f} nats/token, "
                    f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.4f} bits/char")
             (progress.write if progress is not None else log)(msg)
-            save(step, val)
+            result = None
+            if final:
+                train_eval = evaluate(logits_fn, train_tokens, tokenizer, config.block_size, args.eval_windows)
+                result = {"step": step, "wall_seconds": round(time.perf_counter() - t_start, 1),
+                          "val": val, "train": train_eval}
+            save(step, val, result)
             if not args.no_plot:
                 from .plots import plot_loss_curve
                 plot_loss_curve(history, schedule, out / "loss_curve.png",
                                 title=f"minitf {out.name}: {num_params(config):,} parameters")
     if progress is not None:
         progress.close()
-    wall = time.perf_counter() - t_start
-    if val is None:  # nothing left to train (resume at the last step): still report
+    if result is None:  # nothing left to train (resumed at the last step): still report
         val = evaluate(logits_fn, val_tokens, tokenizer, config.block_size, args.final_eval_windows)
-    train_eval = evaluate(logits_fn, train_tokens, tokenizer, config.block_size, args.eval_windows)
-    result = {"step": step, "wall_seconds": round(wall, 1), "val": val, "train": train_eval}
+        train_eval = evaluate(logits_fn, train_tokens, tokenizer, config.block_size, args.eval_windows)
+        result = {"step": step, "wall_seconds": 0.0, "val": val, "train": train_eval}
     log(json.dumps(result))
     return result
 
