@@ -42,8 +42,10 @@ def test_logits_over_a_full_context_agree_across_backends(shipped, prompt_128):
     ref = Engine(shipped.config, shipped.params, "numpy").prefill(prompt_128)
     for backend in BACKENDS[1:]:
         got = Engine(shipped.config, shipped.params, backend).prefill(prompt_128)
-        err = np.abs(got - ref).max()
-        assert err <= TOL[("backend_logits", np.float32)], f"{backend}: max |logit diff| {err:.2e}"
+        # float32 logits of magnitude ~10: compare relative to the largest logit (the kernels
+        # sum in different orders, a few ulp apart)
+        err = np.abs(got - ref).max() / max(1.0, np.abs(ref).max())
+        assert err <= TOL[("backend_logits", np.float32)], f"{backend}: max |logit diff| / max |logit| {err:.2e}"
 
 
 def test_greedy_200_tokens_identical_across_backends(shipped):
