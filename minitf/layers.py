@@ -160,8 +160,8 @@ def attention_forward(qkv: np.ndarray, n_head: int):
     v = v.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS)
     scale = 1.0 / math.sqrt(HS)
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, NH, T, T)
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)  # (T, T) True above the diagonal
-    scores[..., future] = -np.inf  # a token never sees the ones after it
+    # a token never sees the ones after it: -inf above the diagonal, 0 elsewhere
+    scores += np.triu(np.full((T, T), -np.inf, dtype=scores.dtype), k=1)  # (B, NH, T, T)
     att = softmax(scores)  # (B, NH, T, T)
     y = att @ v  # (B, NH, T, HS)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C) heads side by side
