@@ -333,7 +333,7 @@ def format_report(report: dict) -> str:
             m = ev[key]
             rows.append(f"{label:<22} {m['loss']:>17.4f} {m['perplexity']:>11.4f} {m['bits_per_char']:>10.4f}")
         d = ev["diff_percent"]
-        rows.append(f"{'difference':<22} {d['loss']:>+16.3f}% {d['perplexity']:>+10.3f}% {d['bits_per_char']:>+9.3f}%")
+        rows.append(f"{'difference':<22} {d['loss']:>+16.4f}% {d['perplexity']:>+10.4f}% {d['bits_per_char']:>+9.4f}%")
     return "\n".join(rows)
 
 
