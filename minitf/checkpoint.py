@@ -13,9 +13,9 @@ A checkpoint is a directory:
     meta.json              optional, free-form: command line, seed, losses, quantization...
 
 `save_checkpoint` writes all of it into a sibling `.<DIR>.minitf-tmp` directory, then swaps it
-in: rename DIR -> DIR.old, rename the new one -> DIR, delete DIR.old. A crash at any moment
+in: rename DIR -> .DIR.minitf-old, rename the new one -> DIR, delete .DIR.minitf-old. A crash at any moment
 leaves either the old or the new checkpoint complete; if it struck between the two renames,
-only DIR.old exists and `load_checkpoint(DIR)` loads it (with a warning), and the next save
+only .DIR.minitf-old exists and `load_checkpoint(DIR)` loads it (with a warning), and the next save
 completes the swap. Only one process may write a given DIR at a time.
 
 Loading checks names, shapes, dtypes, finiteness, the data checksum and the config, and turns
@@ -294,7 +294,8 @@ def save_checkpoint(
     not a checkpoint. Files in an existing checkpoint DIR that are not checkpoint files
     (plots, notes) are carried over into the new one.
     """
-    directory = Path(directory).absolute()
+    # a symlinked DIR: replace the directory it points to, keep the link
+    directory = Path(directory).resolve()
     where = f"refusing to save checkpoint {directory}"
     if not isinstance(config, GPTConfig):
         raise CheckpointError(f"{where}: config is a {type(config).__name__}, not a GPTConfig")
@@ -311,7 +312,7 @@ def save_checkpoint(
     _check_replaceable(directory)
 
     tmp = directory.with_name(f".{directory.name}.minitf-tmp")
-    old = directory.with_name(directory.name + ".old")
+    old = _previous(directory)
     if tmp.exists():  # left by an earlier save that crashed
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -332,7 +333,7 @@ def save_checkpoint(
             save_json_atomic(tmp / META_FILE, meta)
         _carry_over_extra_files(directory if directory.exists() else old, tmp)
         _fsync_dir(tmp)
-        # The swap: at every instant DIR or DIR.old is a complete checkpoint.
+        # The swap: at every instant DIR or .DIR.minitf-old is a complete checkpoint.
         if directory.exists():
             if old.exists():
                 shutil.rmtree(old)  # stale: DIR is the good one
@@ -368,11 +369,31 @@ def _check_replaceable(directory: Path) -> None:
     if not directory.is_dir():
         raise CheckpointError(f"refusing to save checkpoint {directory}: it exists and is a file")
     entries = list(directory.iterdir())
-    if entries and not ((directory / MODEL_FILE).exists() or (directory / CONFIG_FILE).exists()):
+    if entries and not is_checkpoint(directory):
         raise CheckpointError(
             f"refusing to save checkpoint {directory}: it exists and is not a minitf checkpoint "
-            f"(no {MODEL_FILE} or {CONFIG_FILE}); choose a new or empty directory"
+            f"(no minitf {MODEL_FILE} and {CONFIG_FILE}); choose a new or empty directory"
         )
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise CheckpointError now if a later `save_checkpoint(directory, ...)` would refuse it."""
+    _check_replaceable(Path(directory).resolve())
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    """True if `directory` holds a minitf model.safetensors (by its metadata) and a config.json."""
+    directory = Path(directory)
+    model, config = directory / MODEL_FILE, directory / CONFIG_FILE
+    if not (model.is_file() and config.is_file()):
+        return False
+    try:
+        with open(model, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 24 else {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == "minitf"
 
 
 def _carry_over_extra_files(source: Path, dest: Path) -> None:
@@ -401,7 +422,7 @@ class Checkpoint:
     tokenizer: object  # CharTokenizer | BPETokenizer
     optimizer_state: dict | None  # {"m": {...}, "v": {...}, "step": int, ...} or None
     meta: dict  # meta.json, {} if absent
-    path: Path  # the directory actually read (DIR.old after an interrupted save)
+    path: Path  # the directory actually read (.DIR.minitf-old after an interrupted save)
 
 
 def load_checkpoint(
@@ -480,10 +501,16 @@ def load_checkpoint(
     return Checkpoint(params, config, tokenizer, optimizer_state, meta, directory)
 
 
+def _previous(directory: Path) -> Path:
+    """Where the previous checkpoint waits during a save: a hidden name only minitf uses,
+    so a user's own `DIR.old` is never touched."""
+    return directory.with_name(f".{directory.name}.minitf-old")
+
+
 def _resolve_directory(directory: Path) -> Path:
     if directory.is_dir():
         return directory
-    old = directory.with_name(directory.name + ".old")
+    old = _previous(directory)
     if not directory.exists() and old.is_dir():
         warnings.warn(
             f"checkpoint {directory} is missing but {old} exists: a save was interrupted; "

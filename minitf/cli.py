@@ -29,11 +29,17 @@ def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
 
 
 def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """--backend (default: $MINITF_BACKEND, else auto) and --threads."""
     parser.add_argument(
         "--backend",
-        default=os.environ.get("MINITF_BACKEND", "auto"),
-        help=f"kernel backend, one of {', '.join(BACKEND_CHOICES)} (environment: MINITF_BACKEND)",
+        default=None,
+        help=f"kernel backend, one of {', '.join(BACKEND_CHOICES)} "
+             f"(default: $MINITF_BACKEND, else auto; now {os.environ.get('MINITF_BACKEND') or 'auto'})",
     )
+    add_threads_argument(parser)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None,
         help="BLAS and numba threads (default: 1 for generation, all cores for training)",

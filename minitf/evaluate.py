@@ -9,7 +9,6 @@ compared with each other and with published TinyShakespeare results.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -62,7 +61,7 @@ def evaluate(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, 
     loss = total_nats / total_tokens
     return {
         "loss": loss,
-        "perplexity": math.exp(loss),
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
         "bits_per_char": total_nats / math.log(2) / total_chars,
         "tokens": total_tokens,
         "chars": total_chars,
@@ -79,14 +78,13 @@ def validation_tokens(text: str, tokenizer, val_fraction: float = 0.1) -> np.nda
 
 
 def main(argv=None) -> int:
-    from .cli import add_backend_argument, fail
+    from .cli import Parser, add_backend_argument, fail
     from .data import load_corpus
     from .engine import load_engine
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m minitf.evaluate",
         description="Validation loss (nats/token), perplexity and bits/char of a model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="example: python -m minitf.evaluate --backend numba --max-windows 200",
     )
     parser.add_argument("--model", default=None, help="model directory (default: the shipped model)")
@@ -97,13 +95,20 @@ def main(argv=None) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         fail(parser, f"--max-windows {args.max_windows} must be >= 1")
     try:
+        from .threads import set_threads
+
+        set_threads(args.threads)
         engine, tokenizer, _ = load_engine(args.model, args.backend)
         tokens = validation_tokens(load_corpus(args.data), tokenizer)
+        result = evaluate(lambda x: np.stack([engine.forward(row) for row in x]), tokens, tokenizer,
+                          engine.config.block_size, args.max_windows)
     except (ValueError, OSError) as e:
         fail(parser, str(e))
-    bs = engine.config.block_size
-    result = evaluate(lambda x: np.stack([engine.forward(row) for row in x]), tokens, tokenizer,
-                      bs, args.max_windows)
+    except KeyboardInterrupt:
+        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    if not math.isfinite(result["loss"]):
+        fail(parser, f"the model's validation loss is {result['loss']}: its logits are not finite")
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0

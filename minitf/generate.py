@@ -60,7 +60,13 @@ def main(argv=None) -> int:
 
     recorder = None
     if args.viz:
+        from pathlib import Path
+
         from .viz import Recorder
+        try:
+            Path(args.viz).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(parser, f"--viz {args.viz!r}: cannot create the directory ({e.strerror or e})")
         recorder = Recorder(engine, tokenizer, prompt_ids[-B:], args.viz, model_name=str(ckpt.path.name))
 
     out = sys.stdout
@@ -80,6 +86,9 @@ def main(argv=None) -> int:
         pass
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except ValueError as e:  # e.g. logits that overflow to NaN in a damaged model
+        out.write("\n")
+        fail(parser, f"generation stopped: {e}")
     out.write(stream.flush() + "\n")
     out.flush()
     if recorder is not None:

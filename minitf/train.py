@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .cli import Parser, add_backend_argument, fail, nonneg_int, positive_int
+from .checkpoint import CheckpointError, check_writable, is_checkpoint, load_checkpoint, save_checkpoint
+from .cli import Parser, add_threads_argument, fail, nonneg_int, positive_int
 from .config import PRESETS, GPTConfig, num_params
 from .data import get_batch, load_corpus, split_text
 from .evaluate import evaluate
@@ -71,7 +71,8 @@ def build_parser() -> Parser:
     g.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="training precision")
     g.add_argument("--no-plot", action="store_true", help="do not write loss_curve.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_backend_argument(p)
+    # training runs the numpy layers (BLAS matmuls); --backend is for generation and evaluation
+    add_threads_argument(p)
     return p
 
 
@@ -85,6 +86,9 @@ def validate(parser: Parser, args) -> None:
             fail(parser, f"--{name} {getattr(args, name)} must be in [0, 1)")
     if not args.weight_decay >= 0:
         fail(parser, f"--weight-decay {args.weight_decay} must be >= 0")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(args, name)):
+            fail(parser, f"--{name.replace('_', '-')} {getattr(args, name)} must be a finite number")
     if not args.grad_clip >= 0:
         fail(parser, f"--grad-clip {args.grad_clip} must be >= 0 (0 turns clipping off)")
 
@@ -107,6 +111,12 @@ def run(args, log=print) -> dict:
     dtype = np.dtype(args.dtype).type
     text = load_corpus(args.data)
     train_text, val_text = split_text(text, 0.1)
+
+    if not args.resume:
+        if out.exists() and is_checkpoint(out):
+            raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with --resume, "
+                                  "or choose another --out")
+        check_writable(out)  # now, not after the first --eval-interval steps
 
     if args.resume:
         ckpt = load_checkpoint(out, dtype=dtype)
@@ -131,10 +141,15 @@ def run(args, log=print) -> dict:
     rng = np.random.default_rng(args.seed)
     step = 0
     if state is not None:
-        opt.load_state_dict({f"m.{n}": a for n, a in state["m"].items()} | {f"v.{n}": a for n, a in state["v"].items()},
-                            {"t": state["step"]})
-        rng.bit_generator.state = state["rng_state"]
-        step = state["step"]
+        try:
+            opt.load_state_dict({f"m.{n}": a for n, a in state["m"].items()} | {f"v.{n}": a for n, a in state["v"].items()},
+                                {"t": state["step"]})
+            rng.bit_generator.state = state["rng_state"]
+            step = int(state["step"])
+            if step < 0:
+                raise ValueError(f"step {step} is negative")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{out}/train_state.json cannot be resumed from: {type(e).__name__}: {e}") from None
     log(f"model: {num_params(config):,} parameters, {config}; tokenizer: {args.tokenizer if not args.resume else type(tokenizer).__name__} "
         f"({tokenizer.vocab_size} tokens); train {len(train_tokens):,} / val {len(val_tokens):,} tokens")
 
@@ -165,15 +180,19 @@ def run(args, log=print) -> dict:
     while step < args.steps:
         t0 = time.perf_counter()
         x, y = get_batch(train_tokens, args.batch_size, config.block_size, rng)
-        loss, grads = model.loss_and_grads(x, y)
-        norm = clip_grad_norm(grads, args.grad_clip) if args.grad_clip > 0 else 0.0
+        # overflow in a diverging run is caught explicitly below (loss, norm and weights are
+        # checked), so numpy's warnings would only add noise
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, grads = model.loss_and_grads(x, y)
+            norm = clip_grad_norm(grads, args.grad_clip) if args.grad_clip > 0 else 0.0
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise Diverged(
                 f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "
                 f"the last good checkpoint is kept in {out} (try a lower --lr than {args.lr})"
             )
         lr = schedule(step)
-        opt.step(grads, lr=lr)
+        with np.errstate(over="ignore", invalid="ignore"):
+            opt.step(grads, lr=lr)
         step += 1
         history["train"].append([step, loss])
         if progress is not None:
@@ -182,8 +201,16 @@ def run(args, log=print) -> dict:
             progress.update(1)
         if step % args.eval_interval == 0 or step == args.steps:
             final = step == args.steps
-            val = evaluate(logits_fn, val_tokens, tokenizer, config.block_size,
-                           args.final_eval_windows if final else args.eval_windows)
+            bad = [n for n, p in params.items() if not np.all(np.isfinite(p))]
+            if bad:
+                raise Diverged(f"training diverged at step {step}: weights {bad[:3]} became NaN or inf; "
+                               f"the last good checkpoint is kept in {out} (try a lower --lr than {args.lr})")
+            with np.errstate(over="ignore", invalid="ignore"):
+                val = evaluate(logits_fn, val_tokens, tokenizer, config.block_size,
+                               args.final_eval_windows if final else args.eval_windows)
+            if not math.isfinite(val["loss"]):
+                raise Diverged(f"training diverged at step {step}: validation loss {val['loss']}; "
+                               f"the last good checkpoint is kept in {out} (try a lower --lr than {args.lr})")
             history["val"].append([step, val["loss"]])
             msg = (f"step {step}: train loss {loss:.4f}, val loss {val['loss']:.4f} nats/token, "
                    f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.4f} bits/char")
@@ -219,6 +246,8 @@ def main(argv=None) -> int:
         return 1
     except (ValueError, OSError) as e:
         fail(parser, str(e))
+    except MemoryError:
+        fail(parser, "out of memory: choose a smaller model (--d-model, --n-layer) or --batch-size")
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted; the last checkpoint in {args.out} is intact", file=sys.stderr)
         return 130

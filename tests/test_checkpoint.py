@@ -399,11 +399,11 @@ def test_crash_between_directory_renames_recovers_from_old(saved, monkeypatch):
     with pytest.raises(OSError, match="between the renames"):
         save_checkpoint(ckpt, new, CONFIG, char_tokenizer())
     monkeypatch.undo()
-    assert not ckpt.exists() and (ckpt.parent / "ckpt.old").is_dir()
+    assert not ckpt.exists() and (ckpt.parent / ".ckpt.minitf-old").is_dir()
 
     with pytest.warns(UserWarning, match="interrupted"):
         ck = load_checkpoint(ckpt)
-    assert ck.path.name == "ckpt.old" and np.array_equal(ck.params["wte"], params["wte"])
+    assert ck.path.name == ".ckpt.minitf-old" and np.array_equal(ck.params["wte"], params["wte"])
     assert ck.meta == {"seed": 1337}
 
     save_checkpoint(ckpt, new, CONFIG, char_tokenizer())  # the next save completes the swap

@@ -100,3 +100,35 @@ def test_loss_curve_is_written(corpus_path, tmp_path):
     train.run(args, log=lambda *a: None)
     png = (tmp_path / "p" / "loss_curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_never_deletes_or_overwrites_user_data(corpus_path, tmp_path):
+    """A user's own DIR.old, a folder that merely has a config.json, and a trained run that
+    --resume was not asked for are all left alone."""
+    mine = tmp_path / "run.old" / "photos"
+    mine.mkdir(parents=True)
+    (mine / "a.jpg").write_text("x")
+    run_train(corpus_path, tmp_path / "run", "--steps", "2", "--eval-interval", "2")
+    assert (mine / "a.jpg").read_text() == "x"
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="not a minitf checkpoint"):
+        run_train(corpus_path, proj, "--steps", "2", "--eval-interval", "2")
+    assert (proj / "config.json").read_text() == '{"mine": 1}'
+
+    before = load_checkpoint(tmp_path / "run").params["wte"].copy()
+    with pytest.raises(ValueError, match="already holds a checkpoint; continue it with --resume"):
+        run_train(corpus_path, tmp_path / "run", "--steps", "2", "--eval-interval", "2")
+    np.testing.assert_array_equal(load_checkpoint(tmp_path / "run").params["wte"], before)
+
+
+def test_divergence_from_a_huge_learning_rate_is_reported(corpus_path, tmp_path, capsys):
+    out = tmp_path / "div"
+    assert train.main(["--data", str(corpus_path), "--out", str(out), *TINY, "--steps", "2", "--eval-interval", "2"]) == 0
+    code = train.main(["--data", str(corpus_path), "--out", str(out), *TINY, "--steps", "12", "--eval-interval", "2",
+                       "--lr", "1e30", "--min-lr", "0", "--resume"])
+    assert code == 1
+    assert "training diverged at step" in capsys.readouterr().err
+    assert np.all(np.isfinite(load_checkpoint(out).params["wte"]))  # the last good one
