@@ -405,7 +405,8 @@ def main(argv=None) -> int:
     from .cli import fail
     from .data import load_corpus
     from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
-    from .evaluate import evaluate, validation_tokens
+    from .checkpoint import is_checkpoint, load_json
+    from .evaluate import eval_starts, evaluate, validation_tokens
     from .threads import set_threads
 
     parser = build_parser()
@@ -420,8 +421,12 @@ def main(argv=None) -> int:
                              "quantize the float32 model it came from")
         if out.resolve() == ckpt.path.resolve():
             raise ValueError(f"--out {out} is the model directory; choose another")
+        if is_checkpoint(out) and not (load_json(out / "meta.json") if (out / "meta.json").is_file() else {}).get("quantization"):
+            raise ValueError(f"--out {out} holds a float model; choose another directory, "
+                             "quantize never overwrites a model it did not write")
         float_engine = Engine(ckpt.config, ckpt.params, args.backend)
         tokens = validation_tokens(load_corpus(args.data), ckpt.tokenizer)
+        eval_starts(len(tokens), ckpt.config.block_size, args.max_windows)  # enough text? check now
         qparams, report = quantize_model(ckpt.params, ckpt.config, args.scope)
         quant = {"scope": args.scope, "mode": args.mode, "method": METHOD}
         meta = {
@@ -435,6 +440,9 @@ def main(argv=None) -> int:
         int8_engine, _, qckpt = load_engine(out, args.backend)  # what users will load
     except (ValueError, OSError) as e:
         fail(parser, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
     report = {"scope": args.scope, "mode": args.mode, **report}
     report["files"] = measure_files(ckpt.path / "model.safetensors", qckpt.path / "model.safetensors",
