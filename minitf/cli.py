@@ -10,11 +10,20 @@ from typing import NoReturn
 BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with every default shown in --help and errors on one line, exit status 2."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -42,7 +51,7 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None,
-        help="BLAS and numba threads (default: 1 for generation, all cores for training)",
+        help="BLAS and numba threads (default: 1 for generate, the libraries' own default elsewhere)",
     )
 
 

@@ -58,7 +58,7 @@ def build_parser() -> Parser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup", type=nonneg_int, default=100, help="linear warmup steps")
-    g.add_argument("--decay-steps", type=nonneg_int, default=None, help="step where the cosine decay reaches --min-lr (default: --steps)")
+    g.add_argument("--decay-steps", type=nonneg_int, default=None, help="step where the cosine decay reaches --min-lr (default: --steps; on --resume, the first run's)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (2-D weights only)")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2")
@@ -136,8 +136,15 @@ def run(args, log=print) -> dict:
     val_tokens = np.asarray(tokenizer.encode(val_text))
     model = GPT(config, params)
     opt = AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-    schedule = CosineSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
-                              decay_steps=args.steps if args.decay_steps is None else args.decay_steps)
+    decay_steps = args.decay_steps
+    if decay_steps is None and args.resume:
+        # continue the first run's schedule: its cosine ended where that run's --steps did
+        first = ckpt.meta.get("args", {})
+        decay_steps = first.get("decay_steps") or first.get("steps")
+    if decay_steps is None:
+        decay_steps = args.steps
+    args.decay_steps = decay_steps  # recorded in meta.json, so a later resume keeps it too
+    schedule = CosineSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, decay_steps=decay_steps)
     rng = np.random.default_rng(args.seed)
     step = 0
     if state is not None:
@@ -150,7 +157,7 @@ def run(args, log=print) -> dict:
                 raise ValueError(f"step {step} is negative")
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{out}/train_state.json cannot be resumed from: {type(e).__name__}: {e}") from None
-    log(f"model: {num_params(config):,} parameters, {config}; tokenizer: {args.tokenizer if not args.resume else type(tokenizer).__name__} "
+    log(f"model: {num_params(config):,} parameters, {config}; tokenizer: {type(tokenizer).__name__} "
         f"({tokenizer.vocab_size} tokens); train {len(train_tokens):,} / val {len(val_tokens):,} tokens")
 
     def logits_fn(x):
