@@ -43,7 +43,25 @@ extensions = [
             # leaving a scalar tail at M = 240 (measured ~1.5x slower int8 decode matmuls)
             "-mprefer-vector-width=256",
         ],
-    )
+    ),
+    # The fused decode path (kernels/_cython_fused.pyx). The same flags as above, exactly:
+    # it copies loops of _cython_kernels for W8A8 models and must round as they do.
+    Extension(
+        "minitf.kernels._cython_fused",
+        ["kernels/_cython_fused.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=[
+            "-O3",
+            "-march=native",
+            "-fassociative-math",
+            "-fno-signed-zeros",
+            "-fno-trapping-math",
+            "-fno-math-errno",
+            "--param=vect-max-version-for-alias-checks=64",
+            "-mprefer-vector-width=256",
+        ],
+    ),
 ]
 
 setup(

@@ -1,0 +1,488 @@
+"""minitf side by side with PyTorch and HF transformers: one process, the same weights.
+
+    python bench/compare.py                            # the shipped model, 1 thread
+    python bench/compare.py --model runs/bpe --repeats 9
+    python bench/compare.py --threads 2 --no-train
+
+Workload (issue 6): batch 1, a 16-token prompt, then 112 new tokens (to the end of the
+128-token context). For every engine it prints
+- decode µs/token: (time to generate 112 tokens - time to generate 1) / 111, prefill and
+  sampling included in both, so what is left is the per-token cost of a decode step and of
+  choosing the token (greedy unless the row says top-p);
+- prefill-128 ms: one forward pass over 128 tokens that fills the KV cache and returns the
+  last position's logits (what generation needs; HF: `logits_to_keep=1`);
+- training tokens/s (unless --no-train): forward, backward, gradient clipping and an AdamW
+  step on a 32 x 128 batch, minitf's hand-written backward (`GPT.loss_and_grads`) against
+  PyTorch eager autograd, with --train-threads threads;
+and each figure's ratio to the fastest minitf row (> 1: slower than minitf). Medians over
+--repeats runs; engines take turns within each run, so a busy machine slows all of them.
+
+Before timing, every float32 engine's logits (over 128 tokens) are checked against minitf's
+numpy reference on the same weights (1e-4, absolute) and its 112 greedy tokens against
+minitf's, and each minitf int8 engine against its backend's unfused path; the run stops with
+an error if one differs. PyTorch's `quantize_dynamic` int8 quantizes differently from
+minitf (per-tensor activation scales), so its logits are reported, not checked.
+PyTorch and transformers are optional (test extras): a missing one is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # measure this checkout (build the extensions in place first)
+
+from minitf.config import GPTConfig  # noqa: E402
+from minitf.engine import DEFAULT_MODEL_DIR, Engine  # noqa: E402
+from minitf.kernels import BACKENDS  # noqa: E402
+from minitf.quantize import quantize_model  # noqa: E402
+from minitf.threads import set_threads  # noqa: E402
+
+PROMPT, NEW, PREFILL = 16, 112, 128
+TRAIN_BATCH = 32
+CHECK_ATOL = 1e-4
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+
+
+def load_model(model_dir: str | None) -> tuple[GPTConfig, dict[str, np.ndarray], str]:
+    """(config, float32 params, description): --model, else the shipped model, else a
+    default-size model with a 1024-token vocabulary from minitf.model.init_params."""
+    from minitf.checkpoint import load_checkpoint
+
+    path = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    if model_dir or (path / "model.safetensors").is_file():
+        ckpt = load_checkpoint(path)
+        if (ckpt.meta or {}).get("quantization"):
+            sys.exit(f"compare.py: {path} is an int8 model; give the float32 model it came from")
+        params = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in ckpt.params.items()}
+        return ckpt.config, params, str(path)
+    from minitf.model import init_params
+
+    config = GPTConfig(vocab_size=1024)
+    return config, init_params(config, seed=0), "init_params(GPTConfig(vocab_size=1024), seed=0)"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+# ----------------------------------------------------------------------------------------
+# Engines: each has prefill(ids) -> last logits (V,) and generate(ids, n) -> n token ids
+
+
+class MinitfEngine:
+    def __init__(self, name: str, engine: Engine, top_p: float | None = None):
+        from minitf.sampling import Sampler
+
+        self.name, self.engine, self.family = name, engine, "minitf"
+        self.sample = (lambda logits: int(np.argmax(logits))) if top_p is None else \
+            Sampler(temperature=1.0, top_p=top_p, seed=0)
+
+    def prefill(self, ids):
+        return self.engine.prefill(ids, last_only=True)
+
+    def logits(self, ids):
+        return self.engine.prefill(ids)
+
+    def generate(self, ids, n):
+        return list(self.engine.generate(ids, n, self.sample))
+
+
+def torch_model(config: GPTConfig, params: dict[str, np.ndarray]):
+    """A minimal PyTorch GPT-2 (eager), our weights, a preallocated KV cache."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    C, NH, L, B = config.d_model, config.n_head, config.n_layer, config.block_size
+    HS = C // NH
+    t = lambda name: torch.from_numpy(np.array(params[name]))
+
+    def linear(prefix):  # ours (in, out) -> nn.Linear's (out, in)
+        lin = nn.Linear(*params[prefix + ".weight"].shape)
+        lin.weight.data = t(prefix + ".weight").T.contiguous()
+        lin.bias.data = t(prefix + ".bias")
+        return lin
+
+    def layernorm(prefix):
+        ln = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        ln.weight.data, ln.bias.data = t(prefix + ".weight"), t(prefix + ".bias")
+        return ln
+
+    class Block(nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            p = f"h.{i}."
+            self.ln_1, self.ln_2 = layernorm(p + "ln_1"), layernorm(p + "ln_2")
+            self.c_attn, self.attn_proj = linear(p + "attn.c_attn"), linear(p + "attn.c_proj")
+            self.c_fc, self.mlp_proj = linear(p + "mlp.c_fc"), linear(p + "mlp.c_proj")
+
+        def forward(self, x, cache=None, pos=0):
+            Bt, T, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (a.view(Bt, T, NH, HS).transpose(1, 2) for a in (q, k, v))  # (B, NH, T, HS)
+            if cache is not None:  # append to the preallocated cache, attend to all of it
+                k_cache, v_cache = cache
+                k_cache[:, :, pos:pos + T] = k
+                v_cache[:, :, pos:pos + T] = v
+                k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            x = x + self.attn_proj(y.transpose(1, 2).reshape(Bt, T, C))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class TorchGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Parameter(t("wte")), nn.Parameter(t("wpe"))
+            self.blocks = nn.ModuleList(Block(i) for i in range(L))
+            self.ln_f = layernorm("ln_f")
+            self.k_cache = torch.zeros(L, 1, NH, B, HS)
+            self.v_cache = torch.zeros(L, 1, NH, B, HS)
+
+        def forward(self, idx, pos=0, cache=False, last_only=False):
+            T = idx.shape[1]
+            x = self.wte[idx] + self.wpe[pos:pos + T]
+            for i, block in enumerate(self.blocks):
+                x = block(x, (self.k_cache[i], self.v_cache[i]) if cache else None, pos)
+            x = self.ln_f(x[:, -1:] if last_only else x)
+            return x @ self.wte.T  # tied head
+
+    return TorchGPT()
+
+
+class TorchEngine:
+    """PyTorch eager: prefill then one cached step per token, greedy."""
+
+    def __init__(self, name: str, model):
+        import torch
+
+        self.name, self.model, self.torch, self.family = name, model.eval(), torch, "torch"
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            return self.model(self.torch.tensor([ids]), cache=True, last_only=True)[0, -1]
+
+    def logits(self, ids):
+        with self.torch.inference_mode():
+            return self.model(self.torch.tensor([ids]))[0].numpy()
+
+    def generate(self, ids, n):
+        torch = self.torch
+        out = []
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids]), cache=True, last_only=True)[0, -1]
+            pos = len(ids)
+            for _ in range(n):
+                token = int(torch.argmax(logits))
+                out.append(token)
+                logits = self.model(torch.tensor([[token]]), pos=pos, cache=True)[0, -1]
+                pos += 1
+        return out
+
+
+def hf_model(config: GPTConfig, params: dict[str, np.ndarray]):
+    """transformers' GPT2LMHeadModel with our weights (its Conv1D weights are (in, out) too)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
+                           n_embd=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
+                           activation_function="gelu_new", layer_norm_epsilon=config.layer_norm_eps,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                           bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = GPT2LMHeadModel(hf_config).eval()
+    rename = {"wte": "wte.weight", "wpe": "wpe.weight"}  # HF's embeddings are nn.Embedding
+    state = {"transformer." + rename.get(name, name): torch.from_numpy(np.array(value))
+             for name, value in params.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m != "lm_head.weight" and not m.endswith(".attn.bias")]
+    if missing or unexpected:
+        sys.exit(f"compare.py: HF GPT-2 weights do not map: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+class HFEngine:
+    """transformers' `generate`, greedy or nucleus (top-p, top_k off) sampling."""
+
+    def __init__(self, name: str, model, top_p: float | None = None):
+        import torch
+
+        self.name, self.model, self.torch, self.family = name, model, torch, "hf"
+        self.kwargs = dict(do_sample=False) if top_p is None else \
+            dict(do_sample=True, top_p=top_p, top_k=0, temperature=1.0)
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def logits(self, ids):
+        with self.torch.inference_mode():
+            return self.model(self.torch.tensor([ids])).logits[0].numpy()
+
+    def generate(self, ids, n):
+        torch = self.torch
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                      min_new_tokens=n, **self.kwargs)
+        return out[0, len(ids):].tolist()
+
+
+# ----------------------------------------------------------------------------------------
+# Checks and timing
+
+
+def check(engines, config, params, quantized, prompt_128) -> list[str]:
+    """Check every engine's logits over 128 tokens and its greedy tokens; raise SystemExit
+    naming the first that differs. Float32 engines (minitf's, PyTorch's, HF's) against
+    minitf's numpy engine; a minitf int8 engine against the same backend's unfused path:
+    W8A8 quantizes activations at run time, so backends whose float kernels round 1 ulp
+    apart can put an activation in the next int8 step, and int8 logits differ between
+    backends by up to ~0.1 by design (reported, not checked)."""
+    lines = []
+    prompt = prompt_128[:PROMPT]
+    reference = engines[0]
+    want_logits, want_tokens = reference.logits(prompt_128), reference.generate(prompt, NEW)
+    int8_numpy = {}
+    for e in engines[1:]:
+        if "quantize_dynamic" in e.name:  # another int8 method: report, do not check
+            err = np.abs(e.logits(prompt_128) - want_logits).max()
+            lines.append(f"  {e.name}: not checked (another int8 method); max |logit - minitf "
+                         f"float32| {err:.3f}")
+            continue
+        ref, ref_logits, ref_tokens, note = reference, want_logits, want_tokens, ""
+        if e.family == "minitf" and " int8 " in e.name:
+            label = e.name.split(" int8 ")[1].split(",")[0]
+            if e.engine.backend == "numpy":
+                int8_numpy[label] = e
+                continue
+            scope_mode = quantized[label]
+            ref = MinitfEngine(f"its unfused path", Engine(config, scope_mode[0], e.engine.backend,
+                                                            int8_mode=scope_mode[1], fused=False))
+            ref_logits, ref_tokens = ref.logits(prompt_128), ref.generate(prompt, NEW)
+            across = np.abs(e.logits(prompt_128) - int8_numpy[label].logits(prompt_128)).max()
+            note = f" (vs minitf numpy int8 {label}: {across:.1e})"
+        err = float(np.abs(e.logits(prompt_128) - ref_logits).max())
+        if not err <= CHECK_ATOL:
+            sys.exit(f"compare.py: {e.name}: logits differ from {ref.name} by {err:.2e} > {CHECK_ATOL}")
+        same = ""
+        if "top-p" not in e.name:
+            got = e.generate(prompt, NEW)
+            if got != ref_tokens:
+                first = next(i for i, (a, b) in enumerate(zip(got, ref_tokens)) if a != b)
+                sys.exit(f"compare.py: {e.name}: greedy tokens differ from {ref.name} at new token {first}")
+            same = f", {NEW} greedy tokens identical"
+        lines.append(f"  {e.name}: max |logit diff| vs {ref.name} {err:.1e}{same}{note}")
+    return lines
+
+
+def time_call(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def measure(engines, prompt_128, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Decode s/token and prefill-128 s per engine and repeat, engines taking turns."""
+    prompt = prompt_128[:PROMPT]
+    res = {e.name: {"decode": [], "prefill": []} for e in engines}
+    for e in engines:  # warm up: compile, load caches, touch buffers
+        e.generate(prompt, NEW)
+        e.prefill(prompt_128)
+    for _ in range(repeats):
+        for e in engines:
+            many, one = time_call(e.generate, prompt, NEW), time_call(e.generate, prompt, 1)
+            res[e.name]["decode"].append((many - one) / (NEW - 1))
+            res[e.name]["prefill"].append(min(time_call(e.prefill, prompt_128) for _ in range(3)))
+    return res
+
+
+def training(config, params, threads: int, repeats: int) -> list[tuple[str, float]]:
+    """[(engine, tokens/s)] of one training step on a TRAIN_BATCH x block_size batch."""
+    from minitf.model import GPT
+    from minitf.optim import AdamW, clip_grad_norm
+
+    rng = np.random.default_rng(0)
+    T = config.block_size
+    x = rng.integers(0, config.vocab_size, size=(TRAIN_BATCH, T))
+    y = rng.integers(0, config.vocab_size, size=(TRAIN_BATCH, T))
+    set_threads(threads)
+    p = {k: v.copy() for k, v in params.items()}
+    model, opt = GPT(config, p), AdamW(p, lr=1e-4)
+
+    def minitf_step():
+        _, grads = model.loss_and_grads(x, y)
+        clip_grad_norm(grads, 1.0)
+        opt.step(grads)
+
+    steps = {"minitf (numpy, hand-written backward)": minitf_step}
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(threads)
+        tm = torch_model(config, params).train()
+        decay = [q for n, q in tm.named_parameters() if q.dim() == 2]
+        no_decay = [q for n, q in tm.named_parameters() if q.dim() != 2]
+        topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.99))
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+        def torch_step():
+            logits = tm(tx)
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ty.view(-1))
+            topt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
+            topt.step()
+
+        steps["PyTorch eager (autograd, torch.optim.AdamW)"] = torch_step
+    except ImportError as exc:
+        print(f"training: PyTorch skipped ({exc})")
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm up
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(time_call(step))
+    return [(name, TRAIN_BATCH * T / statistics.median(ts)) for name, ts in times.items()]
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python bench/compare.py",
+        description="Decode, prefill and training speed of minitf's backends against PyTorch "
+                    "eager and HF transformers, in one process, on the same weights.",
+        epilog="example: python bench/compare.py --model runs/bpe --repeats 9",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="float32 model directory (default: the shipped model, else a default-size "
+                        "model with vocab 1024 from init_params)")
+    p.add_argument("--threads", type=int, default=1, help="threads for decode and prefill (BLAS, numba, torch)")
+    p.add_argument("--train-threads", type=int, default=2, help="threads for the training step")
+    p.add_argument("--repeats", type=int, default=5, help="runs per engine; figures are medians")
+    p.add_argument("--no-train", action="store_true", help="skip the training comparison")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cores = os.cpu_count() or 1
+    for name in ("threads", "train_threads"):
+        if not 1 <= getattr(args, name) <= cores:
+            build_parser().error(f"--{name.replace('_', '-')} {getattr(args, name)} must be in [1, {cores}]")
+    if args.repeats < 1:
+        build_parser().error(f"--repeats {args.repeats} must be >= 1")
+    set_threads(args.threads)
+    config, params, source = load_model(args.model)
+    versions = [f"numpy {np.__version__}"]
+    import numba
+
+    versions.append(f"numba {numba.__version__}")
+
+    engines = []
+    quantized = {"w8a8 (all)": (quantize_model(params, config, "all")[0], "w8a8"),
+                 "weight-only (ffn)": (quantize_model(params, config, "ffn")[0], "weight-only")}
+    for backend in BACKENDS:  # numpy first: the reference
+        engines.append(MinitfEngine(f"minitf {backend} float32", Engine(config, params, backend)))
+        for label, (q, mode) in quantized.items():
+            engines.append(MinitfEngine(f"minitf {backend} int8 {label}",
+                                        Engine(config, q, backend, int8_mode=mode)))
+    best_int8 = next(e for e in engines if e.name == "minitf cython int8 w8a8 (all)")
+    engines.append(MinitfEngine("minitf cython int8 w8a8 (all), top-p 0.9", best_int8.engine, top_p=0.9))
+    skipped = []
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        versions.append(f"torch {torch.__version__}")
+        tm = torch_model(config, params)
+        engines.append(TorchEngine("PyTorch eager, KV cache, float32", tm))
+        with warnings.catch_warnings():  # deprecated for torchao, still what users have
+            warnings.simplefilter("ignore")
+            tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(tm), {torch.nn.Linear},
+                                                        dtype=torch.qint8)
+        engines.append(TorchEngine("PyTorch eager + quantize_dynamic int8", tq))
+        try:
+            import transformers
+
+            versions.append(f"transformers {transformers.__version__}")
+            hf = hf_model(config, params)
+            engines.append(HFEngine("HF GPT2LMHeadModel.generate, greedy", hf))
+            engines.append(HFEngine("HF GPT2LMHeadModel.generate, top-p 0.9", hf, top_p=0.9))
+        except ImportError as exc:
+            skipped.append(f"HF transformers skipped: {exc} (pip install transformers)")
+    except ImportError as exc:
+        skipped.append(f"PyTorch and HF transformers skipped: {exc} (pip install torch transformers)")
+
+    rng = np.random.default_rng(0)
+    prompt_128 = [int(t) for t in rng.integers(0, config.vocab_size, size=PREFILL)]
+    print(f"minitf side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}")
+    print(f"{', '.join(versions)}; {args.threads} thread(s) for decode and prefill")
+    print(f"model: {source}: vocab {config.vocab_size}, d_model {config.d_model}, "
+          f"{config.n_layer} layers, {config.n_head} heads, context {config.block_size}")
+    print(f"workload: batch 1, {PROMPT}-token prompt + {NEW} new tokens; prefill {PREFILL} tokens; "
+          f"medians of {args.repeats} runs")
+    for line in skipped:
+        print(line)
+    print("checks:")
+    for line in check(engines, config, params, quantized, prompt_128):
+        print(line)
+
+    res = measure(engines, prompt_128, args.repeats)
+    med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in res.items()}
+    ours = [e.name for e in engines if e.family == "minitf"]
+    best_decode = min(med[n]["decode"] for n in ours)
+    best_prefill = min(med[n]["prefill"] for n in ours)
+    print()
+    print(f"{'engine':<46} {'decode us/token':>15} {'x minitf':>9} {'prefill-128 ms':>15} {'x minitf':>9}")
+    for e in engines:
+        d, p = med[e.name]["decode"], med[e.name]["prefill"]
+        print(f"{e.name:<46} {d * 1e6:>15.1f} {d / best_decode:>9.2f} {p * 1e3:>15.2f} {p / best_prefill:>9.2f}")
+    print(f"(x minitf: time / the fastest minitf row's; decode {best_decode * 1e6:.1f} us/token, "
+          f"prefill {best_prefill * 1e3:.2f} ms)")
+
+    if not args.no_train:
+        rows = training(config, params, args.train_threads, args.repeats)
+        ref = rows[0][1]
+        print()
+        print(f"training step, batch {TRAIN_BATCH} x {config.block_size}, {args.train_threads} threads "
+              f"(forward + backward + clip + AdamW):")
+        print(f"{'engine':<46} {'tokens/s':>15} {'x minitf':>9}")
+        for name, tps in rows:
+            print(f"{name:<46} {tps:>15,.0f} {tps / ref:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

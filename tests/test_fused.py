@@ -1,0 +1,314 @@
+"""The fused decode path (minitf/engine.py "Fused path", kernels/numba_fused.py,
+kernels/_cython_fused.pyx) against the unfused path it replaces: the same logits at every
+step (prefill with T = 1, decode to the exact context boundary, the sliding window past
+it), the same greedy text, no allocation per token, and W8A8 stages that round exactly as
+the unfused kernels do."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from minitf import engine as engine_module
+from minitf.config import GPTConfig
+from minitf.engine import Engine, FusedPath, Int8Linear, Linear, pack_vnni
+from minitf.kernels import _cython_fused, _cython_kernels, numba_fused, numba_kernels
+from minitf.model import init_params
+from minitf.quantize import quantize_model
+from tolerances import TOL
+
+FUSED_BACKENDS = ["numba", "cython"]
+MODELS = [None, ("ffn", "weight-only"), ("all", "weight-only"), ("ffn", "w8a8"), ("all", "w8a8")]
+MODEL_IDS = ["float32", "ffn-weight-only", "all-weight-only", "ffn-w8a8", "all-w8a8"]
+# Awkward sizes: K = 26 and 3C = 78 are not multiples of the VNNI tile (4 k, 64 m), the
+# head size 13 is odd, block_size 12 is not a multiple of the 16 keys the transposed cache
+# is padded to. A second config has three heads.
+CONFIGS = [GPTConfig(vocab_size=37, block_size=12, n_layer=2, n_head=2, d_model=26),
+           GPTConfig(vocab_size=41, block_size=20, n_layer=3, n_head=3, d_model=24)]
+TOL_LOGITS = TOL[("kv_cache_logits", np.float32)]
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max(1, max |want|): absolute for logits up to 1, relative to the
+    largest logit above (float32 logits of magnitude 10 are a few ulp apart at 1e-5)."""
+    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+
+
+@pytest.fixture(scope="module", params=range(len(CONFIGS)), ids=["C26-NH2", "C24-NH3"])
+def config_params(request):
+    config = CONFIGS[request.param]
+    params = init_params(config, seed=4)
+    rng = np.random.default_rng(9)
+    for name in params:  # larger weights than at init, so the logits differ clearly by token
+        params[name] = (params[name] + rng.normal(scale=0.2, size=params[name].shape)).astype(np.float32)
+    return config, params
+
+
+def engines(config, params, backend, quant):
+    """(unfused, fused) engines of the same model on one backend."""
+    mode = "weight-only"
+    if quant is not None:
+        scope, mode = quant
+        params, _ = quantize_model(params, config, scope)
+    return (Engine(config, params, backend, int8_mode=mode, fused=False),
+            Engine(config, params, backend, int8_mode=mode))
+
+
+class Recorder:
+    """A greedy sampler that keeps a copy of every logits vector it is given."""
+
+    def __init__(self):
+        self.logits = []
+
+    def __call__(self, logits):
+        self.logits.append(np.array(logits))
+        return int(np.argmax(logits))
+
+
+@pytest.mark.parametrize("quant", MODELS, ids=MODEL_IDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_equals_unfused_at_every_step(config_params, backend, quant):
+    config, params = config_params
+    ref, fused = engines(config, params, backend, quant)
+    assert fused.fused is not None and ref.fused is None
+    assert fused.fused.exact == (quant is not None and quant[1] == "w8a8")
+    B = config.block_size
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, size=B)
+    errors = []
+    for T in (1, 5, B):  # prefill: T = 1 and the exact context boundary
+        errors.append(("prefill", T, relative_error(fused.prefill(ids[:T]), ref.prefill(ids[:T]))))
+    ref.prefill(ids[:1])
+    fused.prefill(ids[:1])
+    for t in range(1, B):  # decode from position 1 to the last one
+        errors.append(("decode", t, relative_error(fused.decode(ids[t]), ref.decode(ids[t]))))
+    worst = max(errors, key=lambda e: e[2])
+    assert worst[2] <= TOL_LOGITS, f"{backend} {quant}: {worst[0]} at {worst[1]}: error {worst[2]:.2e}"
+    # past the context: the window slides (re-prefill every step); greedy text identical
+    want, got = Recorder(), Recorder()
+    text_ref = list(ref.generate(ids[:3], 2 * B + 5, want))
+    text = list(fused.generate(ids[:3], 2 * B + 5, got))
+    assert text == text_ref, f"{backend} {quant}: greedy generation differs"
+    err = max(relative_error(g, w) for g, w in zip(got.logits, want.logits))
+    assert err <= TOL_LOGITS, f"{backend} {quant}: generate logits error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hooks_switch_to_the_unfused_path_and_back(config_params, backend):
+    """trace set mid-generation: those steps run unfused, writing only the row-layout KV
+    cache; the fused steps after them must first bring their transposed cache up to date."""
+    config, params = config_params
+    ref, fused = engines(config, params, backend, None)
+    ids = np.random.default_rng(2).integers(0, config.vocab_size, size=config.block_size)
+    ops = []
+    ref.prefill(ids[:2])
+    fused.prefill(ids[:2])
+    for t in range(2, config.block_size):
+        fused.trace = ops.append if 4 <= t < 7 else None
+        err = relative_error(fused.decode(ids[t]), ref.decode(ids[t]))
+        assert err <= TOL_LOGITS, f"{backend}: step {t} (traced: {4 <= t < 7}): error {err:.2e}"
+    assert "head" in ops  # the traced steps ran the unfused path
+    fused.trace = None
+    fused.capture_attention = True  # unfused prefill, then fused decode
+    fused.prefill(ids[:3])
+    ref.prefill(ids[:3])
+    fused.capture_attention = False
+    assert fused.last_attention is not None
+    for t in range(3, 6):
+        assert relative_error(fused.decode(ids[t]), ref.decode(ids[t])) <= TOL_LOGITS
+
+
+@pytest.mark.parametrize("quant", [None, ("all", "w8a8")], ids=["float32", "all-w8a8"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_decode_allocates_nothing(config_params, backend, quant):
+    config, params = config_params
+    _, fused = engines(config, params, backend, quant)
+    path = fused.fused
+    fused.prefill([1, 2])
+    first = path.decode(3, fused.pos)  # warm: compiled, buffers touched
+    from numba.core.runtime import _nrt_python as nrt
+
+    was_enabled = nrt.memsys_stats_enabled()
+    nrt.memsys_enable_stats()  # numba's own allocator, which tracemalloc does not see
+    nrt_before = nrt.memsys_get_stats_alloc(), nrt.memsys_get_stats_free()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for pos in range(3, 3 + 50):  # 50 steps, wrapping round the cache
+            logits = path.decode(pos % config.vocab_size, pos % config.block_size)
+            assert logits is first  # the same buffer every step
+        after = tracemalloc.take_snapshot()
+        nrt_allocs = nrt.memsys_get_stats_alloc() - nrt_before[0]
+        nrt_frees = nrt.memsys_get_stats_free() - nrt_before[1]
+        if backend == "numba":  # the step itself, run from compiled code: 50 steps, then 0
+            start = nrt.memsys_get_stats_alloc()
+            steps_in_compiled_loop(path.decoder, 50)
+            middle = nrt.memsys_get_stats_alloc()
+            steps_in_compiled_loop(path.decoder, 0)
+            in_kernel = (middle - start) - (nrt.memsys_get_stats_alloc() - middle)
+    finally:
+        tracemalloc.stop()
+        if not was_enabled:
+            nrt.memsys_disable_stats()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename") if s.size_diff > 0
+                and "tracemalloc" not in str(s.traceback))
+    assert grown < 1024, f"{backend}: {grown} B allocated over 50 decode steps"
+    # A call from Python wraps each array argument in a small numba MemInfo, freed on return
+    assert nrt_allocs == nrt_frees, f"{backend}: {nrt_allocs - nrt_frees} numba allocations kept"
+    if backend == "numba":
+        assert in_kernel == 0, f"numba's decode step allocated {in_kernel} times in 50 steps"
+
+
+def steps_in_compiled_loop(decoder, n):
+    """n decode steps from one call of a compiled loop."""
+    _compiled_loop(decoder._arrays, n, decoder.eps, decoder.exact)
+
+
+def _loop(arrays, n, eps, exact):
+    for pos in range(n):
+        numba_fused.decode_step(*arrays, pos % 5, pos % arrays[3].shape[1], eps, exact)
+
+
+try:
+    from numba import njit
+
+    _compiled_loop = njit(_loop)
+except ImportError:  # pragma: no cover - numba is a dependency
+    _compiled_loop = None
+
+
+def test_packed_layouts_agree():
+    """The index table layout is written by the engine and read by both kernel modules."""
+    names = {"KIND": "KIND", "K": "K_", "M": "M_", "W": "W_", "B": "B_", "S": "S_", "Q": "Q_",
+             "P": "P_", "KP": "KP_", "MP": "MP_", "SUM": "SUM_", "F32": "F32", "INT8": "INT8",
+             "W8A8": "W8A8", "ROW_DIMS": "ROW_DIMS", "ROW_WTE": "ROW_WTE", "ROW_WPE": "ROW_WPE",
+             "ROW_LNF": "ROW_LNF", "FIRST_LAYER_ROW": "FIRST_LAYER_ROW"}
+    for key, engine_name in names.items():
+        assert numba_fused.LAYOUT[key] == getattr(engine_module, engine_name), key
+    assert numba_fused.LAYOUT["ROWS_PER_LAYER"] == len(engine_module.LAYER_ROWS)
+    assert numba_fused.LAYOUT["TILE"] == engine_module.TILE_M
+    assert _cython_fused.LAYOUT == numba_fused.LAYOUT
+
+
+def test_pack_vnni_holds_every_weight_once_in_tile_order():
+    rng = np.random.default_rng(0)
+    for K, M in ((240, 720), (26, 78), (3, 1), (960, 240)):
+        w = rng.integers(-127, 128, (K, M), dtype=np.int8)
+        tiles, colsum = pack_vnni(w)
+        Kp, Mp = -(-K // 4) * 4, -(-M // 64) * 64
+        assert tiles.shape == (Kp * Mp,) and colsum.shape == (Mp,)
+        back = tiles.reshape(Mp // 64, Kp // 4, 64, 4).transpose(1, 3, 0, 2).reshape(Kp, Mp)
+        np.testing.assert_array_equal(back[:K, :M], w)
+        assert not back[K:].any() and not back[:, M:].any()
+        np.testing.assert_array_equal(colsum[:M], w.astype(np.int32).sum(axis=0))
+
+
+def test_int8_tiles_are_exact_with_and_without_vnni():
+    """The VNNI tile (numba intrinsic, Cython intrinsic) and the plain-loop fallback give
+    numpy_ref.matmul_int8_acc's int32 sums bit for bit, through the W8A8 prefill rows."""
+    rng = np.random.default_rng(3)
+    for N, K, M in ((1, 240, 720), (6, 26, 78), (4, 960, 240)):
+        x = rng.standard_normal((N, K)).astype(np.float32)
+        wq = rng.integers(-127, 128, (K, M), dtype=np.int8)
+        scale = rng.uniform(0.001, 0.01, M).astype(np.float32)
+        bias = rng.standard_normal(M).astype(np.float32)
+        want = numba_kernels.matmul_int8(x, wq, scale, bias, mode="w8a8")
+        tiles, colsum = pack_vnni(wq)
+        Kp, Mp = -(-K // 4) * 4, colsum.size
+        for fk in (numba_fused, _cython_fused):
+            y = np.zeros((N, M), np.float32)
+            fk.linear_w8a8_rows(y, np.zeros((N, Kp), np.int8), np.zeros(N, np.float32),
+                                np.zeros(4 * Mp, np.int32), x, tiles, colsum, scale, bias)
+            np.testing.assert_array_equal(y, want, err_msg=f"{fk.__name__} N={N} K={K} M={M}")
+        xq, _ = numba_kernels.quantize_rows(x)
+        xqp = np.zeros((N, Kp), np.int8)
+        xqp[:, :K] = xq
+        acc = np.zeros(Mp, np.int32)
+        for t in range(Mp // 64):  # the fallback, tile by tile
+            numba_fused._int8_tile_loops(acc, 64 * t, 0, xqp[0], 0, tiles, t * (Kp // 4) * 256, Kp // 4, 1)
+        np.testing.assert_array_equal(acc[:M] - 128 * colsum[:M], xq[0].astype(np.int32) @ wq.astype(np.int32))
+
+
+def test_w8a8_stages_are_the_unfused_kernels():
+    """A W8A8 model's stages before a quantization must round as the unfused path: numba's
+    fused path calls numba_kernels' functions themselves; the Cython one copies the loops of
+    _cython_kernels, which must still give the same bits as the originals."""
+    for name in ("_layernorm", "_attention", "_gelu"):
+        assert getattr(numba_fused, name) is getattr(numba_kernels, name), name
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(960).astype(np.float32)
+    rows = [x, 0 * x, np.full(960, 1e-40, np.float32), np.where(np.arange(960) == 5, np.nan, x),
+            np.where(np.arange(960) == 7, -np.inf, x), x * np.float32(1e30), np.round(x * 10) / 20]
+    for row in rows:  # the vectorized quantizers: the unfused one's bits, edge cases included
+        row = row.astype(np.float32)
+        want_q, want_s = numba_kernels.quantize_rows(row[None])
+        for quantize in (numba_fused._quantize, _cython_fused._vectorized_quantize):
+            xq = np.zeros(960, np.int8)
+            s = quantize(xq, row)
+            np.testing.assert_array_equal(xq, want_q[0], err_msg=str(quantize))
+            assert np.float32(s) == want_s[0], (quantize, s, want_s[0])
+    C, NH = 240, 4
+    scale = np.float32(1.0 / np.sqrt(C // NH))
+    for Tk in (1, 7, 64, 128):
+        q = rng.standard_normal((1, C)).astype(np.float32) * 3
+        k, v = (rng.standard_normal((Tk, C)).astype(np.float32) for _ in range(2))
+        got, want = np.zeros((1, C), np.float32), np.zeros((1, C), np.float32)
+        _cython_fused._copied_attention(got, np.zeros((NH, 1, Tk), np.float32), q, k, v, NH, scale)
+        _cython_kernels.attention_f32(want, np.zeros((NH, 1, Tk), np.float32), q, k, v, NH, scale)
+        np.testing.assert_array_equal(got, want, err_msg=f"attention Tk={Tk}")
+    x = rng.standard_normal(960).astype(np.float32) * 4
+    got, want = np.zeros_like(x), np.zeros_like(x)
+    _cython_fused._copied_gelu(got, x)
+    _cython_kernels.gelu_f32(want, x)
+    np.testing.assert_array_equal(got, want, err_msg="gelu")
+    x = rng.standard_normal((1, C)).astype(np.float32) * 2 + 1
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    got, want = np.zeros_like(x), np.zeros_like(x)
+    _cython_fused._copied_layernorm(got, x, w, b, 1e-5)
+    _cython_kernels.layernorm_f32(want, x, w, b, 1e-5)
+    np.testing.assert_array_equal(got, want, err_msg="layernorm")
+    for K, M in ((240, 720), (26, 78)):
+        x = rng.standard_normal(K).astype(np.float32)
+        wf = rng.standard_normal((K, M)).astype(np.float32)
+        got, want = np.zeros(M, np.float32), np.zeros((1, M), np.float32)
+        _cython_fused._copied_matmul_row(got, x, wf)
+        _cython_kernels.matmul_f32(want, x[None], wf, None)
+        np.testing.assert_array_equal(got, want[0], err_msg=f"matmul {K}x{M}")
+        got_n = np.zeros(M, np.float32)
+        numba_fused._matvec(got_n, x, wf)
+        np.testing.assert_array_equal(got_n, numba_kernels.matmul(x[None], wf)[0], err_msg="numba matvec")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_weights_are_stored_once(config_params, backend):
+    config, params = config_params
+    qparams, _ = quantize_model(params, config, "ffn")
+    for p, mode in ((params, "weight-only"), (qparams, "w8a8")):
+        e = Engine(config, p, backend, int8_mode=mode)
+        w = e.fused.weights
+        assert np.shares_memory(e.wte, w.pf) and np.shares_memory(e.wpe, w.pf)
+        for blk in e.blocks:
+            for name, layer in blk.items():
+                if isinstance(layer, Linear):
+                    assert np.shares_memory(layer.weight, w.pf), name
+                elif isinstance(layer, Int8Linear):
+                    assert np.shares_memory(layer.weight_q, w.pq), name
+                    # the tiled copy exists for W8A8 only, and is visible to memory accounting
+                    assert (layer.packed is not None) == (mode == "w8a8"), name
+        sizes = e.fused.nbytes()
+        assert sizes["weights"] == w.pf.nbytes + w.pq.nbytes + w.pi.nbytes + w.tab.nbytes
+
+
+def test_fused_option():
+    config = CONFIGS[0]
+    params = init_params(config)
+    assert Engine(config, params, "numpy").fused is None  # numpy: the reference path
+    assert isinstance(Engine(config, params, "numba").fused, FusedPath)
+    assert Engine(config, params, "cython", fused=False).fused is None
+    with pytest.raises(ValueError, match="backend 'numpy' has no fused path"):
+        Engine(config, params, "numpy", fused=True)
+    with pytest.raises(ValueError, match="fused='yes'"):
+        Engine(config, params, "numba", fused="yes")
+    e = Engine(config, params, "numba")
+    e.prefill([1])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 37\)"):
+        e.decode(37)
