@@ -238,13 +238,15 @@ class HFEngine:
             dict(do_sample=True, top_p=top_p, top_k=0, temperature=1.0)
 
     def prefill(self, ids):
+        x = self.torch.tensor([ids])
         with self.torch.inference_mode():
-            out = self.model(self.torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            out = self.model(x, attention_mask=self.torch.ones_like(x), use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
 
     def logits(self, ids):
+        x = self.torch.tensor([ids])
         with self.torch.inference_mode():
-            return self.model(self.torch.tensor([ids])).logits[0].numpy()
+            return self.model(x, attention_mask=self.torch.ones_like(x)).logits[0].numpy()
 
     def generate(self, ids, n):
         torch = self.torch
@@ -366,13 +368,13 @@ def training(config, params, threads: int, repeats: int) -> list[tuple[str, floa
         steps["PyTorch eager (autograd, torch.optim.AdamW)"] = torch_step
     except ImportError as exc:
         print(f"training: PyTorch skipped ({exc})")
-    times = {name: [] for name in steps}
-    for step in steps.values():
-        step()  # warm up
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(time_call(step))
-    return [(name, TRAIN_BATCH * T / statistics.median(ts)) for name, ts in times.items()]
+    rows = []
+    for name, step in steps.items():  # one engine after the other: the thread pools of one
+        for _ in range(3):  # (OpenBLAS, OpenMP) spin for a while after their work and would
+            step()  # slow the other; warm up: allocator, thread pools, AdamW state
+        ts = [time_call(step) for _ in range(repeats)]
+        rows.append((name, TRAIN_BATCH * T / statistics.median(ts)))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -403,8 +405,13 @@ def main(argv=None) -> int:
             build_parser().error(f"--{name.replace('_', '-')} {getattr(args, name)} must be in [1, {cores}]")
     if args.repeats < 1:
         build_parser().error(f"--repeats {args.repeats} must be >= 1")
-    set_threads(args.threads)
+    try:  # before set_threads: once numba.set_num_threads has started numba's OpenMP
+        import torch  # noqa: F401  # workers, a torch imported later ran its 2-thread
+    except ImportError:  # training step 13x slower (two OpenMP runtimes spinning)
+        pass
     config, params, source = load_model(args.model)
+    train_rows = [] if args.no_train else training(config, params, args.train_threads, args.repeats)
+    set_threads(args.threads)
     versions = [f"numpy {np.__version__}"]
     import numba
 
@@ -437,6 +444,7 @@ def main(argv=None) -> int:
             import transformers
 
             versions.append(f"transformers {transformers.__version__}")
+            transformers.logging.set_verbosity_error()  # its padding advice does not apply here
             hf = hf_model(config, params)
             engines.append(HFEngine("HF GPT2LMHeadModel.generate, greedy", hf))
             engines.append(HFEngine("HF GPT2LMHeadModel.generate, top-p 0.9", hf, top_p=0.9))
@@ -472,14 +480,13 @@ def main(argv=None) -> int:
     print(f"(x minitf: time / the fastest minitf row's; decode {best_decode * 1e6:.1f} us/token, "
           f"prefill {best_prefill * 1e3:.2f} ms)")
 
-    if not args.no_train:
-        rows = training(config, params, args.train_threads, args.repeats)
-        ref = rows[0][1]
+    if train_rows:
+        ref = train_rows[0][1]
         print()
         print(f"training step, batch {TRAIN_BATCH} x {config.block_size}, {args.train_threads} threads "
               f"(forward + backward + clip + AdamW):")
         print(f"{'engine':<46} {'tokens/s':>15} {'x minitf':>9}")
-        for name, tps in rows:
+        for name, tps in train_rows:
             print(f"{name:<46} {tps:>15,.0f} {tps / ref:>9.2f}")
     return 0
 
