@@ -430,6 +430,7 @@ def load_checkpoint(
     dtype=np.float32,
     *,
     layout: Layout | Callable[[GPTConfig, dict], Layout] | None = None,
+    optimizer: bool = True,
 ) -> Checkpoint:
     """Load and verify a checkpoint directory.
 
@@ -438,6 +439,8 @@ def load_checkpoint(
             layout gives an explicit dtype (int8 weights, say) are returned as stored.
         layout: {name: (shape, dtype or None)} or a function (config, meta) -> that dict;
             default `default_layout(config)`.
+        optimizer: also load and check the optimizer state (False for inference, which
+            needs only the weights).
 
     Raises CheckpointError with a one-line message naming the file for: a missing directory
     or file, invalid JSON, a bad config, a damaged tokenizer, a truncated or corrupt
@@ -485,7 +488,7 @@ def load_checkpoint(
 
     optimizer_state = None
     opt_path = directory / OPTIMIZER_FILE
-    if opt_path.exists():
+    if optimizer and opt_path.exists():
         moments, opt_meta = load_safetensors(opt_path)
         _check_format(opt_path, opt_meta)
         _check_tensors(moments, _optimizer_layout(params), str(opt_path))

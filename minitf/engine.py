@@ -71,6 +71,26 @@ def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weig
     return Linear(np.ascontiguousarray(w, dtype=np.float32), b)
 
 
+def check_engine_params(params: dict[str, np.ndarray], config: GPTConfig) -> None:
+    """Raise ValueError unless params has exactly the config's tensors (shapes included);
+    an int8 weight must come with its `<name>.weight_scale` (M,) and nothing else is allowed."""
+    from .config import param_shapes
+
+    expected = param_shapes(config)
+    for name, shape in expected.items():
+        if name not in params:
+            raise ValueError(f"model parameters lack {name!r} (config: {config})")
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, the config needs {shape}")
+        if params[name].dtype == np.int8 and tuple(np.shape(params.get(name + "_scale"))) != shape[-1:]:
+            raise ValueError(f"int8 parameter {name} needs {name}_scale of shape {shape[-1:]}")
+    extra = [n for n in params if n not in expected
+             and not (n.endswith(".weight_scale") and params.get(n[: -len("_scale")]) is not None
+                      and params[n[: -len("_scale")]].dtype == np.int8)]
+    if extra:
+        raise ValueError(f"parameters not in the config: {extra[:5]} (config: {config})")
+
+
 class Engine:
     """A GPT-2 model ready for generation on one kernel backend.
 
@@ -95,6 +115,7 @@ class Engine:
             raise ValueError(f"int8 mode {int8_mode!r} is not one of {INT8_MODES}")
         if fused not in (None, True, False):
             raise ValueError(f"fused={fused!r} must be None (automatic), True or False")
+        check_engine_params(params, config)
         self.config = config
         self.kb = get_backend(backend)
         self.backend = self.kb.NAME
@@ -283,7 +304,9 @@ def load_engine(model_dir=None, backend: str | None = None):
     from .checkpoint import load_checkpoint
     from .quantize import quantized_layout  # quantization edit: int8 checkpoints load too
 
-    ckpt = load_checkpoint(model_dir or DEFAULT_MODEL_DIR, layout=quantized_layout)
+    if model_dir is not None and not str(model_dir).strip():
+        raise ValueError("model directory is empty; omit --model to use the shipped model")
+    ckpt = load_checkpoint(model_dir or DEFAULT_MODEL_DIR, layout=quantized_layout, optimizer=False)
     quant = (ckpt.meta or {}).get("quantization") or {}
     engine = Engine(ckpt.config, ckpt.params, backend, int8_mode=quant.get("mode", "weight-only"))
     return engine, ckpt.tokenizer, ckpt

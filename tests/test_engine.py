@@ -92,3 +92,8 @@ def test_bad_input(model):
     from minitf.kernels import BackendError
     with pytest.raises(BackendError, match="unknown kernel backend 'cuda'"):
         Engine(config, params, "cuda")
+    import dataclasses
+    with pytest.raises(ValueError, match="parameters not in the config"):  # 2 blocks, config says 1
+        Engine(dataclasses.replace(config, n_layer=1), params, "numpy")
+    with pytest.raises(ValueError, match="parameter wte has shape"):
+        Engine(dataclasses.replace(config, vocab_size=38), params, "numpy")
