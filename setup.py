@@ -19,50 +19,40 @@ class build_ext_and_checkout(build_ext):
             self.copy_extensions_to_source()
 
 
-extensions = [
-    Extension(
-        "minitf.kernels._cython_kernels",
-        ["kernels/_cython_kernels.pyx"],
-        include_dirs=[numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        # -fassociative-math (with the two flags it requires) lets gcc vectorize float sums
-        # and dot products, like numba's `reassoc` fastmath flag (kernels/_jit.py). Not
-        # -ffast-math: it would assume no inf/NaN (breaking softmax's all -inf rows) and
-        # allow x / s -> x * (1 / s) (breaking quantize_rows' bit-exact agreement).
-        extra_compile_args=[
-            "-O3",
-            "-march=native",
-            "-fassociative-math",
-            "-fno-signed-zeros",
-            "-fno-trapping-math",
-            "-fno-math-errno",
-            # the 4-row matmul kernel needs more runtime alias checks than gcc's default 10
-            # before it will vectorize (measured: 4x slower prefill without this)
-            "--param=vect-max-version-for-alias-checks=64",
-            # 256-bit vectors: with 512-bit ones gcc runs int8 loops 64 columns at a time,
-            # leaving a scalar tail at M = 240 (measured ~1.5x slower int8 decode matmuls)
-            "-mprefer-vector-width=256",
-        ],
-    ),
-    # The fused decode path (kernels/_cython_fused.pyx). The same flags as above, exactly:
-    # it copies loops of _cython_kernels for W8A8 models and must round as they do.
-    Extension(
-        "minitf.kernels._cython_fused",
-        ["kernels/_cython_fused.pyx"],
-        include_dirs=[numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=[
-            "-O3",
-            "-march=native",
-            "-fassociative-math",
-            "-fno-signed-zeros",
-            "-fno-trapping-math",
-            "-fno-math-errno",
-            "--param=vect-max-version-for-alias-checks=64",
-            "-mprefer-vector-width=256",
-        ],
-    ),
+# -fassociative-math (with the two flags it requires) lets gcc vectorize float sums and dot
+# products, like numba's `reassoc` fastmath flag (kernels/_jit.py). Not -ffast-math: it would
+# assume no inf/NaN (breaking softmax's all -inf rows) and allow x / s -> x * (1 / s)
+# (breaking quantize_rows' bit-exact agreement).
+COMPILE_ARGS = [
+    "-O3",
+    "-march=native",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+    # the 4-row matmul kernel needs more runtime alias checks than gcc's default 10 before
+    # it will vectorize (measured: 4x slower prefill without this)
+    "--param=vect-max-version-for-alias-checks=64",
+    # 256-bit vectors: with 512-bit ones gcc runs int8 loops 64 columns at a time, leaving a
+    # scalar tail at M = 240 (measured ~1.5x slower int8 decode matmuls)
+    "-mprefer-vector-width=256",
 ]
+
+
+def kernel_extension(name: str) -> Extension:
+    """minitf.kernels.<name> from kernels/<name>.pyx. Every module gets the same flags: the
+    fused decode path (_cython_fused) repeats loops of _cython_kernels for W8A8 models and
+    must round exactly as they do."""
+    return Extension(
+        f"minitf.kernels.{name}",
+        [f"kernels/{name}.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=COMPILE_ARGS,
+    )
+
+
+extensions = [kernel_extension("_cython_kernels"), kernel_extension("_cython_fused")]
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
