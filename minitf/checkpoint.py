@@ -31,12 +31,10 @@ A quantized checkpoint passes its own layout (int8 weights, float32 scales, ...)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -46,6 +44,7 @@ import numpy as np
 import safetensors.numpy
 
 from minitf.config import GPTConfig, param_shapes
+from minitf.fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
 from minitf.tokenizer import TokenizerError, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -66,76 +65,9 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged, or does not match its config."""
 
 
-# ----------------------------------------------------------------------------------------
-# Atomic writes, reused by every module that writes a file
-
-
-@contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; if the body succeeds, fsync it and rename it
-    onto `path` (os.replace is atomic on POSIX and Windows). On failure, delete it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically: the file is either the old one or all of `data`."""
-    with _atomic_target(path) as tmp:
-        with open(tmp, "xb") as f:  # created with the usual umask permissions
-            f.write(data)
-
-
-def _json_default(obj):
-    # numpy scalars and arrays (losses, seeds) are common in meta; store them as plain JSON.
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def save_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
-    """Write `obj` as strict JSON (no NaN/inf: other readers reject them) atomically."""
-    try:
-        text = json.dumps(obj, indent=indent, allow_nan=False, default=_json_default)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot write {path} as JSON: {e} (NaN/inf: store None or a string)") from e
-    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
-
-
 def load_json(path: str | os.PathLike):
     """Read a JSON file; CheckpointError naming the file if it is missing or invalid."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    return read_json(path, CheckpointError, "file")
 
 
 def _tensor_checksum(tensors: dict[str, np.ndarray]) -> str:
@@ -332,14 +264,14 @@ def save_checkpoint(
         if meta is not None:
             save_json_atomic(tmp / META_FILE, meta)
         _carry_over_extra_files(directory if directory.exists() else old, tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         # The swap: at every instant DIR or .DIR.minitf-old is a complete checkpoint.
         if directory.exists():
             if old.exists():
                 shutil.rmtree(old)  # stale: DIR is the good one
             os.replace(directory, old)
         os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

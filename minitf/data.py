@@ -29,7 +29,7 @@ from urllib.request import urlopen
 
 import numpy as np
 
-from minitf.checkpoint import write_bytes_atomic
+from minitf.fileio import write_bytes_atomic
 
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

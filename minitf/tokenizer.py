@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minitf.fileio import read_json, save_json_atomic
+
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 KINDS = ("char", "bpe")
@@ -86,10 +88,6 @@ class _Tokenizer:
         The write is atomic: a temporary file beside it, fsync, then rename.
         Returns the path written.
         """
-        # Imported here because minitf.checkpoint imports this module; the atomic writers
-        # live there so that every file minitf writes goes through the same code.
-        from minitf.checkpoint import save_json_atomic
-
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
@@ -349,16 +347,7 @@ def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | BPETokenizer:
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: tokenizer file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read tokenizer file: {e}") from e
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: invalid JSON: {e}") from None
+    d = read_json(path, TokenizerError, "tokenizer file")
     if not isinstance(d, dict) or "type" not in d:
         raise TokenizerError(f'{path}: not a minitf tokenizer (no "type" field)')
     kind, version = d["type"], d.get("version")

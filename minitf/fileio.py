@@ -1,0 +1,87 @@
+"""Files written atomically and JSON read with one-line errors: what every module that
+touches disk shares (checkpoints, tokenizers, the corpus cache, reports).
+
+A write goes to a temporary file beside its target, is fsynced, then renamed onto it, so a
+reader sees either the old file or the whole new one, never a part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+
+
+
+@contextlib.contextmanager
+def _atomic_target(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; if the body succeeds, fsync it and rename it
+    onto `path` (os.replace is atomic on POSIX and Windows). On failure, delete it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically: the file is either the old one or all of `data`."""
+    with _atomic_target(path) as tmp:
+        with open(tmp, "xb") as f:  # created with the usual umask permissions
+            f.write(data)
+
+
+def _json_default(obj):
+    # numpy scalars and arrays (losses, seeds) are common in meta; store them as plain JSON.
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def save_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    """Write `obj` as strict JSON (no NaN/inf: other readers reject them) atomically."""
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot write {path} as JSON: {e} (NaN/inf: store None or a string)") from e
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, what: str = "file"):
+    """Parse a JSON file; raise `error` with one line naming the file if it is missing,
+    unreadable or not valid JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read {what}: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON: {e}") from None
