@@ -3,7 +3,6 @@
 import hashlib
 import io
 import os
-from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
@@ -21,21 +20,14 @@ from minitf.data import (
 )
 from minitf.tokenizer import CharTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO / "../shared/data/tinyshakespeare"
+from conftest import SHARED_CORPUS
 
-
-def corpus_file() -> Path:
-    """TinyShakespeare from $MINITF_DATA or the shared checkout beside the repo; never downloaded."""
-    path = Path(os.environ.get("MINITF_DATA") or SHARED / "input.txt")
-    if not path.exists():
-        pytest.skip(f"corpus not found at {path}; set MINITF_DATA to TinyShakespeare's input.txt")
-    return path
+SHARED = SHARED_CORPUS.parent
 
 
 @pytest.fixture(scope="module")
-def corpus_bytes():
-    return corpus_file().read_bytes()
+def corpus_bytes(corpus_path):
+    return corpus_path.read_bytes()
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +72,8 @@ def test_corpus_sha256_matches(corpus_bytes):
     assert len(corpus_bytes) == data.CORPUS_BYTES
 
 
-def test_load_corpus_explicit_path(corpus_bytes):
-    text = load_corpus(corpus_file())
+def test_load_corpus_explicit_path(corpus_path, corpus_bytes):
+    text = load_corpus(corpus_path)
     assert len(text) == 1_115_394 and text.encode("utf-8") == corpus_bytes
 
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,20 +17,9 @@ from minitf.tokenizer import (
     train_tokenizer,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def corpus_file() -> Path:
-    """TinyShakespeare from $MINITF_DATA or the shared checkout beside the repo; never downloaded."""
-    path = Path(os.environ.get("MINITF_DATA") or REPO / "../shared/data/tinyshakespeare/input.txt")
-    if not path.exists():
-        pytest.skip(f"corpus not found at {path}; set MINITF_DATA to TinyShakespeare's input.txt")
-    return path
-
-
 @pytest.fixture(scope="module")
-def text():
-    return corpus_file().read_bytes().decode("utf-8")
+def text(corpus_path):
+    return corpus_path.read_bytes().decode("utf-8")
 
 
 @pytest.fixture(scope="module")
