@@ -254,6 +254,18 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - logsumexp(x)[..., None]  # (N, M)
 
 
+def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Softmax cross-entropy, the value only (the loss of `cross_entropy_forward`), e.g. for
+    evaluation in float64.
+
+    Args:
+        logits: (N, V) float (any leading axes); targets: (N,) ints in [0, V).
+    Returns:
+        loss: (N,) = -log softmax(logits[n])[targets[n]] in nats, dtype of logits.
+    """
+    return cross_entropy_forward(logits, targets)[0]
+
+
 def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
     """Softmax cross-entropy: the negative log-likelihood of each target under
     softmax(logits), in nats, and the probabilities the backward needs. Hot in training
@@ -266,12 +278,7 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
     """
     logp = log_softmax(logits)  # (N, V)
     loss = -np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (N,)
-    return loss, np.exp(logp)  # (N,), (N, V)
-
-
-def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """The loss (N,) of `cross_entropy_forward`: nats per target, for evaluation."""
-    return cross_entropy_forward(logits, targets)[0]
+    return loss, np.exp(logp)  # (N,), (N, V) the probabilities from their logs
 
 
 def cross_entropy_backward(dloss: np.ndarray, probs: np.ndarray, targets: np.ndarray):
@@ -296,6 +303,22 @@ def cross_entropy_backward(dloss: np.ndarray, probs: np.ndarray, targets: np.nda
 # LayerNorm (Ba et al. 2016), biased variance as in GPT-2 / torch.nn.LayerNorm
 
 
+def layernorm(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5
+) -> np.ndarray:
+    """LayerNorm over the last axis with the biased variance, as torch.nn.LayerNorm / GPT-2:
+    the y of `layernorm_forward`.
+
+    Args:
+        x: (N, C) float32 or float64.
+        weight, bias: (C,), dtype of x.
+        eps: added to the variance before the square root.
+    Returns:
+        y: (N, C), dtype of x.
+    """
+    return layernorm_forward(x, weight, bias, eps)[0]
+
+
 def layernorm_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis, and the row
     statistics the backward needs. Hot in training.
@@ -314,23 +337,8 @@ def layernorm_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: 
     return y, mean[..., 0], rstd[..., 0]
 
 
-def layernorm(
-    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5
-) -> np.ndarray:
-    """LayerNorm over the last axis with the biased variance, as torch.nn.LayerNorm / GPT-2:
-    the y of `layernorm_forward`.
-
-    Args:
-        x: (N, C) float32 or float64.
-        weight, bias: (C,), dtype of x.
-        eps: added to the variance before the square root.
-    Returns:
-        y: (N, C), dtype of x.
-    """
-    return layernorm_forward(x, weight, bias, eps)[0]
-
-
-def layernorm_backward(dy, x, mean, rstd, weight):
+def layernorm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
+                       weight: np.ndarray):
     """Gradients of `layernorm_forward` from dy = dL/dy. Hot in training.
 
     Args:
@@ -360,6 +368,17 @@ def layernorm_backward(dy, x, mean, rstd, weight):
 # Units", the tanh form in section 2)
 
 
+def gelu(x: np.ndarray) -> np.ndarray:
+    """GPT-2's GELU, the tanh approximation: the y of `gelu_forward`.
+
+    Args:
+        x: any shape, float32 or float64.
+    Returns:
+        y: shape and dtype of x.
+    """
+    return gelu_forward(x)[0]
+
+
 def gelu_forward(x: np.ndarray):
     """GPT-2's GELU, y = 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3),
     elementwise, and tanh(u), which the backward needs. Hot in training.
@@ -372,17 +391,6 @@ def gelu_forward(x: np.ndarray):
     x3 = x * x * x  # x**3 would call pow(): hundreds of times slower than two multiplies
     tanh_u = np.tanh(_GELU_SCALE * (x + 0.044715 * x3))
     return 0.5 * x * (1.0 + tanh_u), tanh_u
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """GPT-2's GELU, the tanh approximation: the y of `gelu_forward`.
-
-    Args:
-        x: any shape, float32 or float64.
-    Returns:
-        y: shape and dtype of x.
-    """
-    return gelu_forward(x)[0]
 
 
 def gelu_backward(dy: np.ndarray, x: np.ndarray, tanh_u: np.ndarray) -> np.ndarray:

@@ -150,11 +150,13 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         raise CheckpointError(f"{path}: cannot read: {e}") from None
     header, start = _parse_header(io.BytesIO(data), len(data), path)
     try:  # tell a cut-off file from other damage: the header says how long the data is
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
     except (TypeError, KeyError, IndexError):
         end = 0  # malformed entry: let safetensors report it below
     if isinstance(end, int) and len(data) < start + end:
-        raise CheckpointError(f"{path}: truncated: {len(data)} bytes, the header needs {start + end}")
+        raise CheckpointError(f"{path}: truncated: {len(data)} bytes, the header needs "
+                              f"{start + end}")
     try:
         metadata = header.get("__metadata__") or {}
         tensors = safetensors.numpy.load(data)

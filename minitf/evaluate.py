@@ -11,7 +11,7 @@ import json
 import math
 import sys
 
-from .cli import Parser, add_backend_argument, fail
+from .cli import Parser, add_backend_argument, add_data_argument, fail
 from .data import load_corpus
 from .engine import load_engine
 from .metrics import engine_logits, evaluate, validation_tokens
@@ -24,9 +24,9 @@ def build_parser() -> Parser:
         description="Validation loss (nats/token), perplexity and bits/char of a model.",
         epilog="example: python -m minitf.evaluate --backend numba --max-windows 200",
     )
-    parser.add_argument("--model", default=None, help="model directory (default: the shipped model)")
-    parser.add_argument("--data", default=None, help="corpus text file (default: $MINITF_DATA, "
-                        "the user cache, or a verified download)")
+    parser.add_argument("--model", default=None,
+                        help="model directory (default: the shipped model)")
+    add_data_argument(parser)
     parser.add_argument("--max-windows", type=int, default=None,
                         help="evaluate on this many windows (default: the whole split)")
     add_backend_argument(parser)

@@ -65,8 +65,9 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                          f"{w.dtype} {w.shape}")
     w = w.astype(np.float32, copy=False)  # (K, M)
     if not np.isfinite(w).all():
-        raise ValueError(f"quantize_per_channel: the weight has "
-                         f"{np.count_nonzero(~np.isfinite(w))} NaN/inf values; quantize a finite model")
+        bad = np.count_nonzero(~np.isfinite(w))
+        raise ValueError(f"quantize_per_channel: the weight has {bad} NaN/inf values; quantize "
+                         "a finite model")
     amax = np.max(np.abs(w), axis=0)  # (M,) float32
     scale = amax / np.float32(QMAX)  # (M,) float32
     usable = scale >= np.finfo(np.float32).tiny  # (M,) a normal float > 0

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import is_checkpoint, load_checkpoint, load_json, save_json_atomic
-from .cli import Parser, add_backend_argument, fail, positive_int
+from .cli import Parser, add_backend_argument, add_data_argument, fail, positive_int
 from .data import load_corpus
 from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
 from .metrics import engine_logits, eval_starts, evaluate, validation_tokens
@@ -48,8 +48,7 @@ def build_parser() -> Parser:
     p.add_argument("--mode", default="weight-only", choices=INT8_MODES,
                    help="how the int8 model runs: int8 weights with float activations, or "
                         "activations quantized per token too (int32 accumulation)")
-    p.add_argument("--data", default=None,
-                   help="corpus text file (default: $MINITF_DATA, the user cache, or a verified download)")
+    add_data_argument(p)
     p.add_argument("--max-windows", type=positive_int, default=None,
                    help="evaluate on this many windows (default: the whole validation split)")
     add_backend_argument(p)

@@ -21,7 +21,8 @@ import math
 import shlex
 import sys
 
-from .cli import Parser, add_threads_argument, fail, nonneg_int, positive_int
+from .cli import (Parser, add_data_argument, add_threads_argument, fail, nonneg_int,
+                  positive_int)
 from .config import PRESETS, GPTConfig
 from .data import load_corpus
 from .threads import set_threads
@@ -33,36 +34,52 @@ DEFAULTS = TrainSettings()
 def build_parser() -> Parser:
     p = Parser(
         prog="python -m minitf.train",
-        description="Train a GPT-2-style model on TinyShakespeare with hand-written backpropagation.",
+        description="Train a GPT-2-style model on TinyShakespeare with hand-written "
+                    "backpropagation.",
         epilog="example: python -m minitf.train --out runs/char --steps 2000 --seed 1337",
     )
-    p.add_argument("--data", default=None, help="corpus text file (default: $MINITF_DATA, else ~/.cache/minitf, else a verified download)")
+    add_data_argument(p)
     p.add_argument("--out", default="runs/char", help="checkpoint directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (model, optimizer, data RNG)")
-    p.add_argument("--tokenizer", default="char", choices=("char", "bpe"), help="character-level or byte-level BPE")
-    p.add_argument("--vocab-size", type=positive_int, default=1024, help="BPE vocabulary size (ignored for char)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (model, optimizer, data "
+                        "RNG)")
+    p.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
+                   help="character-level or byte-level BPE")
+    p.add_argument("--vocab-size", type=positive_int, default=1024,
+                   help="BPE vocabulary size (ignored for char)")
     g = p.add_argument_group("model (a preset, then single fields overridden)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model size preset")
     for field in ("n_layer", "n_head", "d_model", "block_size"):
         g.add_argument("--" + field.replace("_", "-"), type=positive_int, default=None,
-                       help=f"override the preset's {field} (default preset: {getattr(PRESETS['default'], field)})")
+                       help=f"override the preset's {field} "
+                            f"(default preset: {getattr(PRESETS['default'], field)})")
+    d = DEFAULTS
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=nonneg_int, default=DEFAULTS.steps, help="total optimizer steps")
-    g.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="windows per step")
-    g.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=DEFAULTS.min_lr, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup", type=nonneg_int, default=DEFAULTS.warmup, help="linear warmup steps")
-    g.add_argument("--decay-steps", type=nonneg_int, default=DEFAULTS.decay_steps, help="step where the cosine decay reaches --min-lr (default: --steps; on --resume, the first run's)")
-    g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW decoupled weight decay (2-D weights only)")
-    g.add_argument("--beta1", type=float, default=DEFAULTS.beta1, help="AdamW beta1")
-    g.add_argument("--beta2", type=float, default=DEFAULTS.beta2, help="AdamW beta2")
-    g.add_argument("--grad-clip", type=float, default=DEFAULTS.grad_clip, help="global-norm gradient clipping (0: off)")
+    g.add_argument("--steps", type=nonneg_int, default=d.steps, help="total optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="windows per step")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=d.min_lr,
+                   help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup", type=nonneg_int, default=d.warmup, help="linear warmup steps")
+    g.add_argument("--decay-steps", type=nonneg_int, default=d.decay_steps,
+                   help="step where the cosine decay reaches --min-lr (default: --steps; on "
+                        "--resume, the first run's)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW decoupled weight decay (2-D weights only)")
+    g.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="global-norm gradient clipping (0: off)")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=positive_int, default=DEFAULTS.eval_interval, help="validate and checkpoint every N steps")
-    g.add_argument("--eval-windows", type=positive_int, default=DEFAULTS.eval_windows, help="validation windows during training")
-    g.add_argument("--final-eval-windows", type=positive_int, default=DEFAULTS.final_eval_windows, help="validation windows at the last step (default: the whole split)")
-    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for initialisation and batches")
-    g.add_argument("--dtype", default=DEFAULTS.dtype, choices=("float32", "float64"), help="training precision")
+    g.add_argument("--eval-interval", type=positive_int, default=d.eval_interval,
+                   help="validate and checkpoint every N steps")
+    g.add_argument("--eval-windows", type=positive_int, default=d.eval_windows,
+                   help="validation windows during training")
+    g.add_argument("--final-eval-windows", type=positive_int, default=d.final_eval_windows,
+                   help="validation windows at the last step (default: the whole split)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and batches")
+    g.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"),
+                   help="training precision")
     g.add_argument("--no-plot", action="store_true", help="do not write loss_curve.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     # training runs the numpy reference ops (BLAS matmuls); --backend is for generation and
@@ -83,7 +100,8 @@ def validate(parser: Parser, args) -> None:
         fail(parser, f"--weight-decay {args.weight_decay} must be >= 0")
     for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
         if not math.isfinite(getattr(args, name)):
-            fail(parser, f"--{name.replace('_', '-')} {getattr(args, name)} must be a finite number")
+            flag = "--" + name.replace("_", "-")
+            fail(parser, f"{flag} {getattr(args, name)} must be a finite number")
     if not args.grad_clip >= 0:
         fail(parser, f"--grad-clip {args.grad_clip} must be >= 0 (0 turns clipping off)")
 
@@ -138,7 +156,8 @@ def main(argv=None) -> int:
     except MemoryError:
         fail(parser, "out of memory: choose a smaller model (--d-model, --n-layer) or --batch-size")
     except KeyboardInterrupt:
-        print(f"\n{parser.prog}: interrupted; the last checkpoint in {args.out} is intact", file=sys.stderr)
+        print(f"\n{parser.prog}: interrupted; the last checkpoint in {args.out} is intact",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -114,8 +114,9 @@ class Trainer:
         s = settings
         self.optimizer = AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2),
                                weight_decay=s.weight_decay)
+        decay_steps = s.steps if s.decay_steps is None else s.decay_steps
         self.schedule = CosineSchedule(max_lr=s.lr, min_lr=s.min_lr, warmup=s.warmup,
-                                       decay_steps=s.steps if s.decay_steps is None else s.decay_steps)
+                                       decay_steps=decay_steps)
         self.rng = np.random.default_rng(s.seed)
         self.step = 0
         self.history = history if history is not None else {"train": [], "val": []}

@@ -162,3 +162,11 @@ def test_whole_model_finite_differences():
     loss = lambda: model.forward(idx, targets)[1]
     for name, p in params.items():
         assert_close(grads[name], numerical_grad(loss, p), f"model {name}")
+
+
+def test_a_backend_without_the_training_ops_is_refused():
+    """Layers names what a backend lacks instead of failing deep inside a step."""
+    from minitf.kernels import get_backend
+
+    with pytest.raises(ValueError, match=r"backend 'numba' cannot train: it has no .*layernorm_forward"):
+        Layers(get_backend("numba"))

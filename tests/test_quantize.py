@@ -317,6 +317,19 @@ def test_quantized_checkpoint_round_trips(quantized_dir, scope, model, tmp_path)
     assert load_checkpoint(tmp_path / "float", layout=checkpoint_layout).params.keys() == model.keys()
 
 
+def test_engine_refuses_int8_weights_that_are_not_a_scope(model):
+    """The engine reads a quantized model from its arrays: the int8 ones must be exactly the
+    weights of one scope, each with its scale."""
+    qparams, _ = quantize_model(model, CONFIG, "ffn")
+    one = {**model, "h.0.mlp.c_fc.weight": qparams["h.0.mlp.c_fc.weight"],
+           "h.0.mlp.c_fc.weight_scale": qparams["h.0.mlp.c_fc.weight_scale"]}
+    with pytest.raises(ValueError, match="h.0.mlp.c_fc.weight are not the weights of a quantization scope"):
+        Engine(CONFIG, one, "numpy")
+    del qparams["h.1.mlp.c_proj.weight_scale"]
+    with pytest.raises(ValueError, match="missing parameters h.1.mlp.c_proj.weight_scale"):
+        Engine(CONFIG, qparams, "numpy")
+
+
 def test_tampered_scale_shape_is_refused(quantized_dir):
     path, qparams = quantized_dir("ffn")
     tensors, metadata = load_safetensors(path / "model.safetensors")
