@@ -413,14 +413,14 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, tanh_u: np.ndarray) -> np.ndarr
 
 def _split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
     """(..., T, C) -> (..., NH, T, HS): head h is columns h*HS:(h+1)*HS (a view, no copy)."""
-    *lead, T, C = x.shape
-    return x.reshape(*lead, T, n_head, C // n_head).swapaxes(-3, -2)  # (..., NH, T, HS)
+    *batch, T, C = x.shape
+    return x.reshape(*batch, T, n_head, C // n_head).swapaxes(-3, -2)  # (..., NH, T, HS)
 
 
 def _merge_heads(x: np.ndarray) -> np.ndarray:
     """(..., NH, T, HS) -> (..., T, C), the heads side by side again."""
-    *lead, NH, T, HS = x.shape
-    return x.swapaxes(-3, -2).reshape(*lead, T, NH * HS)  # (..., T, C)
+    *batch, NH, T, HS = x.shape
+    return x.swapaxes(-3, -2).reshape(*batch, T, NH * HS)  # (..., T, C)
 
 
 def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray):
