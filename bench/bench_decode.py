@@ -29,7 +29,7 @@ import pytest
 from minitf.config import GPTConfig
 from minitf.engine import DEFAULT_MODEL_DIR, Engine
 from minitf.kernels import BACKENDS
-from minitf.quantize import quantize_model
+from minitf.quantization import quantize_model
 from minitf.threads import set_threads
 
 PROMPT, NEW, PREFILL = 16, 112, 128

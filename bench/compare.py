@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))  # measure this checkout (build the extensions in 
 from minitf.config import GPTConfig  # noqa: E402
 from minitf.engine import DEFAULT_MODEL_DIR, Engine  # noqa: E402
 from minitf.kernels import BACKENDS  # noqa: E402
-from minitf.quantize import quantize_model  # noqa: E402
+from minitf.quantization import quantize_model  # noqa: E402
 from minitf.threads import set_threads  # noqa: E402
 
 PROMPT, NEW, PREFILL = 16, 112, 128

@@ -13,6 +13,9 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")):
 from .config import PRESETS, GPTConfig, num_params, param_shapes  # noqa: E402
 from .engine import Engine, load_engine  # noqa: E402
 from .model import GPT, init_params  # noqa: E402
+from .tensors import Quantization, check_tensors, tensor_layout  # noqa: E402
 
+# Training (minitf.trainer) and quantization (minitf.quantization) are imported by name: they
+# load the corpus code and the plotting code, which generation does not need at start-up.
 __all__ = ["GPTConfig", "PRESETS", "param_shapes", "num_params", "GPT", "init_params", "Engine",
-           "load_engine"]
+           "load_engine", "Quantization", "tensor_layout", "check_tensors"]

@@ -22,17 +22,18 @@ Loading checks names, shapes, dtypes, finiteness, the data checksum and the conf
 any damaged, truncated or missing file into a one-line `CheckpointError` naming the file.
 Only safetensors and JSON are read, so loading cannot run code.
 
-Extension point (int8 checkpoints): `layout` maps every tensor name to (shape, dtype). The
-default is `param_shapes(config)` with dtype None, meaning "the checkpoint's float dtype".
-A quantized checkpoint passes its own layout (int8 weights, float32 scales, ...) to both
-`save_checkpoint` and `load_checkpoint`; the latter also accepts a function
-`layout(config, meta) -> dict`, so the layout can be derived from what meta.json records.
+Which tensors a checkpoint holds is a layout, {name: (shape, dtype)} (minitf.tensors): by
+default `tensor_layout(config)`, every parameter in the checkpoint's float dtype. A quantized
+checkpoint passes its own layout (int8 weights, float32 scales) to `save_checkpoint`, and to
+`load_checkpoint` either that or a function `layout(config, meta) -> dict` such as
+`minitf.tensors.checkpoint_layout`, which derives it from what meta.json records.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -43,9 +44,10 @@ from typing import Callable
 import numpy as np
 import safetensors.numpy
 
-from minitf.config import GPTConfig, param_shapes
-from minitf.fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
-from minitf.tokenizer import TokenizerError, load_tokenizer
+from .config import GPTConfig
+from .fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
+from .tensors import Layout, check_tensors, optimizer_layout, tensor_layout
+from .tokenizer import TokenizerError, load_tokenizer
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -55,10 +57,8 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 TRAIN_STATE_FILE = "train_state.json"
 META_FILE = "meta.json"
 CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, META_FILE)
-FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-
-# {tensor name: (shape, dtype)}; dtype None means "the checkpoint's float dtype".
-Layout = dict[str, tuple[tuple[int, ...], "np.dtype | None"]]
+# safetensors' own bound on the JSON header; a larger length field means a damaged file
+MAX_HEADER_BYTES = 100_000_000
 
 
 class CheckpointError(ValueError):
@@ -96,6 +96,46 @@ def save_safetensors_atomic(
     write_bytes_atomic(path, safetensors.numpy.save(tensors, metadata=metadata))
 
 
+def _parse_header(f, size: int, path) -> tuple[dict, int]:
+    """The JSON header of the safetensors file `f` (binary, at its start, `size` bytes long)
+    and the offset where its data begins. CheckpointError naming `path` if it is not one.
+
+    The format: an 8-byte little-endian length n, then n bytes of JSON, an object mapping
+    each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the
+    data that follows) plus an optional "__metadata__" {str: str}.
+    """
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated ({size} bytes; not a safetensors file)")
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt: header claims {n} bytes, file has {size - 8}"
+        )
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {n} bytes, more than the "
+                              f"format's limit of {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(f.read(n))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + n
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """The header of a safetensors file, read without reading its tensors (see
+    `_parse_header` for its form). Raises CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _parse_header(f, os.fstat(f.fileno()).st_size, path)[0]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+
+
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors file -> (tensors, metadata), verifying the checksum if recorded.
 
@@ -108,26 +148,15 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         raise CheckpointError(f"{path}: file not found") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
-    # Header: 8-byte little-endian length, then that many bytes of JSON (safetensors format).
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: truncated ({len(data)} bytes; not a safetensors file)")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise CheckpointError(
-            f"{path}: truncated or corrupt: header claims {n} bytes, file has {len(data) - 8}"
-        )
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header, start = _parse_header(io.BytesIO(data), len(data), path)
     try:  # tell a cut-off file from other damage: the header says how long the data is
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
     except (TypeError, KeyError, IndexError):
         end = 0  # malformed entry: let safetensors report it below
-    if isinstance(end, int) and len(data) < 8 + n + end:
-        raise CheckpointError(f"{path}: truncated: {len(data)} bytes, the header needs {8 + n + end}")
+    if isinstance(end, int) and len(data) < start + end:
+        raise CheckpointError(f"{path}: truncated: {len(data)} bytes, the header needs "
+                              f"{start + end}")
     try:
         metadata = header.get("__metadata__") or {}
         tensors = safetensors.numpy.load(data)
@@ -140,60 +169,6 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     if expected is not None and _tensor_checksum(tensors) != expected:
         raise CheckpointError(f"{path}: tensor data does not match its SHA-256 checksum (corrupt)")
     return tensors, metadata
-
-
-# ----------------------------------------------------------------------------------------
-# Validation shared by save and load
-
-
-def default_layout(config: GPTConfig) -> Layout:
-    """The float model: every name of `param_shapes(config)`, in the checkpoint's float dtype."""
-    return {name: (shape, None) for name, shape in param_shapes(config).items()}
-
-
-def _check_tensors(tensors: dict[str, np.ndarray], layout: Layout, where: str) -> str:
-    """Check names, shapes, dtypes and finiteness against `layout`; return the float dtype
-    name shared by the tensors whose layout dtype is None. Raises CheckpointError."""
-    missing = [k for k in layout if k not in tensors]
-    extra = sorted(k for k in tensors if k not in layout)
-    if missing:
-        raise CheckpointError(f"{where}: missing tensors {_names(missing)}")
-    if extra:
-        raise CheckpointError(f"{where}: unexpected tensors {_names(extra)}")
-    float_dtypes: set[str] = set()
-    for name, (shape, dtype) in layout.items():
-        a = tensors[name]
-        if not isinstance(a, np.ndarray):
-            raise CheckpointError(f"{where}: tensor {name} is a {type(a).__name__}, not an ndarray")
-        if tuple(a.shape) != tuple(shape):
-            raise CheckpointError(f"{where}: tensor {name} has shape {a.shape}, expected {tuple(shape)}")
-        if dtype is None:
-            if a.dtype not in FLOAT_DTYPES:
-                raise CheckpointError(
-                    f"{where}: tensor {name} has dtype {a.dtype}, expected float16/32/64"
-                )
-            float_dtypes.add(a.dtype.name)
-        elif a.dtype != np.dtype(dtype):
-            raise CheckpointError(
-                f"{where}: tensor {name} has dtype {a.dtype}, expected {np.dtype(dtype)}"
-            )
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-            bad = int(np.count_nonzero(~np.isfinite(a)))
-            raise CheckpointError(f"{where}: tensor {name} has {bad} NaN/inf values of {a.size}")
-    if len(float_dtypes) > 1:
-        raise CheckpointError(f"{where}: float tensors mix dtypes {sorted(float_dtypes)}; use one")
-    return float_dtypes.pop() if float_dtypes else "none"
-
-
-def _names(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _optimizer_layout(params: dict[str, np.ndarray]) -> Layout:
-    return {
-        f"{moment}.{name}": (p.shape, None) for moment in ("m", "v") for name, p in params.items()
-    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -231,14 +206,15 @@ def save_checkpoint(
     where = f"refusing to save checkpoint {directory}"
     if not isinstance(config, GPTConfig):
         raise CheckpointError(f"{where}: config is a {type(config).__name__}, not a GPTConfig")
-    dtype_name = _check_tensors(params, layout or default_layout(config), where)
+    layout = layout or tensor_layout(config)
+    dtype_name = check_tensors(params, layout, where, error=CheckpointError)
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(
             f"{where}: tokenizer has {tokenizer.vocab_size} tokens, config.vocab_size is "
             f"{config.vocab_size}"
         )
     if optimizer_state is not None:
-        moments, train_state = _split_optimizer_state(optimizer_state, params, where)
+        moments, train_state = _split_optimizer_state(optimizer_state, layout, where)
     if meta is not None and not isinstance(meta, dict):
         raise CheckpointError(f"{where}: meta must be a dict, got {type(meta).__name__}")
     _check_replaceable(directory)
@@ -280,7 +256,7 @@ def save_checkpoint(
     return directory
 
 
-def _split_optimizer_state(state: dict, params: dict, where: str) -> tuple[dict, dict]:
+def _split_optimizer_state(state: dict, layout: Layout, where: str) -> tuple[dict, dict]:
     """{"m": .., "v": .., "step": .., rest} -> (flat moment tensors, JSON train state)."""
     if not isinstance(state, dict) or not {"m", "v", "step"} <= set(state):
         raise CheckpointError(f'{where}: optimizer_state needs keys "m", "v" and "step"')
@@ -288,7 +264,8 @@ def _split_optimizer_state(state: dict, params: dict, where: str) -> tuple[dict,
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise CheckpointError(f"{where}: optimizer step {step!r} must be an integer >= 0")
     moments = {f"{k}.{name}": a for k in ("m", "v") for name, a in state[k].items()}
-    _check_tensors(moments, _optimizer_layout(params), where + " (optimizer state)")
+    check_tensors(moments, optimizer_layout(layout), where + " (optimizer state)",
+                  error=CheckpointError)
     train_state = {k: v for k, v in state.items() if k not in ("m", "v")}
     train_state["step"] = int(step)
     return moments, train_state
@@ -320,12 +297,10 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
     if not (model.is_file() and config.is_file()):
         return False
     try:
-        with open(model, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < 1 << 24 else {}
-    except (OSError, ValueError):
+        metadata = read_safetensors_header(model).get("__metadata__")
+    except CheckpointError:
         return False
-    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == "minitf"
+    return isinstance(metadata, dict) and metadata.get("format") == "minitf"
 
 
 def _carry_over_extra_files(source: Path, dest: Path) -> None:
@@ -369,8 +344,9 @@ def load_checkpoint(
     Args:
         dtype: float dtype to return the parameters in (None: as stored). Tensors that the
             layout gives an explicit dtype (int8 weights, say) are returned as stored.
-        layout: {name: (shape, dtype or None)} or a function (config, meta) -> that dict;
-            default `default_layout(config)`.
+        layout: {name: (shape, dtype or None)} or a function (config, meta) -> that dict
+            (raising ValueError for a meta.json it cannot read); default
+            `tensor_layout(config)`.
         optimizer: also load and check the optimizer state (False for inference, which
             needs only the weights).
 
@@ -401,13 +377,16 @@ def load_checkpoint(
         )
 
     if layout is None:
-        layout = default_layout(config)
+        layout = tensor_layout(config)
     elif callable(layout):
-        layout = layout(config, meta)
+        try:
+            layout = layout(config, meta)
+        except ValueError as e:
+            raise CheckpointError(f"{meta_path}: {e}") from None
     model_path = directory / MODEL_FILE
     tensors, metadata = load_safetensors(model_path)
     _check_format(model_path, metadata)
-    stored_dtype = _check_tensors(tensors, layout, str(model_path))
+    stored_dtype = check_tensors(tensors, layout, str(model_path), error=CheckpointError)
     if stored_dtype != "none" and metadata.get("dtype") != stored_dtype:
         raise CheckpointError(
             f"{model_path}: tensors are {stored_dtype} but metadata says dtype="
@@ -423,7 +402,7 @@ def load_checkpoint(
     if optimizer and opt_path.exists():
         moments, opt_meta = load_safetensors(opt_path)
         _check_format(opt_path, opt_meta)
-        _check_tensors(moments, _optimizer_layout(params), str(opt_path))
+        check_tensors(moments, optimizer_layout(layout), str(opt_path), error=CheckpointError)
         state_path = directory / TRAIN_STATE_FILE
         train_state = load_json(state_path)
         if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):

@@ -48,6 +48,15 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """--data: the corpus, as minitf.data.load_corpus resolves it."""
+    parser.add_argument(
+        "--data", default=None,
+        help="corpus text file (default: $MINITF_DATA, else ~/.cache/minitf, else a verified "
+             "download)",
+    )
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None,

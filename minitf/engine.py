@@ -21,13 +21,14 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import kernels
+from .checkpoint import load_checkpoint
 from .config import GPTConfig
 from .kernels import get_backend
+from .tensors import (INT8_MODES, LINEARS, check_tensors, checkpoint_layout, infer_quantization,
+                      tensor_layout)
 
 # The small pretrained TinyShakespeare model that ships inside the package.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "pretrained"
-LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-INT8_MODES = ("weight-only", "w8a8")
 
 
 @dataclass
@@ -72,23 +73,10 @@ def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weig
 
 
 def check_engine_params(params: dict[str, np.ndarray], config: GPTConfig) -> None:
-    """Raise ValueError unless params has exactly the config's tensors (shapes included);
-    an int8 weight must come with its `<name>.weight_scale` (M,) and nothing else is allowed."""
-    from .config import param_shapes
-
-    expected = param_shapes(config)
-    for name, shape in expected.items():
-        if name not in params:
-            raise ValueError(f"model parameters lack {name!r} (config: {config})")
-        if tuple(params[name].shape) != shape:
-            raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, the config needs {shape}")
-        if params[name].dtype == np.int8 and tuple(np.shape(params.get(name + "_scale"))) != shape[-1:]:
-            raise ValueError(f"int8 parameter {name} needs {name}_scale of shape {shape[-1:]}")
-    extra = [n for n in params if n not in expected
-             and not (n.endswith(".weight_scale") and params.get(n[: -len("_scale")]) is not None
-                      and params[n[: -len("_scale")]].dtype == np.int8)]
-    if extra:
-        raise ValueError(f"parameters not in the config: {extra[:5]} (config: {config})")
+    """Raise ValueError unless params are exactly the tensors of a float or a quantized model
+    of `config` (minitf.tensors: int8 weights of one scope, each with its `<name>_scale`)."""
+    layout = tensor_layout(config, infer_quantization(params, config))
+    check_tensors(params, layout, "Engine", noun="parameter", finite=False)
 
 
 class Engine:
@@ -300,13 +288,13 @@ class Engine:
 
 
 def load_engine(model_dir=None, backend: str | None = None):
-    """(Engine, tokenizer, checkpoint) for a model directory, default: the shipped model."""
-    from .checkpoint import load_checkpoint
-    from .quantize import quantized_layout  # quantization edit: int8 checkpoints load too
+    """(Engine, tokenizer, checkpoint) for a model directory, default: the shipped model.
 
+    A quantized checkpoint (meta.json "quantization") loads with its int8 weights and runs
+    in the mode it records."""
     if model_dir is not None and not str(model_dir).strip():
         raise ValueError("model directory is empty; omit --model to use the shipped model")
-    ckpt = load_checkpoint(model_dir or DEFAULT_MODEL_DIR, layout=quantized_layout, optimizer=False)
+    ckpt = load_checkpoint(model_dir or DEFAULT_MODEL_DIR, layout=checkpoint_layout, optimizer=False)
     quant = (ckpt.meta or {}).get("quantization") or {}
     engine = Engine(ckpt.config, ckpt.params, backend, int8_mode=quant.get("mode", "weight-only"))
     return engine, ckpt.tokenizer, ckpt

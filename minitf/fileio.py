@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 
 
-
-
 @contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; if the body succeeds, fsync it and rename it
-    onto `path` (os.replace is atomic on POSIX and Windows). On failure, delete it."""
+def atomic_target(path: str | os.PathLike):
+    """Yield a temporary path beside `path` for the body to write; if the body succeeds,
+    fsync it and rename it onto `path` (os.replace is atomic on POSIX and Windows). On
+    failure, delete it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -48,7 +47,7 @@ def fsync_dir(directory: Path) -> None:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically: the file is either the old one or all of `data`."""
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         with open(tmp, "xb") as f:  # created with the usual umask permissions
             f.write(data)
 

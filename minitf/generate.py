@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from .cli import Parser, add_backend_argument, fail, nonneg_int
+from .engine import load_engine
+from .sampling import Sampler, validate_sampling
+from .threads import set_threads
 
 
 def build_parser() -> Parser:
@@ -36,11 +40,6 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-
-    from .engine import load_engine
-    from .sampling import Sampler, validate_sampling
-    from .threads import set_threads
-
     try:
         set_threads(args.threads if args.threads is not None else 1)
         engine, tokenizer, ckpt = load_engine(args.model, args.backend)
@@ -60,9 +59,9 @@ def main(argv=None) -> int:
 
     recorder = None
     if args.viz:
-        from pathlib import Path
-
+        # imported only for --viz: a plain run never loads tracemalloc or the plotting code
         from .viz import Recorder
+
         try:
             Path(args.viz).mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -1,254 +1,202 @@
-"""Every layer of the GPT as a forward/backward pair of plain numpy functions.
+"""The training layers of the GPT: forward/backward pairs built from the ops of a kernel backend.
 
-Each `X_forward(...)` returns its output and a `cache` holding what the backward pass needs
-(llm.c keeps the same things in named buffers: LayerNorm's mean and rstd, attention's
+Each `X_forward(...)` returns its output and a named cache holding what the backward pass
+needs (llm.c keeps the same things in named buffers: LayerNorm's mean and rstd, attention's
 softmax weights). Each `X_backward(d_out, cache)` sits right below its forward and returns
-the gradients of the forward's inputs and parameters. Comments in a backward work back from
-the forward line they undo.
+the gradients of the forward's inputs and parameters.
 
-Shape vocabulary: B batch, T time (tokens), C d_model, NH heads, HS head size (C // NH),
-V vocabulary, N = B * T rows. Arrays keep the dtype they come in with (float32 for training,
-float64 for gradient checks).
+The arithmetic is not here: every layer calls the ops of one backend object (`ops`, default
+`minitf.kernels.numpy_ref`, the readable specification of each op and its backward). A
+layer adds what the model needs around an op: the (B, T, C) activations flattened to the
+(N, C) rows the ops take, and the cache. So a backend that provides the ops in `OPS` under
+the same names and signatures (compiled loops, fused kernels) trains the same model.
+
+Shape vocabulary: B batch, T time (tokens), C d_model, NH heads, V vocabulary, N = B * T
+rows. Arrays keep the dtype they come in with (float32 for training, float64 for gradient
+checks).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
-# ----------------------------------------------------------------------------------------
-# token + position embedding
+from .kernels import numpy_ref
+
+# The ops the layers call; a backend that trains must provide each (see numpy_ref for the
+# specification of every one).
+OPS = (
+    "embedding", "embedding_backward",
+    "layernorm_forward", "layernorm_backward",
+    "matmul", "matmul_backward",
+    "gelu_forward", "gelu_backward",
+    "attention_forward", "attention_backward",
+    "matmul_nt", "matmul_nt_backward",
+    "cross_entropy_forward", "cross_entropy_backward",
+)
 
 
-def embedding_forward(idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray):
-    """x = wte[idx] + wpe[positions].
-
-    Args:
-        idx: (B, T) integer token ids, each in [0, V).
-        wte: (V, C) token embedding (also the tied output head).
-        wpe: (block_size, C) position embedding; T <= block_size.
-    Returns:
-        x: (B, T, C) in wte's dtype, and the cache for `embedding_backward`.
-    """
-    B, T = idx.shape
-    x = wte[idx] + wpe[:T]  # (B, T, C)
-    return x, (idx, wte.shape, wpe.shape)
+@dataclass
+class EmbeddingCache:
+    idx: np.ndarray  # (B, T) token ids
+    vocab_size: int  # V, rows of wte
+    block_size: int  # rows of wpe
 
 
-def embedding_backward(dx: np.ndarray, cache):
-    """Gradients of wte (V, C) and wpe (block_size, C) from dx (B, T, C)."""
-    idx, wte_shape, wpe_shape = cache
-    B, T, C = dx.shape
-    dwte = np.zeros(wte_shape, dtype=dx.dtype)
-    # forward gathered rows wte[idx]; a token used several times collects every gradient
-    np.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))
-    dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
-    dwpe[:T] = dx.sum(axis=0)  # every sequence in the batch used the same positions
-    return dwte, dwpe
+@dataclass
+class LayerNormCache:
+    x: np.ndarray  # (N, C) input rows
+    mean: np.ndarray  # (N,)
+    rstd: np.ndarray  # (N,) 1 / sqrt(var + eps)
+    weight: np.ndarray  # (C,)
 
 
-# ----------------------------------------------------------------------------------------
-# LayerNorm (Ba et al. 2016), biased variance as in GPT-2 / torch.nn.LayerNorm
+@dataclass
+class LinearCache:
+    x: np.ndarray  # (N, K) input rows
+    weight: np.ndarray  # (K, M) for a linear layer; (V, C) for the tied head
 
 
-def layernorm_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis.
-
-    Args:
-        x: (..., C); weight, bias: (C,).
-    Returns:
-        y: (..., C), and the cache (x_hat, rstd, weight).
-    """
-    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mean  # (..., C)
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1) biased, as GPT-2
-    rstd = 1.0 / np.sqrt(var + eps)  # (..., 1)
-    x_hat = xc * rstd  # (..., C)
-    y = x_hat * weight + bias  # (..., C)
-    return y, (x_hat, rstd, weight)
+@dataclass
+class GeluCache:
+    x: np.ndarray  # (N, 4C) input rows
+    tanh_u: np.ndarray  # (N, 4C)
 
 
-def layernorm_backward(dy: np.ndarray, cache):
-    """Returns (dx (..., C), dweight (C,), dbias (C,))."""
-    x_hat, rstd, weight = cache
-    C = dy.shape[-1]
-    # forward was y = x_hat * weight + bias
-    dweight = (dy * x_hat).reshape(-1, C).sum(axis=0)
-    dbias = dy.reshape(-1, C).sum(axis=0)
-    dx_hat = dy * weight
-    # forward was x_hat = (x - mean) * rstd with mean and rstd functions of x; differentiating
-    # through both gives the standard closed form (as in llm.c's layernorm_backward)
-    dx = rstd * (
-        dx_hat
-        - dx_hat.mean(axis=-1, keepdims=True)
-        - x_hat * (dx_hat * x_hat).mean(axis=-1, keepdims=True)
-    )
-    return dx, dweight, dbias
+@dataclass
+class AttentionCache:
+    qkv: np.ndarray  # (B, T, 3C) input
+    att: np.ndarray  # (B, NH, T, T) softmax weights
+    n_head: int
 
 
-# ----------------------------------------------------------------------------------------
-# linear layer, GPT-2's Conv1D: weight stored (in, out)
+@dataclass
+class CrossEntropyCache:
+    probs: np.ndarray  # (N, V) softmax of the logits
+    targets: np.ndarray  # (N,)
+    shape: tuple[int, ...]  # the logits' (B, T, V)
 
 
-def linear_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray):
-    """y = x @ weight + bias.  x (..., K), weight (K, M), bias (M,) -> y (..., M)."""
-    K, M = weight.shape
-    # one (N, K) @ (K, M) GEMM rather than a stack of small ones
-    y = (x.reshape(-1, K) @ weight + bias).reshape(*x.shape[:-1], M)  # (..., M)
-    return y, (x, weight)
-
-
-def linear_backward(dy: np.ndarray, cache):
-    """Returns (dx (..., K), dweight (K, M), dbias (M,))."""
-    x, weight = cache
-    K, M = weight.shape
-    x2 = x.reshape(-1, K)  # (N, K)
-    dy2 = dy.reshape(-1, M)  # (N, M)
-    # forward was y = x @ weight + bias
-    dweight = x2.T @ dy2  # (K, M)
-    dbias = dy2.sum(axis=0)  # (M,)
-    dx = (dy2 @ weight.T).reshape(x.shape)  # (..., K)
-    return dx, dweight, dbias
-
-
-# ----------------------------------------------------------------------------------------
-# GELU, tanh approximation as GPT-2 uses (Hendrycks & Gimpel 2016, eq. in section 2)
-
-_GELU_SCALE = math.sqrt(2.0 / math.pi)
-
-
-def gelu_forward(x: np.ndarray):
-    """y = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), elementwise."""
-    u = _GELU_SCALE * (x + 0.044715 * (x * x * x))
-    tanh_u = np.tanh(u)
-    y = 0.5 * x * (1.0 + tanh_u)
-    return y, (x, tanh_u)
-
-
-def gelu_backward(dy: np.ndarray, cache):
-    """Returns dx, same shape as dy."""
-    x, tanh_u = cache
-    # y = 0.5 x (1 + tanh(u)) with u = s (x + 0.044715 x^3), so
-    # dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) * s (1 + 3 * 0.044715 x^2)
-    du_dx = _GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x)
-    dx = dy * (0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u * tanh_u) * du_dx)
-    return dx
-
-
-# ----------------------------------------------------------------------------------------
-# causal multi-head self-attention (Vaswani et al. 2017), scale 1/sqrt(HS)
-
-
-def attention_forward(qkv: np.ndarray, n_head: int):
-    """Causal self-attention over the output of c_attn.
+class Layers:
+    """The training layers over one backend's ops.
 
     Args:
-        qkv: (B, T, 3C), queries, keys and values side by side (GPT-2's c_attn layout).
-        n_head: NH; C must be divisible by it.
-    Returns:
-        y: (B, T, C) heads concatenated, and the cache (q, k, v, att) where att (B, NH, T, T)
-        are the softmax weights, zero above the diagonal.
+        ops: an object (a kernel backend module) with every function named in `OPS`, each
+            with numpy_ref's signature; default the numpy reference.
+    Raises:
+        ValueError: ops lacks some of them (the message names them).
     """
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    NH = n_head
-    HS = C // NH
-    q, k, v = np.split(qkv, 3, axis=2)  # 3 x (B, T, C)
-    q = q.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS)
-    k = k.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS)
-    v = v.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS)
-    scale = 1.0 / math.sqrt(HS)
-    scores = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, NH, T, T)
-    # a token never sees the ones after it: -inf above the diagonal, 0 elsewhere
-    scores += np.triu(np.full((T, T), -np.inf, dtype=scores.dtype), k=1)  # (B, NH, T, T)
-    att = softmax(scores)  # (B, NH, T, T)
-    y = att @ v  # (B, NH, T, HS)
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C) heads side by side
-    return y, (q, k, v, att)
 
+    def __init__(self, ops=numpy_ref):
+        missing = [name for name in OPS if not callable(getattr(ops, name, None))]
+        if missing:
+            name = getattr(ops, "NAME", type(ops).__name__)
+            raise ValueError(f"backend {name!r} cannot train: it has no {', '.join(missing)} "
+                             f"(a training backend provides every op of minitf.layers.OPS)")
+        self.ops = ops
 
-def attention_backward(dy: np.ndarray, cache):
-    """Returns dqkv (B, T, 3C) from dy (B, T, C)."""
-    q, k, v, att = cache
-    B, NH, T, HS = q.shape
-    C = NH * HS
-    scale = 1.0 / math.sqrt(HS)
-    dy = dy.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS)
-    # forward was y = att @ v
-    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
-    dv = att.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, HS)
-    # forward was att = softmax(scores) row by row: dscores = att * (datt - sum(datt * att));
-    # masked entries have att = 0, so they get no gradient
-    dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, NH, T, T)
-    # forward was scores = q @ k^T * scale
-    dq = (dscores @ k) * scale  # (B, NH, T, HS)
-    dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, HS)
-    dqkv = np.concatenate(
-        [d.transpose(0, 2, 1, 3).reshape(B, T, C) for d in (dq, dk, dv)], axis=2
-    )  # (B, T, 3C)
-    return dqkv
+    # ------------------------------------------------------------------------------------
+    # token + position embedding
 
+    def embedding_forward(self, idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray):
+        """x (B, T, C) = wte[idx] + wpe[positions]; idx (B, T) ints in [0, V), T <= block_size."""
+        x = self.ops.embedding(idx, wte, wpe)  # (B, T, C)
+        return x, EmbeddingCache(idx, wte.shape[0], wpe.shape[0])
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis; max-subtracted; a row of all -inf gives zeros, not NaN."""
-    m = x.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0).astype(x.dtype)  # all -inf row: avoid inf - inf
-    e = np.exp(x - m)
-    s = e.sum(axis=-1, keepdims=True)
-    return e / np.where(s > 0, s, 1.0).astype(x.dtype)
+    def embedding_backward(self, dx: np.ndarray, cache: EmbeddingCache):
+        """dx (B, T, C) -> (dwte (V, C), dwpe (block_size, C))."""
+        return self.ops.embedding_backward(dx, cache.idx, cache.vocab_size, cache.block_size)
 
+    # ------------------------------------------------------------------------------------
+    # LayerNorm over the channels of every position
 
-# ----------------------------------------------------------------------------------------
-# tied output head: logits = x @ wte.T (Press & Wolf 2017, as GPT-2)
+    def layernorm_forward(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                          eps: float = 1e-5):
+        """x (B, T, C), weight and bias (C,) -> y (B, T, C)."""
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)  # (N, C)
+        y, mean, rstd = self.ops.layernorm_forward(x2, weight, bias, eps)  # (N, C), (N,), (N,)
+        return y.reshape(x.shape), LayerNormCache(x2, mean, rstd, weight)
 
+    def layernorm_backward(self, dy: np.ndarray, cache: LayerNormCache):
+        """dy (B, T, C) -> (dx (B, T, C), dweight (C,), dbias (C,))."""
+        c = cache
+        dy2 = dy.reshape(c.x.shape)  # (N, C)
+        dx, dweight, dbias = self.ops.layernorm_backward(dy2, c.x, c.mean, c.rstd, c.weight)
+        return dx.reshape(dy.shape), dweight, dbias
 
-def head_forward(x: np.ndarray, wte: np.ndarray):
-    """logits (B, T, V) = x (B, T, C) @ wte (V, C).T"""
-    V, C = wte.shape
-    logits = (x.reshape(-1, C) @ wte.T).reshape(*x.shape[:-1], V)  # (B, T, V)
-    return logits, (x, wte)
+    # ------------------------------------------------------------------------------------
+    # linear layer, GPT-2's Conv1D: weight stored (in, out)
 
+    def linear_forward(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray):
+        """y = x @ weight + bias: x (B, T, K), weight (K, M), bias (M,) -> y (B, T, M)."""
+        K, M = weight.shape
+        x2 = x.reshape(-1, K)  # (N, K): one (N, K) @ (K, M) GEMM, not a stack of small ones
+        y = self.ops.matmul(x2, weight, bias)  # (N, M)
+        return y.reshape(*x.shape[:-1], M), LinearCache(x2, weight)
 
-def head_backward(dlogits: np.ndarray, cache):
-    """Returns (dx (B, T, C), dwte (V, C)); dwte is added to the embedding's gradient."""
-    x, wte = cache
-    V, C = wte.shape
-    # forward was logits = x @ wte.T
-    dx = (dlogits.reshape(-1, V) @ wte).reshape(x.shape)  # (B, T, C)
-    dwte = dlogits.reshape(-1, V).T @ x.reshape(-1, C)  # (V, C)
-    return dx, dwte
+    def linear_backward(self, dy: np.ndarray, cache: LinearCache):
+        """dy (B, T, M) -> (dx (B, T, K), dweight (K, M), dbias (M,))."""
+        K, M = cache.weight.shape
+        dx, dweight, dbias = self.ops.matmul_backward(dy.reshape(-1, M), cache.x, cache.weight)
+        return dx.reshape(*dy.shape[:-1], K), dweight, dbias
 
+    # ------------------------------------------------------------------------------------
+    # GELU (tanh approximation, as GPT-2)
 
-# ----------------------------------------------------------------------------------------
-# softmax cross-entropy, mean over all B * T positions, in nats/token
+    def gelu_forward(self, x: np.ndarray):
+        """y = gelu(x) elementwise, x (B, T, 4C)."""
+        x2 = x.reshape(-1, x.shape[-1])  # (N, 4C)
+        y, tanh_u = self.ops.gelu_forward(x2)  # (N, 4C), (N, 4C)
+        return y.reshape(x.shape), GeluCache(x2, tanh_u)
 
+    def gelu_backward(self, dy: np.ndarray, cache: GeluCache):
+        """dy (B, T, 4C) -> dx (B, T, 4C)."""
+        dx = self.ops.gelu_backward(dy.reshape(cache.x.shape), cache.x, cache.tanh_u)  # (N, 4C)
+        return dx.reshape(dy.shape)
 
-def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
-    """Mean negative log-likelihood of targets.
+    # ------------------------------------------------------------------------------------
+    # causal multi-head self-attention over the output of c_attn
 
-    Args:
-        logits: (B, T, V) float; targets: (B, T) ints in [0, V).
-    Returns:
-        loss (python float, nats/token) and the cache (probs, targets).
-    """
-    B, T, V = logits.shape
-    m = logits.max(axis=-1, keepdims=True)  # (B, T, 1)
-    shifted = logits - m
-    logsumexp = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (B, T, 1)
-    logprobs = shifted - logsumexp  # (B, T, V)
-    picked = np.take_along_axis(logprobs, targets[..., None], axis=-1)  # (B, T, 1)
-    loss = -picked.mean()
-    return float(loss), (np.exp(logprobs), targets)
+    def attention_forward(self, qkv: np.ndarray, n_head: int):
+        """qkv (B, T, 3C), queries, keys and values side by side -> y (B, T, C)."""
+        y, att = self.ops.attention_forward(qkv, n_head)  # (B, T, C), (B, NH, T, T)
+        return y, AttentionCache(qkv, att, n_head)
 
+    def attention_backward(self, dy: np.ndarray, cache: AttentionCache):
+        """dy (B, T, C) -> dqkv (B, T, 3C)."""
+        return self.ops.attention_backward(dy, cache.qkv, cache.att, cache.n_head)
 
-def cross_entropy_backward(cache):
-    """dloss/dlogits (B, T, V) for dloss = 1: (softmax - one_hot(target)) / (B * T)."""
-    probs, targets = cache
-    B, T, V = probs.shape
-    dlogits = probs.copy()
-    np.put_along_axis(
-        dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - 1, -1
-    )
-    dlogits /= B * T
-    return dlogits
+    # ------------------------------------------------------------------------------------
+    # tied output head: logits = x @ wte.T (Press & Wolf 2017, as GPT-2)
+
+    def head_forward(self, x: np.ndarray, wte: np.ndarray):
+        """x (B, T, C), wte (V, C) -> logits (B, T, V)."""
+        V, C = wte.shape
+        x2 = x.reshape(-1, C)  # (N, C)
+        logits = self.ops.matmul_nt(x2, wte)  # (N, V)
+        return logits.reshape(*x.shape[:-1], V), LinearCache(x2, wte)
+
+    def head_backward(self, dlogits: np.ndarray, cache: LinearCache):
+        """dlogits (B, T, V) -> (dx (B, T, C), dwte (V, C)); dwte adds to the embedding's."""
+        V, C = cache.weight.shape
+        dx, dwte = self.ops.matmul_nt_backward(dlogits.reshape(-1, V), cache.x, cache.weight)
+        return dx.reshape(*dlogits.shape[:-1], C), dwte
+
+    # ------------------------------------------------------------------------------------
+    # softmax cross-entropy, the mean over all B * T positions, in nats/token
+
+    def cross_entropy_forward(self, logits: np.ndarray, targets: np.ndarray):
+        """logits (B, T, V), targets (B, T) ints in [0, V) -> (loss: float, nats/token)."""
+        V = logits.shape[-1]
+        t = np.asarray(targets).reshape(-1)  # (N,)
+        losses, probs = self.ops.cross_entropy_forward(logits.reshape(-1, V), t)  # (N,), (N, V)
+        return float(losses.mean()), CrossEntropyCache(probs, t, logits.shape)
+
+    def cross_entropy_backward(self, cache: CrossEntropyCache):
+        """dloss/dlogits (B, T, V) for dloss = 1."""
+        N = cache.targets.shape[0]
+        dloss = np.full(N, 1.0 / N, dtype=cache.probs.dtype)  # (N,) the mean's weights
+        dlogits = self.ops.cross_entropy_backward(dloss, cache.probs, cache.targets)  # (N, V)
+        return dlogits.reshape(cache.shape)

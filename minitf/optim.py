@@ -66,29 +66,28 @@ class AdamW:
             denom = np.sqrt(v) / math.sqrt(bias2) + self.eps
             p -= (lr / bias1) * (m / denom)
 
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
-        """(tensors {"m.<name>", "v.<name>"}, scalars {"t", "lr", "betas", "eps", "weight_decay"})."""
-        tensors = {f"m.{n}": a for n, a in self.m.items()}
-        tensors.update({f"v.{n}": a for n, a in self.v.items()})
-        scalars = {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                   "weight_decay": self.weight_decay}
-        return tensors, scalars
+    def state_dict(self) -> dict:
+        """{"m": {name: first moment}, "v": {name: second moment}, "step": steps taken}, the
+        arrays themselves (not copies): the optimizer state a checkpoint stores."""
+        return {"m": self.m, "v": self.v, "step": self.t}
 
-    def load_state_dict(self, tensors: dict[str, np.ndarray], scalars: dict) -> None:
-        """Restore moments and step count saved by `state_dict`.
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the moments and the step count saved by `state_dict`.
 
         Raises:
             ValueError: a moment is missing or has the wrong shape.
+            KeyError: state has no "m", "v" or "step".
         """
-        for n, p in self.params.items():
-            for kind, store in (("m", self.m), ("v", self.v)):
-                key = f"{kind}.{n}"
-                if key not in tensors:
-                    raise ValueError(f"optimizer state is missing {key}")
-                if tensors[key].shape != p.shape:
-                    raise ValueError(f"optimizer state {key} has shape {tensors[key].shape}, expected {p.shape}")
-                store[n] = np.array(tensors[key], dtype=p.dtype)
-        self.t = int(scalars["t"])
+        for kind, store in (("m", self.m), ("v", self.v)):
+            moments = state[kind]
+            for n, p in self.params.items():
+                if n not in moments:
+                    raise ValueError(f"optimizer state is missing {kind}.{n}")
+                if moments[n].shape != p.shape:
+                    raise ValueError(f"optimizer state {kind}.{n} has shape {moments[n].shape}, "
+                                     f"expected {p.shape}")
+                store[n] = np.array(moments[n], dtype=p.dtype)
+        self.t = int(state["step"])
 
 
 def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float = 1.0) -> float:

@@ -29,6 +29,8 @@ import numbers
 
 import numpy as np
 
+from .kernels.numpy_ref import softmax
+
 # "Reaches p" is tested with this much slack. The float64 prefix sums of V probabilities
 # carry a rounding error of at most ~V * 1.1e-16 (5.6e-12 for GPT-2's 50257 tokens), which
 # could otherwise make a set whose exact mass equals p (log([0.5, 0.3, ...]) with p = 0.8)
@@ -126,8 +128,7 @@ def _check_logits(logits) -> np.ndarray:
 def _softmax(x: np.ndarray) -> np.ndarray:
     """softmax of checked float64 logits (V,), at least one finite; -inf -> probability 0."""
     with np.errstate(over="ignore"):  # x - max may overflow to -inf: probability 0 anyway
-        e = np.exp(x - x.max())  # (V,) the max maps to exp(0) = 1, so the sum is >= 1
-    return e / e.sum()  # (V,)
+        return softmax(x)  # (V,) the reference kernels' softmax, here in float64
 
 
 def _temperature(x: np.ndarray, temperature: float) -> np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from threadpoolctl import threadpool_limits
+
 
 def set_threads(n: int | None) -> None:
     """Use `n` threads in BLAS and in numba's parallel kernels; None leaves the defaults.
@@ -16,11 +18,9 @@ def set_threads(n: int | None) -> None:
     cores = os.cpu_count() or 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cores:
         raise ValueError(f"threads={n!r} must be an integer in [1, {cores}] (this machine's cores)")
-    from threadpoolctl import threadpool_limits
-
     threadpool_limits(limits=n)
     try:
-        import numba
+        import numba  # here, not at the top: importing numba takes ~0.5 s, needed only now
 
         numba.set_num_threads(n)
     except ImportError:  # numba is a dependency; without it only BLAS threads matter

@@ -167,6 +167,23 @@ def test_truncated_model(saved):
         assert_error(ckpt, str(path), "truncated")
 
 
+def test_header_length_beyond_the_format_limit(saved):
+    """A length field claiming a header larger than safetensors allows is refused before
+    that much is read, and such a directory is not taken for a checkpoint."""
+    from minitf.checkpoint import MAX_HEADER_BYTES, is_checkpoint, read_safetensors_header
+
+    ckpt, _ = saved
+    path = model_file(ckpt)
+    n = MAX_HEADER_BYTES + 1
+    with open(path, "r+b") as f:  # a sparse file long enough to hold the claimed header
+        f.write(n.to_bytes(8, "little"))
+        f.truncate(8 + n)
+    with pytest.raises(CheckpointError, match="more than the format's limit"):
+        read_safetensors_header(path)
+    assert_error(ckpt, str(path), "limit")
+    assert not is_checkpoint(ckpt)
+
+
 def test_flipped_bytes_in_header(saved):
     ckpt, _ = saved
     path = model_file(ckpt)

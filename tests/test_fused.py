@@ -14,7 +14,7 @@ from minitf.config import GPTConfig
 from minitf.engine import Engine, FusedPath, Int8Linear, Linear, pack_vnni
 from minitf.kernels import _cython_fused, _cython_kernels, numba_fused, numba_kernels
 from minitf.model import init_params
-from minitf.quantize import quantize_model
+from minitf.quantization import quantize_model
 from tolerances import TOL
 
 FUSED_BACKENDS = ["numba", "cython"]

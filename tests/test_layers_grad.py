@@ -2,19 +2,21 @@
 
 For a layer y = f(inputs) we take the scalar L = sum(y * R) with a fixed random R, so
 dL/dy = R; the backward given R must equal the numerical derivative of L with respect to
-every element of every input and parameter.
+every element of every input and parameter. The layers run on the numpy reference ops
+(minitf.kernels.numpy_ref), so this checks every op's backward there.
 """
 
 import numpy as np
 import pytest
 
-from minitf import layers
+from minitf.layers import Layers
 from minitf.config import GPTConfig
 from minitf.model import GPT, init_params
 from tolerances import TOL
 
 RTOL = TOL[("finite_difference", np.float64)]
 H = 1e-5  # central-difference step
+layers = Layers()  # over the numpy reference ops
 
 
 def numerical_grad(scalar_fn, x: np.ndarray) -> np.ndarray:
@@ -105,7 +107,8 @@ def test_attention(rng, T):
 
 def test_attention_is_causal_and_normalised(rng):
     qkv = rng.normal(size=(1, 5, 3 * 4))
-    _, (_, _, _, att) = layers.attention_forward(qkv, 2)
+    _, cache = layers.attention_forward(qkv, 2)
+    att = cache.att
     np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-12)
     assert np.all(att[..., np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0.0)
 
@@ -159,3 +162,11 @@ def test_whole_model_finite_differences():
     loss = lambda: model.forward(idx, targets)[1]
     for name, p in params.items():
         assert_close(grads[name], numerical_grad(loss, p), f"model {name}")
+
+
+def test_a_backend_without_the_training_ops_is_refused():
+    """Layers names what a backend lacks instead of failing deep inside a step."""
+    from minitf.kernels import get_backend
+
+    with pytest.raises(ValueError, match=r"backend 'numba' cannot train: it has no .*layernorm_forward"):
+        Layers(get_backend("numba"))

@@ -24,13 +24,8 @@ from minitf.config import GPTConfig, param_shapes
 from minitf.engine import Engine, Int8Linear, Linear, load_engine
 from minitf.kernels import get_backend
 from minitf.model import init_params
-from minitf.quantize import (
-    dequantize,
-    quantize_model,
-    quantize_per_channel,
-    quantized_layout,
-    quantized_weight_names,
-)
+from minitf.quantization import dequantize, quantize_model, quantize_per_channel
+from minitf.tensors import checkpoint_layout, quantized_weight_names
 from minitf.tokenizer import CharTokenizer
 from tolerances import TOL
 
@@ -179,7 +174,7 @@ def test_quantize_model_scopes_and_report(model):
         qparams, report = quantize_model(model, CONFIG, scope)
         names = [f"h.{i}.{lin}.weight" for i in range(CONFIG.n_layer) for lin in linears]
         assert sorted(quantized_weight_names(CONFIG, scope)) == sorted(names)
-        assert list(qparams) == list(quantized_layout(CONFIG, {"quantization": {"scope": scope, "mode": "w8a8"}}))
+        assert list(qparams) == list(checkpoint_layout(CONFIG, {"quantization": {"scope": scope, "mode": "w8a8"}}))
         for name, a in qparams.items():
             quantized = name in names or name[: -len("_scale")] in names
             assert a.dtype == (np.int8 if name in names else np.float32), name
@@ -302,7 +297,7 @@ def quantized_dir(tmp_path, model):
         meta = {"quantization": {"scope": scope, "mode": mode, "method": "test"}}
         path = tmp_path / f"q-{scope}-{mode}"
         save_checkpoint(path, qparams, CONFIG, tokenizer(), meta=meta,
-                        layout=quantized_layout(CONFIG, meta))
+                        layout=checkpoint_layout(CONFIG, meta))
         return path, qparams
     return make
 
@@ -310,7 +305,7 @@ def quantized_dir(tmp_path, model):
 @pytest.mark.parametrize("scope", SCOPES)
 def test_quantized_checkpoint_round_trips(quantized_dir, scope, model, tmp_path):
     path, qparams = quantized_dir(scope, "w8a8")
-    ckpt = load_checkpoint(path, layout=quantized_layout)
+    ckpt = load_checkpoint(path, layout=checkpoint_layout)
     assert list(ckpt.params) == list(qparams)
     for name, a in qparams.items():
         assert ckpt.params[name].dtype == a.dtype, name
@@ -319,7 +314,20 @@ def test_quantized_checkpoint_round_trips(quantized_dir, scope, model, tmp_path)
     assert engine.blocks[0]["mlp.c_fc"].mode == "w8a8"
     # a float checkpoint still loads through the same layout function
     save_checkpoint(tmp_path / "float", model, CONFIG, tokenizer())
-    assert load_checkpoint(tmp_path / "float", layout=quantized_layout).params.keys() == model.keys()
+    assert load_checkpoint(tmp_path / "float", layout=checkpoint_layout).params.keys() == model.keys()
+
+
+def test_engine_refuses_int8_weights_that_are_not_a_scope(model):
+    """The engine reads a quantized model from its arrays: the int8 ones must be exactly the
+    weights of one scope, each with its scale."""
+    qparams, _ = quantize_model(model, CONFIG, "ffn")
+    one = {**model, "h.0.mlp.c_fc.weight": qparams["h.0.mlp.c_fc.weight"],
+           "h.0.mlp.c_fc.weight_scale": qparams["h.0.mlp.c_fc.weight_scale"]}
+    with pytest.raises(ValueError, match="h.0.mlp.c_fc.weight are not the weights of a quantization scope"):
+        Engine(CONFIG, one, "numpy")
+    del qparams["h.1.mlp.c_proj.weight_scale"]
+    with pytest.raises(ValueError, match="missing parameters h.1.mlp.c_proj.weight_scale"):
+        Engine(CONFIG, qparams, "numpy")
 
 
 def test_tampered_scale_shape_is_refused(quantized_dir):

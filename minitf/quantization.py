@@ -1,0 +1,162 @@
+"""Post-training int8 quantization: symmetric, per output channel.
+
+    qparams, report = quantize_model(params, config, scope="ffn")
+    save_quantized(out_dir, qparams, checkpoint, Quantization("ffn", "w8a8"))
+
+The method (llama2.c's `runq.c` quantizes the same way, per group instead of per channel):
+for a linear weight w (K, M) stored (in, out) as GPT-2 does, each output channel m (a column)
+gets scale[m] = max_k |w[k, m]| / 127 and wq[k, m] = round-half-to-even(w[k, m] / scale[m])
+clamped to [-127, 127]. Symmetric: no zero point, and -128 is never used, so negation cannot
+overflow. Every element then comes back within scale/2: |w - wq * scale| <= scale / 2. A
+channel whose scale is 0 or not a normal float32 (all zeros, or values so small that
+max/127 underflows) is stored as zeros with scale 1.0: a defined result, never 0/0.
+
+Scopes (minitf.tensors.SCOPES): "ffn" (default, what the design specifies) quantizes
+`mlp.c_fc` and `mlp.c_proj` of every block, two thirds of the weights of a block; "all" also
+`attn.c_attn` and `attn.c_proj`. `wte` and `wpe` stay float32 in both, see `quantize_model`.
+Modes, recorded in meta.json and used by `minitf.engine.load_engine`: "weight-only" (float
+activations times int8 weights) or "w8a8" (activations quantized per token at run time,
+int8 x int8 summed in int32); see `minitf.kernels.numpy_ref.matmul_int8`, the reference both
+modes are defined by.
+
+A quantized checkpoint holds `<name>.weight` int8 (K, M) and `<name>.weight_scale` float32
+(M,) for each quantized linear layer, every other tensor float32 (`minitf.tensors.tensor_layout`),
+and meta.json {"quantization": {"scope", "mode", "method"}}. What it costs (bytes, errors,
+validation loss) is measured by minitf.quant_report; `python -m minitf.quantize` does both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint, save_checkpoint
+from .config import GPTConfig, param_shapes
+from .model import check_params
+from .quant_report import tensor_report, totals
+from .tensors import Quantization, quantized_weight_names, scale_name, tensor_layout
+
+METHOD = "symmetric per-output-channel int8, round-half-to-even"
+QMAX = 127  # symmetric int8: [-127, 127]
+
+
+def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8 quantization: w[:, m] ~= wq[:, m] * scale[m].
+
+    w is rounded to float32 first (the dtype the engine runs in); scale = max|w[:, m]| / 127
+    in float32, and wq = round-half-to-even(w / scale) clamped to [-127, 127]. The quotient is
+    formed in float64: for two float32 numbers it is then exact enough that rounding it gives
+    the correctly rounded integer (a true quotient is either exactly k + 1/2 or at least
+    2^-25 from it, and float64 errs by < 2^-46 here), so |w - wq * scale| <= scale / 2 holds
+    exactly, ties included. A channel whose scale is 0 or subnormal gets wq = 0, scale = 1.0.
+
+    Args:
+        w: (K, M) float weight, input axis first as GPT-2 stores it; finite.
+    Returns:
+        wq: (K, M) int8; scale: (M,) float32, every entry a normal float > 0.
+    Raises:
+        ValueError: w is not 2-D, is empty, or holds NaN/inf.
+    """
+    w = np.asarray(w)
+    if w.ndim != 2 or w.size == 0 or not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"quantize_per_channel needs a non-empty 2-D float (K, M) weight, got "
+                         f"{w.dtype} {w.shape}")
+    w = w.astype(np.float32, copy=False)  # (K, M)
+    if not np.isfinite(w).all():
+        bad = np.count_nonzero(~np.isfinite(w))
+        raise ValueError(f"quantize_per_channel: the weight has {bad} NaN/inf values; quantize "
+                         "a finite model")
+    amax = np.max(np.abs(w), axis=0)  # (M,) float32
+    scale = amax / np.float32(QMAX)  # (M,) float32
+    usable = scale >= np.finfo(np.float32).tiny  # (M,) a normal float > 0
+    scale = np.where(usable, scale, np.float32(1.0)).astype(np.float32)  # (M,)
+    q = np.rint(w.astype(np.float64) / scale.astype(np.float64))  # (K, M); rint: half to even
+    q = np.clip(q, -QMAX, QMAX)  # (K, M)
+    wq = np.where(usable, q, 0.0).astype(np.int8)  # (K, M)
+    return wq, scale
+
+
+def dequantize(wq: np.ndarray, scale: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """wq * scale per output channel: (K, M) int8 and (M,) float32 -> (K, M) `dtype`.
+
+    In float64 the product is exact (an 8-bit times a 24-bit significand); in float32 it is
+    rounded once. The engine never calls this: its int8 kernels apply the scale per output.
+    """
+    wq, scale = np.asarray(wq), np.asarray(scale)
+    if wq.dtype != np.int8 or wq.ndim != 2 or scale.shape != (wq.shape[1],):
+        raise ValueError(f"dequantize needs wq int8 (K, M) and scale (M,), got {wq.dtype} "
+                         f"{wq.shape} and {scale.shape}")
+    return wq.astype(dtype) * scale.astype(dtype)  # (K, M)
+
+
+def quantize_model(params: dict[str, np.ndarray], config: GPTConfig, scope: str = "ffn"):
+    """Quantize the linear weights in `scope` of a float model.
+
+    The tied `wte` (the embedding lookup and, transposed, the output head) and `wpe` stay
+    float32. Per-channel int8 needs one channel axis, and wte has two: the head's output
+    channels are wte's rows (one scale per vocabulary entry), the embedding's are its columns
+    (one per d_model feature), so one set of scales serves one use badly; a second, int8
+    copy for the head would undo the weight tying the design keeps ("one matrix, one copy
+    on disk"). And there is little to gain: in the default model wte (65 x 240) and wpe
+    (128 x 240) are 3% of the parameters and the head's matmul has only 65 outputs, while the
+    linear layers hold 96% (the FFN alone 64%). Biases and LayerNorms stay float32 too.
+
+    Args:
+        params: {GPT-2 name: float array} with exactly the names and shapes of
+            `param_shapes(config)`; finite.
+        scope: "ffn" (mlp.c_fc, mlp.c_proj of every block) or "all" (also attn.c_attn,
+            attn.c_proj).
+    Returns:
+        (qparams, report): qparams in `tensor_layout(config, Quantization(scope))` order,
+        `<name>.weight` int8 (K, M) plus `<name>.weight_scale` float32 (M,) for the quantized
+        layers, all else float32. report: {"scope", "method", "tensors", "totals"}, see
+        minitf.quant_report.tensor_report and totals.
+    Raises:
+        ValueError: an unknown scope, a model that is already quantized, or params that do
+            not match the config.
+    """
+    names = quantized_weight_names(config, scope)  # validates scope
+    if any(np.asarray(p).dtype == np.int8 for p in params.values()) or \
+            any(k.endswith(scale_name(".weight")) for k in params):
+        raise ValueError("the model is already quantized (it has int8 weights); quantize the "
+                         "float32 model it came from")
+    check_params(params, config)
+    qparams, tensors = {}, []
+    for name in param_shapes(config):
+        w = params[name]
+        if name not in names:
+            qparams[name] = np.ascontiguousarray(w, dtype=np.float32)
+            continue
+        wq, scale = quantize_per_channel(w)
+        qparams[name], qparams[scale_name(name)] = wq, scale
+        tensors.append(tensor_report(name, w, wq, scale))
+    report = {"scope": scope, "method": METHOD, "tensors": tensors,
+              "totals": totals(config, qparams, tensors)}
+    return qparams, report
+
+
+def quantized_meta(quant: Quantization, source: Checkpoint, command: str | None = None) -> dict:
+    """meta.json of a model quantized from the checkpoint `source`."""
+    return {
+        "quantization": {"scope": quant.scope, "mode": quant.mode, "method": METHOD},
+        "quantized_from": str(source.path.resolve()),
+        "command": command,
+        "source_meta": source.meta,
+    }
+
+
+def save_quantized(out: str | os.PathLike, qparams: dict[str, np.ndarray], source: Checkpoint,
+                   quant: Quantization, command: str | None = None) -> Path:
+    """Write the quantized model `qparams` (from `quantize_model`) of the checkpoint `source`
+    as a checkpoint directory `out` (atomically, see minitf.checkpoint) with its config,
+    tokenizer and `quantized_meta`. Returns the directory.
+
+    Raises:
+        CheckpointError: qparams do not match the quantized layout, or `out` cannot be
+            replaced.
+    """
+    meta = quantized_meta(quant, source, command)
+    return save_checkpoint(out, qparams, source.config, source.tokenizer, meta=meta,
+                           layout=tensor_layout(source.config, quant))

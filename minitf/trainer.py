@@ -1,0 +1,294 @@
+"""Training a GPT with the hand-written backward pass: a run in a checkpoint directory.
+
+    from minitf.trainer import Trainer, TrainSettings
+    text = open("input.txt").read()
+    trainer = Trainer.start("runs/char", text, TrainSettings(steps=500))
+    result = trainer.train()                      # validation metrics at the last step
+    trainer = Trainer.resume("runs/char", text, TrainSettings(steps=1000))
+    trainer.train()                               # continues exactly where the run stopped
+
+Each step (`train_step`): a random batch of windows from the training split, forward,
+backward, global-norm clipping, AdamW at the scheduled learning rate. Every eval_interval
+steps: validation loss (nats/token, perplexity, bits/char) and an atomic checkpoint with the
+optimizer state and the data RNG, so a resumed run continues exactly. A NaN or inf loss
+stops the run (Diverged) and leaves the last good checkpoint in place.
+
+`python -m minitf.train` is the command line over this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import (CheckpointError, check_writable, is_checkpoint, load_checkpoint,
+                         save_checkpoint)
+from .config import PRESETS, GPTConfig, num_params
+from .data import get_batch, split_text
+from .metrics import evaluate
+from .model import GPT, init_params
+from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .plots import plot_loss_curve
+from .tokenizer import train_tokenizer
+
+VAL_FRACTION = 0.1  # the last 10% of the characters is the validation split
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+class Diverged(RuntimeError):
+    """The loss, the gradient norm or the weights became NaN or inf."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train (the model's sizes are its GPTConfig). The command line's defaults."""
+
+    steps: int = 2000  # total optimizer steps
+    batch_size: int = 32  # windows of block_size + 1 tokens per step
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup: int = 100  # linear warmup steps
+    # the step where the cosine reaches min_lr; None: steps (on resume, the first run's)
+    decay_steps: int | None = None
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, 2-D weights only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # global-norm gradient clipping; 0: off
+    eval_interval: int = 250  # validate and checkpoint every N steps
+    eval_windows: int = 100  # validation windows during training
+    final_eval_windows: int | None = None  # validation windows at the last step; None: all
+    seed: int = 1337  # seed for initialisation and batches
+    dtype: str = "float32"  # training precision, "float32" or "float64"
+
+
+def train_step(model: GPT, optimizer: AdamW, x: np.ndarray, y: np.ndarray, lr: float,
+               grad_clip: float) -> tuple[float, float]:
+    """One optimizer step on the batch (x, y): forward, backward, clipping, AdamW.
+
+    Returns:
+        (loss in nats/token, the gradient's global norm before clipping; 0.0 if grad_clip
+        is 0, which turns clipping off).
+    Raises:
+        Diverged: the loss or the norm is NaN or inf (the weights are left untouched).
+    """
+    # overflow in a diverging run is caught explicitly (loss, norm and weights are checked),
+    # so numpy's warnings would only add noise
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss, grads = model.loss_and_grads(x, y)
+        norm = clip_grad_norm(grads, grad_clip) if grad_clip > 0 else 0.0
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise Diverged(f"loss {loss}, gradient norm {norm}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        optimizer.step(grads, lr=lr)
+    return loss, norm
+
+
+class Trainer:
+    """A training run writing checkpoints to `out`: build it with `start` or `resume`, then
+    `train()`.
+
+    Attributes: out, config, tokenizer, params ({name: array}, updated in place), model
+    (GPT), optimizer (AdamW), schedule (CosineSchedule), rng (the data RNG), step (optimizer
+    steps done), history ({"train": [[step, loss]], "val": [[step, loss]]}), settings (with
+    decay_steps resolved), train_tokens, val_tokens.
+    """
+
+    def __init__(self, out, config: GPTConfig, tokenizer, params: dict[str, np.ndarray],
+                 text: str, settings: TrainSettings, *, state: dict | None = None,
+                 history: dict | None = None, command: str | None = None,
+                 record: dict | None = None):
+        self.out = Path(out)
+        self.config, self.tokenizer, self.params = config, tokenizer, params
+        self.settings = settings
+        train_text, val_text = split_text(text, VAL_FRACTION)
+        self.train_tokens = np.asarray(tokenizer.encode(train_text))
+        self.val_tokens = np.asarray(tokenizer.encode(val_text))
+        self.model = GPT(config, params)
+        s = settings
+        self.optimizer = AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2),
+                               weight_decay=s.weight_decay)
+        decay_steps = s.steps if s.decay_steps is None else s.decay_steps
+        self.schedule = CosineSchedule(max_lr=s.lr, min_lr=s.min_lr, warmup=s.warmup,
+                                       decay_steps=decay_steps)
+        self.rng = np.random.default_rng(s.seed)
+        self.step = 0
+        self.history = history if history is not None else {"train": [], "val": []}
+        self.command = command
+        # meta.json "args": what made the run (the command's flags), with decay_steps resolved
+        self.record = {**(record if record is not None else dataclasses.asdict(s)),
+                       "decay_steps": self.schedule.decay_steps}
+        if state is not None:
+            self._load_state(state)
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, out, text: str, settings: TrainSettings = TrainSettings(),
+              config: GPTConfig = PRESETS["default"], tokenizer: str = "char",
+              vocab_size: int = 1024, **kwargs) -> "Trainer":
+        """A new run: train a `tokenizer` ("char" or "bpe" with `vocab_size`) on the training
+        split of `text`, and a model of `config`'s sizes (its vocab_size replaced by the
+        tokenizer's), initialised with settings.seed. `kwargs`: command, record (meta.json).
+
+        Raises:
+            CheckpointError: `out` already holds a checkpoint or cannot be written.
+            ValueError: a bad tokenizer kind or size.
+        """
+        out = Path(out)
+        if out.exists() and is_checkpoint(out):
+            raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with "
+                                  "--resume, or choose another --out")
+        check_writable(out)  # now, not after the first eval_interval steps
+        train_text, _ = split_text(text, VAL_FRACTION)
+        tok = train_tokenizer(tokenizer, train_text, vocab_size)
+        config = dataclasses.replace(config, vocab_size=tok.vocab_size)
+        params = init_params(config, seed=settings.seed, dtype=np.dtype(settings.dtype).type)
+        return cls(out, config, tok, params, text, settings, **kwargs)
+
+    @classmethod
+    def resume(cls, out, text: str, settings: TrainSettings = TrainSettings(),
+               **kwargs) -> "Trainer":
+        """Continue the run in `out` from its checkpoint: model, tokenizer, optimizer state,
+        data RNG, history. With settings.decay_steps None, the schedule is the first run's.
+        `kwargs`: command, record (meta.json).
+
+        Raises:
+            CheckpointError: no checkpoint, no optimizer state, or a state that cannot be
+                resumed from.
+        """
+        out = Path(out)
+        ckpt = load_checkpoint(out, dtype=np.dtype(settings.dtype).type)
+        if ckpt.optimizer_state is None:
+            raise CheckpointError(f"{out} has no optimizer state to resume from")
+        if settings.decay_steps is None:
+            # continue the first run's schedule: its cosine ended where that run's steps did
+            first = ckpt.meta.get("args", {})
+            decay_steps = first.get("decay_steps") or first.get("steps")
+            settings = dataclasses.replace(settings, decay_steps=decay_steps)
+        history = ckpt.meta.get("history", {"train": [], "val": []})
+        return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, text, settings,
+                   state=ckpt.optimizer_state, history=history, **kwargs)
+
+    def _load_state(self, state: dict) -> None:
+        try:
+            self.optimizer.load_state_dict(state)
+            self.rng.bit_generator.state = state["rng_state"]
+            self.step = int(state["step"])
+            if self.step < 0:
+                raise ValueError(f"step {self.step} is negative")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.out}/train_state.json cannot be resumed from: "
+                                  f"{type(e).__name__}: {e}") from None
+
+    # ------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """One line: parameters, config, tokenizer and split sizes."""
+        tok = self.tokenizer
+        return (f"model: {num_params(self.config):,} parameters, {self.config}; tokenizer: "
+                f"{type(tok).__name__} ({tok.vocab_size} tokens); train "
+                f"{len(self.train_tokens):,} / val {len(self.val_tokens):,} tokens")
+
+    def evaluate(self, tokens: np.ndarray, max_windows: int | None) -> dict:
+        """minitf.metrics.evaluate of the model on `tokens` (a split), `max_windows` windows."""
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged model is reported
+            return evaluate(lambda x: self.model.forward(x)[0], tokens, self.tokenizer,
+                            self.config.block_size, max_windows)
+
+    def save(self, val: dict | None, result: dict | None = None) -> None:
+        """Checkpoint the run at its current step (see minitf.checkpoint), atomically."""
+        meta = {
+            "command": self.command,
+            "args": self.record,
+            "step": self.step,
+            "history": self.history,
+            "val": val,
+            "result": result,
+        }
+        state = {**self.optimizer.state_dict(), "step": self.step,
+                 "rng_state": self.rng.bit_generator.state}
+        save_checkpoint(self.out, self.params, self.config, self.tokenizer,
+                        optimizer_state=state, meta=meta)
+
+    def _diverged(self, what: str) -> Diverged:
+        return Diverged(f"training diverged at step {self.step}: {what}; the last good "
+                        f"checkpoint is kept in {self.out} (try a lower --lr than "
+                        f"{self.settings.lr})")
+
+    def train(self, *, progress: bool = True, plot: bool = True, log=print) -> dict:
+        """Train up to settings.steps, validating and checkpointing every eval_interval
+        steps and at the end; returns {"step", "wall_seconds", "val", "train"} (metrics of
+        the last step).
+
+        Args:
+            progress: show a progress bar (tqdm) on stderr.
+            plot: write loss_curve.png beside the checkpoint at every validation.
+            log: where the summary, validation lines and result go (without a bar).
+        Raises:
+            Diverged: NaN or inf in the loss, the gradient norm, the weights or the
+                validation loss; the last good checkpoint stays.
+        """
+        s, cfg = self.settings, self.config
+        log(self.summary())
+        bar = None
+        if progress:
+            from tqdm import tqdm  # imported only when a bar is shown: tqdm is slow to import
+
+            bar = tqdm(total=s.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       file=sys.stderr)
+        tokens_per_step = s.batch_size * cfg.block_size
+        result = None
+        t_start = time.perf_counter()
+        while self.step < s.steps:
+            t0 = time.perf_counter()
+            x, y = get_batch(self.train_tokens, s.batch_size, cfg.block_size, self.rng)
+            lr = self.schedule(self.step)
+            try:
+                loss, _ = train_step(self.model, self.optimizer, x, y, lr, s.grad_clip)
+            except Diverged as e:
+                raise self._diverged(str(e)) from None
+            self.step += 1
+            self.history["train"].append([self.step, loss])
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{tokens_per_step / (time.perf_counter() - t0):,.0f}")
+                bar.update(1)
+            if self.step % s.eval_interval == 0 or self.step == s.steps:
+                result = self._validate(loss, bar, log, t_start, plot)
+        if bar is not None:
+            bar.close()
+        if result is None:  # nothing left to train (resumed at the last step): still report
+            result = {"step": self.step, "wall_seconds": 0.0,
+                      "val": self.evaluate(self.val_tokens, s.final_eval_windows),
+                      "train": self.evaluate(self.train_tokens, s.eval_windows)}
+        log(json.dumps(result))
+        return result
+
+    def _validate(self, loss: float, bar, log, t_start: float, plot: bool) -> dict | None:
+        """Validate, checkpoint and plot at the current step; the result at the last step."""
+        s = self.settings
+        final = self.step == s.steps
+        bad = [n for n, p in self.params.items() if not np.all(np.isfinite(p))]
+        if bad:
+            raise self._diverged(f"weights {bad[:3]} became NaN or inf")
+        val = self.evaluate(self.val_tokens, s.final_eval_windows if final else s.eval_windows)
+        if not math.isfinite(val["loss"]):
+            raise self._diverged(f"validation loss {val['loss']}")
+        self.history["val"].append([self.step, val["loss"]])
+        msg = (f"step {self.step}: train loss {loss:.4f}, val loss {val['loss']:.4f} nats/token, "
+               f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.4f} bits/char")
+        (bar.write if bar is not None else log)(msg)
+        result = None
+        if final:
+            result = {"step": self.step, "wall_seconds": round(time.perf_counter() - t_start, 1),
+                      "val": val, "train": self.evaluate(self.train_tokens, s.eval_windows)}
+        self.save(val, result)
+        if plot:
+            plot_loss_curve(self.history, self.schedule, self.out / LOSS_CURVE_FILE,
+                            title=f"minitf {self.out.name}: {num_params(self.config):,} parameters")
+        return result
