@@ -43,6 +43,7 @@ from typing import Callable
 import numpy as np
 import safetensors.numpy
 
+from minitf import hf
 from minitf.config import GPTConfig, param_shapes
 from minitf.fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
 from minitf.tokenizer import TokenizerError, load_tokenizer
@@ -379,6 +380,10 @@ def load_checkpoint(
     safetensors file, missing/unexpected tensors, wrong shapes or dtypes, NaN/inf values.
     """
     directory = _resolve_directory(Path(directory))
+    if hf.is_hf_directory(directory):  # written by transformers' save_pretrained: see minitf.hf
+        params, config, tokenizer, meta = hf.read_hf_directory(directory, dtype)
+        _check_tensors(params, default_layout(config), str(directory))
+        return Checkpoint(params, config, tokenizer, None, meta, directory)
     config_path = directory / CONFIG_FILE
     try:
         config = GPTConfig.from_dict(load_json(config_path))

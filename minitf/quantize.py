@@ -407,6 +407,7 @@ def main(argv=None) -> int:
     from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
     from .checkpoint import is_checkpoint, load_json
     from .evaluate import eval_starts, evaluate, validation_tokens
+    from .hf import is_hf_directory
     from .threads import set_threads
 
     parser = build_parser()
@@ -415,6 +416,9 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path.cwd() / f"{model_dir.resolve().name}-int8"
     try:
         set_threads(args.threads)
+        if is_hf_directory(model_dir):  # the size report reads minitf's model.safetensors
+            raise ValueError(f"{model_dir} is a transformers directory; convert it first: "
+                             f"python -m minitf.convert --from-hf {model_dir} --out DIR")
         ckpt = load_checkpoint(model_dir, layout=quantized_layout)  # reads int8 models too
         if ckpt.meta.get("quantization"):
             raise ValueError(f"{ckpt.path} is already quantized ({ckpt.meta['quantization']}); "

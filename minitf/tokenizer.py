@@ -101,6 +101,10 @@ class _Tokenizer:
         """The bytes token `token_id` stands for (a BPE token may be part of a UTF-8 char)."""
         return self._token_bytes[int(self._check_ids([token_id])[0])]
 
+    def special_tokens(self) -> dict[str, int]:
+        """{content: id} of the special tokens (GPT-2's <|endoftext|>); {} for the char kind."""
+        return {}
+
     def decode_stream(self) -> "StreamDecoder":
         """A decoder for ids that arrive one at a time, as in generation; see StreamDecoder."""
         return StreamDecoder(self)
@@ -351,6 +355,9 @@ class BPETokenizer(_Tokenizer):
 
     def to_tokenizers(self) -> Tokenizer:
         return Tokenizer.from_str(self._tk.to_str())
+
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
 
     @classmethod
     def _from_tokenizers_json(cls, d: dict, tk: Tokenizer) -> "BPETokenizer":
