@@ -8,6 +8,7 @@ Both kinds share one interface:
     tok.decode_stream() -> StreamDecoder            incremental decoding for generation
     tok.save(path); load_tokenizer(path)            one `tokenizer.json`, never pickle
     tok.to_tokenizers() -> tokenizers.Tokenizer     the same tokenizer in the HF library
+    tok.special_tokens() -> {content: id}           GPT-2's <|endoftext|>, if it has one
 
 `CharTokenizer` knows the distinct characters of its training text and refuses others with a
 `TokenizerError` that names them. `BPETokenizer` is GPT-2's byte-level BPE trained with the HF

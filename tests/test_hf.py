@@ -196,6 +196,16 @@ print(json.dumps(tok.decode(out[0, x.shape[1]:].tolist(), clean_up_tokenization_
         assert run.stdout == prompt + want + "\n", backend
 
 
+def test_evaluate_and_quantize_commands_on_a_transformers_directory(tiny, corpus_path, capsys):
+    from minitf import evaluate, quantize
+
+    assert evaluate.main(["--model", str(tiny[0]), "--data", str(corpus_path), "--max-windows", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 2
+    with pytest.raises(SystemExit) as e:  # its size report compares minitf files: convert first
+        quantize.main(["--model", str(tiny[0]), "--data", str(corpus_path)])
+    assert e.value.code == 2 and "python -m minitf.convert --from-hf" in capsys.readouterr().err
+
+
 def test_hub_layout_without_prefix_with_buffers_and_tied_head(tiny, tmp_path, text):
     """What the hub's gpt2 holds: unprefixed names (a GPT2Model file), the causal-mask buffers
     attn.bias / attn.masked_bias, lm_head.weight stored equal to wte, an older config.json, and
