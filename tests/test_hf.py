@@ -185,13 +185,16 @@ out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=50, do
                      eos_token_id=None, pad_token_id=0)
 print(json.dumps(tok.decode(out[0, x.shape[1]:].tolist(), clean_up_tokenization_spaces=False)))
 """
-    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # cwd outside the checkout, so that both processes run the installed package
+    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     want = json.loads(made.stdout.strip().splitlines()[-1])
     for backend in ("numpy", "cython"):
         run = subprocess.run([sys.executable, "-m", "minitf.generate", "--model", str(model_dir),
                               "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "50",
-                              "--backend", backend], capture_output=True, text=True, timeout=300)
+                              "--backend", backend], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
         assert run.returncode == 0, run.stderr
         assert run.stdout == prompt + want + "\n", backend
 
@@ -328,7 +331,7 @@ def test_configs_minitf_runs(tiny, tmp_path, field, value):
 def test_generate_cli_refusal_is_one_line_naming_the_field(tiny, tmp_path):
     directory = edited_copy(tiny[0], tmp_path, lambda c: {**c, "activation_function": "quick_gelu"})
     run = subprocess.run([sys.executable, "-m", "minitf.generate", "--model", str(directory)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and "activation_function 'quick_gelu'" in lines[0], run.stderr
 
