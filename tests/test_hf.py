@@ -19,14 +19,15 @@ import warnings
 import numpy as np
 import pytest
 import safetensors.numpy
+import safetensors.torch
 import torch
 import transformers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-from minitf import convert, hf, layers
+from minitf import convert, evaluate, hf, layers, quantize
 from minitf.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
 from minitf.engine import DEFAULT_MODEL_DIR, Engine, load_engine
-from minitf.quantize import quantize_model
+from minitf.quantize import quantize_model, quantized_layout
 from minitf.tokenizer import _bytes_to_unicode, load_tokenizer, train_tokenizer
 from tolerances import TOL
 
@@ -200,8 +201,6 @@ print(json.dumps(tok.decode(out[0, x.shape[1]:].tolist(), clean_up_tokenization_
 
 
 def test_evaluate_and_quantize_commands_on_a_transformers_directory(tiny, corpus_path, capsys):
-    from minitf import evaluate, quantize
-
     assert evaluate.main(["--model", str(tiny[0]), "--data", str(corpus_path), "--max-windows", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["windows"] == 2
     with pytest.raises(SystemExit) as e:  # its size report compares minitf files: convert first
@@ -373,7 +372,6 @@ def test_damaged_or_unsafe_files_are_refused(tiny, tmp_path):
     (directory / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="pickle file.*never reads"):
         load_checkpoint(directory)
-    import safetensors.torch
     state = {k: v.to(torch.bfloat16) for k, v in tiny[1].state_dict().items() if k != "lm_head.weight"}
     safetensors.torch.save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="bfloat16"):
@@ -469,7 +467,6 @@ def test_int8_export_refused_unless_dequantized(tmp_path, capsys, text):
     shipped = load_checkpoint(DEFAULT_MODEL_DIR)
     qparams, _ = quantize_model(shipped.params, shipped.config, "all")
     meta = {"quantization": {"scope": "all", "mode": "w8a8", "method": "test"}}
-    from minitf.quantize import quantized_layout
     int8_dir = tmp_path / "int8"
     save_checkpoint(int8_dir, qparams, shipped.config, shipped.tokenizer, meta=meta,
                     layout=quantized_layout(shipped.config, meta))
