@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))  # measure this checkout (build the extensions in 
 
 from minitf.config import GPTConfig  # noqa: E402
 from minitf.engine import DEFAULT_MODEL_DIR, Engine  # noqa: E402
+from minitf.hf import config_to_hf, params_to_hf  # noqa: E402
 from minitf.kernels import BACKENDS  # noqa: E402
 from minitf.quantization import quantize_model  # noqa: E402
 from minitf.threads import set_threads  # noqa: E402
@@ -207,15 +208,9 @@ def hf_model(config: GPTConfig, params: dict[str, np.ndarray]):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
-                           n_embd=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
-                           activation_function="gelu_new", layer_norm_epsilon=config.layer_norm_eps,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-                           bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf_config = GPT2Config.from_dict({**config_to_hf(config), "pad_token_id": 0})
     model = GPT2LMHeadModel(hf_config).eval()
-    rename = {"wte": "wte.weight", "wpe": "wpe.weight"}  # HF's embeddings are nn.Embedding
-    state = {"transformer." + rename.get(name, name): torch.from_numpy(np.array(value))
-             for name, value in params.items()}
+    state = {name: torch.from_numpy(np.array(value)) for name, value in params_to_hf(params).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if m != "lm_head.weight" and not m.endswith(".attn.bias")]
     if missing or unexpected:

@@ -44,6 +44,7 @@ from typing import Callable
 import numpy as np
 import safetensors.numpy
 
+from . import hf
 from .config import GPTConfig
 from .fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
 from .tensors import Layout, check_tensors, optimizer_layout, tensor_layout
@@ -355,6 +356,10 @@ def load_checkpoint(
     safetensors file, missing/unexpected tensors, wrong shapes or dtypes, NaN/inf values.
     """
     directory = _resolve_directory(Path(directory))
+    if hf.is_hf_directory(directory):  # written by transformers' save_pretrained: see minitf.hf
+        params, config, tokenizer, meta = hf.read_hf_directory(directory, dtype)
+        check_tensors(params, tensor_layout(config), str(directory), error=CheckpointError)
+        return Checkpoint(params, config, tokenizer, None, meta, directory)
     config_path = directory / CONFIG_FILE
     try:
         config = GPTConfig.from_dict(load_json(config_path))

@@ -19,6 +19,7 @@ from .checkpoint import is_checkpoint, load_checkpoint, load_json, save_json_ato
 from .cli import Parser, add_backend_argument, add_data_argument, fail, positive_int
 from .data import load_corpus
 from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
+from .hf import is_hf_directory
 from .metrics import engine_logits, eval_starts, evaluate, validation_tokens
 from .plots import plot_quant_error
 from .quant_report import evaluation, format_report, measure_files, roundtrip_error_in_scales
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     quant = Quantization(args.scope, args.mode)
     try:
         set_threads(args.threads)
+        if is_hf_directory(model_dir):  # the size report reads minitf's model.safetensors
+            raise ValueError(f"{model_dir} is a transformers directory; convert it first: "
+                             f"python -m minitf.convert --from-hf {model_dir} --out DIR")
         ckpt = load_checkpoint(model_dir, layout=checkpoint_layout)  # reads int8 models too
         if ckpt.meta.get("quantization"):
             raise ValueError(f"{ckpt.path} is already quantized ({ckpt.meta['quantization']}); "

@@ -7,6 +7,8 @@ Both kinds share one interface:
     tok.vocab_size -> int
     tok.decode_stream() -> StreamDecoder            incremental decoding for generation
     tok.save(path); load_tokenizer(path)            one `tokenizer.json`, never pickle
+    tok.to_tokenizers() -> tokenizers.Tokenizer     the same tokenizer in the HF library
+    tok.special_tokens() -> {content: id}           GPT-2's <|endoftext|>, if it has one
 
 `CharTokenizer` knows the distinct characters of its training text and refuses others with a
 `TokenizerError` that names them. `BPETokenizer` is GPT-2's byte-level BPE trained with the HF
@@ -15,9 +17,28 @@ Both kinds share one interface:
 Train a tokenizer on the training split only (see `minitf.data.split_text`), so the
 validation text never influences the vocabulary.
 
-File format of `tokenizer.json` (always a JSON object with a "type" field):
-    {"type": "char", "version": 1, "chars": ["\\n", " ", "!", ...]}   sorted, distinct
-    {"type": "bpe", "version": 1, "tokenizer": {...}}   the HF `tokenizers` JSON, unchanged
+File format: `tokenizer.json` is a plain HF `tokenizers` file, what `Tokenizer.to_str()`
+writes, so `tokenizers.Tokenizer.from_file` (and transformers' `PreTrainedTokenizerFast`) load
+it and give the same ids. Its structure says which kind it is:
+
+    char  model BPE over single characters, ids in code-point order, no merges; pre_tokenizer
+          Split on the regex [\\s\\S], behavior Isolated (every character is a word, newline
+          included); decoder Fuse (the tokens concatenated); no normalizer, post_processor
+          or added tokens.
+    bpe   model BPE; pre_tokenizer ByteLevel with add_prefix_space=false; decoder ByteLevel;
+          no normalizer; a post_processor only if it adds no tokens (ByteLevel, or a
+          TemplateProcessing of the sequence alone). The tokenizer.json of GPT-2 on the HF
+          hub is one, its special token <|endoftext|> included.
+
+minitf keeps no field of its own, neither in the file nor beside it: the kind is read from
+the structure above, the format version is the `tokenizers` one ("version": "1.0"). So a
+tokenizer.json written by transformers loads exactly like one written by minitf, and no
+second file can disagree with the first. One difference is by design: a character outside the
+vocabulary is dropped silently by `tokenizers` and refused by minitf's `encode`, with a
+TokenizerError that names it.
+
+The format of earlier minitf versions, `{"type": "char" | "bpe", "version": 1, ...}`, still
+loads; `save` writes the new one.
 """
 
 from __future__ import annotations
@@ -28,13 +49,16 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minitf.fileio import read_json, save_json_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 1
+LEGACY_FORMAT_VERSION = 1  # the {"type": ..., "version": 1} files of earlier minitf
 KINDS = ("char", "bpe")
+# The char tokenizer's pre-tokenizer: every character is its own word. [\s\S] because "."
+# skips a newline in the regex dialect of `tokenizers` (Oniguruma).
+CHAR_SPLIT_PATTERN = r"[\s\S]"
 
 
 class TokenizerError(ValueError):
@@ -78,12 +102,17 @@ class _Tokenizer:
         """The bytes token `token_id` stands for (a BPE token may be part of a UTF-8 char)."""
         return self._token_bytes[int(self._check_ids([token_id])[0])]
 
+    def special_tokens(self) -> dict[str, int]:
+        """{content: id} of the special tokens (GPT-2's <|endoftext|>); {} for the char kind."""
+        return {}
+
     def decode_stream(self) -> "StreamDecoder":
         """A decoder for ids that arrive one at a time, as in generation; see StreamDecoder."""
         return StreamDecoder(self)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the tokenizer as JSON to `path` (a directory means `path/tokenizer.json`).
+        """Write the tokenizer as a `tokenizers` JSON file to `path` (a directory means
+        `path/tokenizer.json`); the module docstring describes the format.
 
         The write is atomic: a temporary file beside it, fsync, then rename.
         Returns the path written.
@@ -91,10 +120,11 @@ class _Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
-        save_json_atomic(path, self._to_json())
+        save_json_atomic(path, json.loads(self.to_tokenizers().to_str()))
         return path
 
-    def _to_json(self) -> dict:
+    def to_tokenizers(self) -> Tokenizer:
+        """This tokenizer as a `tokenizers.Tokenizer` that gives the same ids (a new object)."""
         raise NotImplementedError
 
 
@@ -193,8 +223,39 @@ class CharTokenizer(_Tokenizer):
         cps = self._codepoints[ids]  # (T,) uint32
         return cps.astype("<u4").tobytes().decode("utf-32-le", errors="surrogatepass")
 
-    def _to_json(self) -> dict:
-        return {"type": "char", "version": FORMAT_VERSION, "chars": self.chars}
+    def to_tokenizers(self) -> Tokenizer:
+        """A `tokenizers` BPE without merges over these characters (module docstring).
+
+        Raises TokenizerError for a lone surrogate character, which `tokenizers` cannot hold.
+        """
+        surrogates = [c for c in self.chars if 0xD800 <= ord(c) <= 0xDFFF]
+        if surrogates:
+            raise TokenizerError(f"character U+{ord(surrogates[0]):04X} is a lone surrogate, "
+                                 "which a tokenizers file cannot hold")
+        tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(self.chars)}, merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_SPLIT_PATTERN), behavior="isolated")
+        tk.decoder = decoders.Fuse()
+        return tk
+
+    @classmethod
+    def _from_tokenizers_json(cls, d: dict) -> "CharTokenizer":
+        """The char kind from a `tokenizers` JSON that the library accepts; refuses any other
+        structure."""
+        model = d.get("model") or {}
+        if model.get("type") != "BPE" or model.get("merges") != []:
+            raise TokenizerError("a char tokenizer is a BPE model with no merges")
+        pre = d.get("pre_tokenizer")
+        if pre is not None and not (pre.get("type") == "Split" and pre.get("behavior") == "Isolated"
+                                    and pre.get("pattern") == {"Regex": CHAR_SPLIT_PATTERN}):
+            raise TokenizerError(f"a char tokenizer's pre_tokenizer isolates every character "
+                                 f"(Split on {CHAR_SPLIT_PATTERN}, behavior Isolated)")
+        if d.get("normalizer") is not None or d.get("post_processor") is not None or d.get("added_tokens"):
+            raise TokenizerError("a char tokenizer has no normalizer, post_processor or added tokens")
+        vocab = model["vocab"]  # {character: id}, types checked by tokenizers
+        chars = sorted(vocab, key=vocab.get)
+        if [vocab[c] for c in chars] != list(range(len(chars))):
+            raise TokenizerError("char vocabulary ids are not exactly 0..vocab_size-1")
+        return cls(chars)
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
@@ -286,40 +347,55 @@ class BPETokenizer(_Tokenizer):
         """Token ids of `text`, int32 (T,)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return np.array(self._tk.encode(text).ids, dtype=np.int32)
+        return np.array(self._tk.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def decode(self, ids) -> str:
         """Text of token ids. Bytes that are not valid UTF-8 (a cut character) become U+FFFD."""
         ids = self._check_ids(ids)
         return self._tk.decode(ids.tolist(), skip_special_tokens=False)
 
-    def _to_json(self) -> dict:
-        return {"type": "bpe", "version": FORMAT_VERSION, "tokenizer": json.loads(self._tk.to_str())}
+    def to_tokenizers(self) -> Tokenizer:
+        return Tokenizer.from_str(self._tk.to_str())
+
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
 
     @classmethod
-    def _from_json(cls, d: dict) -> "BPETokenizer":
-        inner = d.get("tokenizer")
-        if not isinstance(inner, dict):
-            raise TokenizerError('"tokenizer" must hold the HF tokenizers JSON object')
-        # Only GPT-2-style byte-level BPE round-trips exactly; refuse anything else.
-        model_type = (inner.get("model") or {}).get("type")
+    def _from_tokenizers_json(cls, d: dict, tk: Tokenizer) -> "BPETokenizer":
+        """The bpe kind from a `tokenizers` JSON `d` that the library accepts (as `tk`);
+        refuses what breaks exact round trips."""
+        model_type = (d.get("model") or {}).get("type")
         if model_type != "BPE":
             raise TokenizerError(f"model type is {model_type!r}, expected 'BPE'")
-        pre = inner.get("pre_tokenizer") or {}
+        pre = d.get("pre_tokenizer") or {}
         if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") is not False:
             raise TokenizerError("pre_tokenizer must be ByteLevel with add_prefix_space=false")
-        if (inner.get("decoder") or {}).get("type") != "ByteLevel":
+        if (d.get("decoder") or {}).get("type") != "ByteLevel":
             raise TokenizerError("decoder must be ByteLevel")
-        if inner.get("normalizer") is not None or inner.get("post_processor") is not None:
-            raise TokenizerError("a normalizer or post_processor would break exact round trips")
-        try:
-            tk = Tokenizer.from_str(json.dumps(inner))
-        except Exception as e:  # the Rust side raises a bare Exception for any bad field
-            raise TokenizerError(f"tokenizers library rejects it: {e}") from e
+        if d.get("normalizer") is not None:
+            raise TokenizerError("a normalizer would break exact round trips")
+        if not _adds_no_tokens(d.get("post_processor")):
+            raise TokenizerError("a post_processor that adds tokens would break exact round trips")
         return cls(tk)
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def _adds_no_tokens(post_processor) -> bool:
+    """True for no post-processor, ByteLevel (it only trims offsets), or a TemplateProcessing
+    whose single-sequence template is the sequence alone (what transformers writes for GPT-2)."""
+    if post_processor is None or post_processor.get("type") == "ByteLevel":
+        return True
+    return (post_processor.get("type") == "TemplateProcessing"
+            and [list(piece) for piece in post_processor.get("single", [])] == [["Sequence"]])
+
+
+def _tokenizers_from_json(d: dict) -> Tokenizer:
+    try:
+        return Tokenizer.from_str(json.dumps(d))
+    except Exception as e:  # the Rust side raises a bare Exception for any bad field
+        raise TokenizerError(f"tokenizers library rejects it: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------
@@ -339,23 +415,52 @@ def train_tokenizer(kind: str, text: str, vocab_size: int = 1024) -> CharTokeniz
 
 
 def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | BPETokenizer:
-    """Load a tokenizer saved by `.save()`; `path` is the file or a directory holding it.
+    """Load a tokenizer: a `tokenizers` JSON file (what `.save()` writes, or the tokenizer.json
+    of a transformers GPT-2), or minitf's earlier format; `path` is the file or its directory.
 
-    Raises TokenizerError naming the path for a missing file, invalid JSON, an unknown type
-    or version, or a damaged vocabulary. Only JSON is read: loading cannot run code.
+    Raises TokenizerError naming the path for a missing file, invalid JSON, a structure minitf
+    does not run (module docstring), an unknown earlier type or version, or a damaged
+    vocabulary. Only JSON is read: loading cannot run code.
     """
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
     d = read_json(path, TokenizerError, "tokenizer file")
+    if isinstance(d, dict) and "model" in d and "type" not in d:
+        try:
+            return _from_tokenizers_json(d)
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
+    return _load_legacy(path, d)
+
+
+def _from_tokenizers_json(d: dict) -> CharTokenizer | BPETokenizer:
+    """The kind of a parsed `tokenizers` JSON, from its pre-tokenizer and decoder."""
+    tk = _tokenizers_from_json(d)  # what tokenizers.Tokenizer.from_file says about it
+    pre = (d.get("pre_tokenizer") or {}).get("type")
+    decoder = (d.get("decoder") or {}).get("type")
+    if pre == "ByteLevel" or decoder == "ByteLevel":
+        return BPETokenizer._from_tokenizers_json(d, tk)
+    if decoder == "Fuse":
+        return CharTokenizer._from_tokenizers_json(d)
+    raise TokenizerError(
+        f"not a tokenizer minitf runs (pre_tokenizer {pre!r}, decoder {decoder!r}); it runs "
+        f"GPT-2's byte-level BPE (pre_tokenizer and decoder ByteLevel) and its own character "
+        f"tokenizer (decoder Fuse)"
+    )
+
+
+def _load_legacy(path: Path, d) -> CharTokenizer | BPETokenizer:
+    """minitf's format before plain `tokenizers` files: {"type", "version": 1, ...}."""
     if not isinstance(d, dict) or "type" not in d:
-        raise TokenizerError(f'{path}: not a minitf tokenizer (no "type" field)')
+        raise TokenizerError(f'{path}: not a tokenizer: no "model" field (a tokenizers file) '
+                             f'and no "type" field (an earlier minitf file)')
     kind, version = d["type"], d.get("version")
     if kind not in KINDS:
         raise TokenizerError(f"{path}: unknown tokenizer type {kind!r}; allowed: {list(KINDS)}")
-    if version != FORMAT_VERSION:
+    if version != LEGACY_FORMAT_VERSION:
         raise TokenizerError(
-            f"{path}: tokenizer format version {version!r}; this minitf reads {FORMAT_VERSION}"
+            f"{path}: tokenizer format version {version!r}; this minitf reads {LEGACY_FORMAT_VERSION}"
         )
     try:
         if kind == "char":
@@ -363,6 +468,9 @@ def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | BPETokenizer:
             if not isinstance(chars, list):
                 raise TokenizerError('"chars" must be a list of characters')
             return CharTokenizer(chars)
-        return BPETokenizer._from_json(d)
+        inner = d.get("tokenizer")
+        if not isinstance(inner, dict):
+            raise TokenizerError('"tokenizer" must hold the HF tokenizers JSON object')
+        return BPETokenizer._from_tokenizers_json(inner, _tokenizers_from_json(inner))
     except TokenizerError as e:
         raise TokenizerError(f"{path}: damaged {kind} tokenizer: {e}") from None

@@ -5,10 +5,12 @@ import os
 
 import numpy as np
 import pytest
+import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitf.data import split_text
+from minitf.engine import DEFAULT_MODEL_DIR
 from minitf.tokenizer import (
     BPETokenizer,
     CharTokenizer,
@@ -160,7 +162,7 @@ def test_save_load_round_trip(tmp_path, text, char_tok, bpe_tok):
     sample = text[:3000]
     for tok in (char_tok, bpe_tok):
         path = tok.save(tmp_path / f"{tok.kind}.json")
-        assert json.loads(path.read_text())["type"] == tok.kind
+        assert "type" not in json.loads(path.read_text())  # a plain tokenizers file
         loaded = load_tokenizer(path)
         assert type(loaded) is type(tok) and loaded.vocab_size == tok.vocab_size
         assert loaded.encode(sample).tolist() == tok.encode(sample).tolist()
@@ -202,16 +204,37 @@ def test_load_errors_name_the_file(tmp_path, bpe_tok):
         "multi.json": ({"type": "char", "version": 1, "chars": ["ab"]}, "not a single character"),
         "nochars.json": ({"type": "char", "version": 1}, '"chars" must be a list'),
     }
-    bpe = bpe_tok._to_json()
+    bpe = json.loads(bpe_tok.to_tokenizers().to_str())
     no_byte = json.loads(json.dumps(bpe))
-    del no_byte["tokenizer"]["model"]["vocab"]["Ġ"]  # the space byte
+    del no_byte["model"]["vocab"]["Ġ"]  # the space byte
     cases["nobyte.json"] = (no_byte, "byte")
     prefix = json.loads(json.dumps(bpe))
-    prefix["tokenizer"]["pre_tokenizer"]["add_prefix_space"] = True
+    prefix["pre_tokenizer"]["add_prefix_space"] = True
     cases["prefix.json"] = (prefix, "add_prefix_space")
     garbage = json.loads(json.dumps(bpe))
-    garbage["tokenizer"]["model"]["merges"] = "not merges"
+    garbage["model"]["merges"] = "not merges"
     cases["garbage.json"] = (garbage, "tokenizers library rejects")
+    adds = json.loads(json.dumps(bpe))
+    adds["post_processor"] = {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "!", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [], "special_tokens": {"!": {"id": "!", "ids": [0], "tokens": ["!"]}}}
+    cases["adds.json"] = (adds, "adds tokens")
+    legacy = {"type": "bpe", "version": 1, "tokenizer": prefix}
+    cases["legacy_prefix.json"] = (legacy, "damaged bpe tokenizer: pre_tokenizer")
+    char = json.loads(CharTokenizer(["a", "b"]).to_tokenizers().to_str())
+    merges = json.loads(json.dumps(char))
+    merges["model"]["merges"] = [["a", "b"]]
+    merges["model"]["vocab"]["ab"] = 2
+    cases["char_merges.json"] = (merges, "no merges")
+    order = json.loads(json.dumps(char))
+    order["model"]["vocab"] = {"b": 0, "a": 1}
+    cases["char_order.json"] = (order, "sorted and distinct")
+    split = json.loads(json.dumps(char))
+    split["pre_tokenizer"] = {"type": "Whitespace"}
+    cases["char_split.json"] = (split, "isolates every character")
+    wordpiece = json.loads(json.dumps(char))
+    wordpiece["decoder"] = {"type": "WordPiece", "prefix": "##", "cleanup": True}
+    cases["wordpiece.json"] = (wordpiece, "not a tokenizer minitf runs")
     for name, (content, fragment) in cases.items():
         path = tmp_path / name
         if content is not None:
@@ -219,3 +242,48 @@ def test_load_errors_name_the_file(tmp_path, bpe_tok):
         with pytest.raises(TokenizerError) as e:
             load_tokenizer(path)
         assert str(path) in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------- tokenizers files
+
+
+def test_shipped_tokenizer_is_a_plain_tokenizers_file(text):
+    """The HF library reads the shipped file and gives minitf's ids, and back the exact text."""
+    path = DEFAULT_MODEL_DIR / "tokenizer.json"
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    ours = load_tokenizer(path)
+    sample = text[:20_000]
+    ids = hf.encode(sample).ids
+    assert ids == ours.encode(sample).tolist()
+    assert hf.decode(ids) == sample == ours.decode(ids)
+
+
+def test_char_file_round_trips_every_character_in_tokenizers(tmp_path):
+    """Newline, space, tab, carriage return, combining marks, astral characters: each is one
+    token in both libraries, and decoding concatenates them exactly."""
+    chars = sorted(set("\n \t\r\x00\x0b\u00a0\u2028e\u0301\u00e9😀日本語ab,.'"))
+    tok = CharTokenizer(chars)
+    hf = tokenizers.Tokenizer.from_file(str(tok.save(tmp_path)))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s = "".join(rng.choice(chars, size=rng.integers(0, 40)))
+        ids = tok.encode(s).tolist()
+        assert hf.encode(s).ids == ids, repr(s)
+        assert len(ids) == len(s) and hf.decode(ids) == s == tok.decode(ids), repr(s)
+    with pytest.raises(TokenizerError, match=r"'z' \(U\+007A\)"):
+        load_tokenizer(tmp_path).encode("abz")  # tokenizers would drop it; minitf names it
+
+
+def test_earlier_minitf_files_still_load(tmp_path, text, char_tok, bpe_tok):
+    char_file = _write(tmp_path / "char.json", {"type": "char", "version": 1, "chars": char_tok.chars})
+    bpe_file = _write(tmp_path / "bpe.json", {"type": "bpe", "version": 1,
+                                              "tokenizer": json.loads(bpe_tok.to_tokenizers().to_str())})
+    sample = text[:3000]
+    for tok, path in ((char_tok, char_file), (bpe_tok, bpe_file)):
+        loaded = load_tokenizer(path)
+        assert type(loaded) is type(tok) and loaded.encode(sample).tolist() == tok.encode(sample).tolist()
+
+
+def test_lone_surrogate_cannot_be_saved(tmp_path):
+    with pytest.raises(TokenizerError, match="U\\+D800"):
+        CharTokenizer(["a", "\ud800"]).save(tmp_path)

@@ -1,0 +1,115 @@
+"""Convert between minitf checkpoints and transformers GPT-2 directories (see minitf.hf).
+
+    python -m minitf.convert --from-hf gpt2 --out runs/gpt2        # transformers -> minitf
+    python -m minitf.convert --to-hf exported                      # the shipped model -> transformers
+    python -m minitf.convert --to-hf exported --model runs/char-int8 --dequantize
+
+--from-hf reads a directory written by `GPT2LMHeadModel.save_pretrained` (or fetched from the
+hub) and writes a minitf checkpoint with `save_checkpoint`: atomically, tensors as stored
+(float32 or float16), the tokenizer.json carried over, meta.json recording the source. Every
+`--model DIR` also reads such a directory directly; converting saves the renaming at each
+start and gives the checkpoint minitf's checksum.
+
+--to-hf writes what `GPT2LMHeadModel.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained`
+load. An int8 model is refused unless --dequantize: its weights then become int8 * scale in
+float32, which keeps the rounding of the quantization (transformers runs the dequantized
+model, not minitf's int8 kernels).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import is_checkpoint, load_checkpoint, load_json, save_checkpoint
+from .cli import Parser, fail
+from .engine import DEFAULT_MODEL_DIR
+from .hf import HFError, is_hf_directory, save_hf_directory
+from .quantization import dequantize
+from .tensors import checkpoint_layout
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        prog="python -m minitf.convert",
+        description="Convert a transformers GPT-2 directory (save_pretrained, or a download from "
+                    "the HF hub) into a minitf checkpoint, or a minitf model into one.",
+        epilog="examples: python -m minitf.convert --from-hf gpt2 --out runs/gpt2;  "
+               "python -m minitf.convert --to-hf exported --model runs/char",
+    )
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="DIR", default=None,
+                     help="a transformers GPT-2 directory to read (config.json, model.safetensors "
+                          "or its shards, tokenizer.json)")
+    way.add_argument("--to-hf", metavar="DIR", default=None,
+                     help="a new (or empty) directory to write the transformers files into")
+    p.add_argument("--out", default=None, help="with --from-hf: the minitf checkpoint directory to write")
+    p.add_argument("--model", default=None,
+                   help="with --to-hf: the minitf model to export (default: the shipped model)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="with --to-hf: export an int8 model as float32 int8 * scale (else refused)")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_hf is not None and (args.model is not None or args.dequantize):
+        fail(parser, "--model and --dequantize go with --to-hf; --from-hf reads its DIR")
+    if args.to_hf is not None and args.out is not None:
+        fail(parser, "--out goes with --from-hf; --to-hf writes into its DIR")
+    if args.from_hf is not None and not args.out:
+        fail(parser, "--from-hf needs --out DIR, the minitf checkpoint to write")
+    command = "python -m minitf.convert " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.from_hf is not None:
+            path = from_hf(Path(args.from_hf), Path(args.out), command)
+        else:
+            path = to_hf(Path(args.model) if args.model else DEFAULT_MODEL_DIR, Path(args.to_hf),
+                         args.dequantize)
+    except (ValueError, OSError) as e:
+        fail(parser, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(f"wrote {path}")
+    return 0
+
+
+def from_hf(source: Path, out: Path, command: str) -> Path:
+    """transformers directory `source` -> minitf checkpoint `out`. Raises ValueError (HFError,
+    CheckpointError) for a source minitf cannot run or an `out` holding a model convert did
+    not write."""
+    if not is_hf_directory(source):
+        raise HFError(f"{source}: not a transformers directory (no config.json with a model_type)")
+    if is_checkpoint(out) and "converted_from" not in (
+            load_json(out / "meta.json") if (out / "meta.json").is_file() else {}):
+        raise HFError(f"--out {out} holds a minitf model that convert did not write; choose "
+                      f"another directory")
+    ckpt = load_checkpoint(source, dtype=None)  # tensors as stored
+    return save_checkpoint(out, ckpt.params, ckpt.config, ckpt.tokenizer,
+                           meta={**ckpt.meta, "command": command})
+
+
+def to_hf(model: Path, out: Path, dequantize_int8: bool) -> Path:
+    """minitf model `model` -> transformers directory `out`. Raises ValueError for an int8
+    model without `dequantize_int8`, or an `out` that is not new or empty."""
+    ckpt = load_checkpoint(model, layout=checkpoint_layout, optimizer=False)
+    params = ckpt.params
+    quant = ckpt.meta.get("quantization")
+    if quant:
+        if not dequantize_int8:
+            raise HFError(
+                f"{ckpt.path} is an int8 model (scope {quant.get('scope')}, mode {quant.get('mode')}) "
+                f"and transformers' GPT2LMHeadModel holds float weights: export the float32 model "
+                f"it came from, or pass --dequantize to export int8 * scale as float32")
+        params = {name: dequantize(a, params[name + "_scale"]) if a.dtype == np.int8 else a
+                  for name, a in params.items() if not name.endswith("_scale")}
+        n = sum(1 for a in ckpt.params.values() if a.dtype == np.int8)
+        print(f"dequantized {n} int8 weight tensors to float32 (int8 * per-channel scale): "
+              f"transformers runs these rounded weights, not minitf's int8 kernels", file=sys.stderr)
+    return save_hf_directory(out, params, ckpt.config, ckpt.tokenizer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
