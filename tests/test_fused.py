@@ -12,7 +12,7 @@ import pytest
 from minitf import engine as engine_module
 from minitf.config import GPTConfig
 from minitf.engine import Engine, FusedPath, Int8Linear, Linear, pack_vnni
-from minitf.kernels import _cython_fused, _cython_kernels, numba_fused, numba_kernels
+from minitf.kernels import _cython_fused, _cython_kernels, get_backend, numba_fused, numba_kernels
 from minitf.model import init_params
 from minitf.quantize import quantize_model
 from tolerances import TOL
@@ -211,7 +211,7 @@ def test_int8_tiles_are_exact_with_and_without_vnni():
         wq = rng.integers(-127, 128, (K, M), dtype=np.int8)
         scale = rng.uniform(0.001, 0.01, M).astype(np.float32)
         bias = rng.standard_normal(M).astype(np.float32)
-        want = numba_kernels.matmul_int8(x, wq, scale, bias, mode="w8a8")
+        want = get_backend("numba").matmul_int8(x, wq, scale, bias, mode="w8a8")
         tiles, colsum = pack_vnni(wq)
         Kp, Mp = -(-K // 4) * 4, colsum.size
         for fk in (numba_fused, _cython_fused):
@@ -219,7 +219,7 @@ def test_int8_tiles_are_exact_with_and_without_vnni():
             fk.linear_w8a8_rows(y, np.zeros((N, Kp), np.int8), np.zeros(N, np.float32),
                                 np.zeros(4 * Mp, np.int32), x, tiles, colsum, scale, bias)
             np.testing.assert_array_equal(y, want, err_msg=f"{fk.__name__} N={N} K={K} M={M}")
-        xq, _ = numba_kernels.quantize_rows(x)
+        xq, _ = get_backend("numba").quantize_rows(x)
         xqp = np.zeros((N, Kp), np.int8)
         xqp[:, :K] = xq
         acc = np.zeros(Mp, np.int32)
@@ -240,7 +240,7 @@ def test_w8a8_stages_are_the_unfused_kernels():
             np.where(np.arange(960) == 7, -np.inf, x), x * np.float32(1e30), np.round(x * 10) / 20]
     for row in rows:  # the vectorized quantizers: the unfused one's bits, edge cases included
         row = row.astype(np.float32)
-        want_q, want_s = numba_kernels.quantize_rows(row[None])
+        want_q, want_s = get_backend("numba").quantize_rows(row[None])
         for quantize in (numba_fused._quantize, _cython_fused._vectorized_quantize):
             xq = np.zeros(960, np.int8)
             s = quantize(xq, row)
@@ -275,7 +275,7 @@ def test_w8a8_stages_are_the_unfused_kernels():
         np.testing.assert_array_equal(got, want[0], err_msg=f"matmul {K}x{M}")
         got_n = np.zeros(M, np.float32)
         numba_fused._matvec(got_n, x, wf)
-        np.testing.assert_array_equal(got_n, numba_kernels.matmul(x[None], wf)[0], err_msg="numba matvec")
+        np.testing.assert_array_equal(got_n, get_backend("numba").matmul(x[None], wf)[0], err_msg="numba matvec")
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
