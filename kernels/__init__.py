@@ -24,6 +24,7 @@ import importlib
 import os
 import warnings
 
+from ._checks import INT8_MODES  # noqa: F401 (re-exported: the modes of matmul_int8)
 from .backend import Backend
 
 BACKENDS = ("numpy", "numba", "cython")

@@ -29,8 +29,6 @@ from minitf.kernels import layout as _layout
 
 include "_cython_loops.pxi"  # the unfused backend's loops
 
-NAME = "cython"
-
 # The layout, as C variables (read in nogil code) set from the one Python definition.
 cdef Py_ssize_t NCOL = _layout.NCOL
 cdef Py_ssize_t KIND = _layout.KIND, K = _layout.K, M = _layout.M, W = _layout.W

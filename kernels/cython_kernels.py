@@ -15,8 +15,6 @@ from . import _cython_kernels as _ck
 from ._checks import F32
 from .numpy_loops import ReferenceLoops
 
-NAME = "cython"
-
 
 def _matmul(y, x, w, bias):
     (_ck.matmul_f32 if x.dtype == F32 else _ck.matmul_f64)(y, x, w, bias)

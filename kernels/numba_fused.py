@@ -40,7 +40,6 @@ from .numba_int8_tile import HAS_VNNI, int8_tile
 from .numba_kernels import (_attention, _gelu, _layernorm, _matmul_int8_row, _matmul_nt_row,
                             _matmul_row, _quantize_row, _w8a8_epilogue)
 
-NAME = "numba"
 __all__ = ["HAS_VNNI", "Decoder", "decode_step", "linear_w8a8_rows", "causal_softmax_rows",
            "gelu_fast_rows"]
 
@@ -49,9 +48,9 @@ __all__ = ["HAS_VNNI", "Decoder", "decode_step", "linear_w8a8_rows", "causal_sof
 
 
 @njit
-def _unsign(acc, wsum, M):
-    """acc[:M] -= 128 * wsum[:M]: the tile summed (xq + 128) * w, this leaves xq * w."""
-    for m in range(M):
+def _unsign(acc, wsum, Mn):
+    """acc[:Mn] -= 128 * wsum[:Mn]: the tile summed (xq + 128) * w, this leaves xq * w."""
+    for m in range(Mn):
         acc[m] -= 128 * wsum[m]
 
 
@@ -62,13 +61,12 @@ def _linear_w8a8_row(y, xq, acc, x, wp, wsum, w_scale, bias):
 
     Scratch xq (>= Kp,) int8 and acc (>= Mp,) int32; wsum (Mp,) int32 = column sums of w.
     """
-    K, M = x.shape[0], y.shape[0]
-    Mp = wsum.shape[0]
-    groups = (K + TILE_K - 1) // TILE_K  # padded k rows hold zero weights: xq there is ignored
-    s = _quantize_row(xq[:K], x)
+    Kn, Mn, Mp = x.shape[0], y.shape[0], wsum.shape[0]  # (column names K, M are layout's)
+    groups = (Kn + TILE_K - 1) // TILE_K  # padded k rows hold zero weights: xq there is ignored
+    s = _quantize_row(xq[:Kn], x)
     for tile in range(Mp // TILE_M):
         int8_tile(acc, tile * TILE_M, 0, xq, 0, wp, tile * groups * TILE_K * TILE_M, groups, 1)
-    _unsign(acc, wsum, M)
+    _unsign(acc, wsum, Mn)
     _w8a8_epilogue(y, acc, s, w_scale, bias)
 
 
@@ -79,12 +77,12 @@ def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
     Outputs y (N, M) float32; scratch xq (N, Kp) int8, sx (N,) float32, acc (>= 4 Mp,)
     int32; inputs x (N, K) float32, tiles wp, wsum (Mp,), w_scale (M,), bias (M,).
     """
-    N, K = x.shape
-    M = y.shape[1]
+    N, Kn = x.shape
+    Mn = y.shape[1]
     Kp, Mp = xq.shape[1], wsum.shape[0]
     groups = Kp // TILE_K
     for n in range(N):
-        sx[n] = _quantize_row(xq[n, :K], x[n])
+        sx[n] = _quantize_row(xq[n, :Kn], x[n])
     xflat = xq.reshape(-1)
     n = 0
     while n < N:
@@ -94,7 +92,7 @@ def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
                       tile * groups * TILE_K * TILE_M, groups, rows)
         for r in range(rows):
             ar = acc[r * Mp:(r + 1) * Mp]
-            _unsign(ar, wsum, M)
+            _unsign(ar, wsum, Mn)
             _w8a8_epilogue(y[n + r], ar, sx[n + r], w_scale, bias)
         n += rows
 

@@ -23,8 +23,6 @@ import numpy as np
 from ._jit import njit
 from .numpy_loops import ReferenceLoops
 
-NAME = "numba"
-
 _F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32
 _F32_INF = np.float32(np.inf)
 _Q_MAX = np.float32(127.0)

@@ -42,7 +42,7 @@ from .kernels import get_backend, layout
 # The small pretrained TinyShakespeare model that ships inside the package.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "pretrained"
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-INT8_MODES = ("weight-only", "w8a8")
+INT8_MODES = kernels.INT8_MODES  # how int8 layers run: "weight-only" or "w8a8"
 
 
 @dataclass

@@ -6,7 +6,9 @@ against the reference, and the registry.
 2. Every backend vs `numpy_ref` at awkward shapes (one row, odd sizes, sizes that are not a
    multiple of any tile, the exact context length), float32 and float64, extreme values;
    integer results bit for bit; hypothesis property tests over random shapes and values.
-3. The registry: names, errors, $MINITF_BACKEND, "auto", and numba with NUMBA_DISABLE_JIT=1.
+3. The checked API: the same bad call refused with the same error by every backend; the
+   table of ops a compiled backend takes from the reference.
+4. The registry: names, errors, $MINITF_BACKEND, "auto", and numba with NUMBA_DISABLE_JIT=1.
 
 A backend that cannot load makes its tests fail (get_backend raises), never skip.
 Tolerances come from tests/tolerances.py; every failure message prints the max error.
@@ -528,6 +530,9 @@ def test_float32_inputs_do_not_change(backend):
         assert_equal(after, before, "input modified")
 
 
+# ---------------------------------------------------------------- 3. the checked API ----
+
+
 def _bad_calls():
     """(what, exception, message pattern, call(backend)): bad calls every backend refuses."""
     x32, x64 = randn((3, 4)), randn((3, 4), np.float64)
@@ -680,7 +685,7 @@ def test_attention_property(Tk, dq, NH, HS, seed, scale):
         assert_within(get_backend(name).attention(q, k, v, NH), expected, bound, name)
 
 
-# ------------------------------------------------------------------- 3. the registry ----
+# ------------------------------------------------------------------- 4. the registry ----
 
 
 def test_every_backend_has_the_same_api():
