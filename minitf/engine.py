@@ -393,7 +393,9 @@ class FusedPath:
         self.loops = engine.kb.loops  # the unfused backend's loops, unchecked
         self.exact = weights.exact
         self.buffers = b = layout.Buffers(weights.tab, self.exact)
-        self.logits, self.kvT = b.logits, b.kvT
+        self.logits = b.logits  # (V,) the last row's logits, overwritten by every call
+        # each linear layer's output buffer (T rows of it are used)
+        self._out = {"attn.c_attn": b.qkv, "attn.c_proj": b.a, "mlp.c_fc": b.f, "mlp.c_proj": b.a}
         for l, blk in enumerate(engine.blocks):  # the W8A8 tiles, where accounting sees them
             for name in LINEARS:
                 if f"h.{l}.{name}" in weights.tiles:
@@ -441,7 +443,7 @@ class FusedPath:
     def linear(self, x: np.ndarray, l: int, name: str) -> np.ndarray:
         b, lin = self.buffers, self.e.blocks[l][name]
         T = len(x)
-        y = {"attn.c_attn": b.qkv, "mlp.c_fc": b.f}.get(name, b.a)[:T]  # (T, M)
+        y = self._out[name][:T]  # (T, M)
         if isinstance(lin, Linear):
             if self.exact:  # feeds a quantization: the unfused kernel, bit for bit
                 self.loops.matmul(y, x, lin.weight, lin.bias)
