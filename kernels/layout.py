@@ -32,8 +32,8 @@ the exp scratch), at the offsets of the scratch row. `Buffers` allocates them, t
 row buffers, and the transposed KV cache kvT (float32 models: attention then runs along
 the keys, which vectorizes).
 
-numba's on-disk cache does not notice a change of this module (it keys a compiled function
-by its own file): after changing a constant here, clear kernels/__pycache__.
+numba's on-disk cache does not notice a change of this module (see _jit.py): after changing
+a constant here, clear kernels/__pycache__.
 """
 
 from __future__ import annotations
