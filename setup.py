@@ -40,15 +40,17 @@ COMPILE_ARGS = [
 
 
 def kernel_extension(name: str) -> Extension:
-    """minitf.kernels.<name> from kernels/<name>.pyx. Every module gets the same flags: the
-    fused decode path (_cython_fused) repeats loops of _cython_kernels for W8A8 models and
-    must round exactly as they do."""
+    """minitf.kernels.<name> from kernels/<name>.pyx. Both modules include the loops of
+    kernels/_cython_loops.pxi and get the same flags, so that the fused path
+    (_cython_fused) rounds exactly as the unfused kernels (_cython_kernels) do, which W8A8
+    models need."""
     return Extension(
         f"minitf.kernels.{name}",
         [f"kernels/{name}.pyx"],
-        include_dirs=[numpy.get_include()],
+        include_dirs=[numpy.get_include(), "kernels"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=COMPILE_ARGS,
+        depends=["kernels/_cython_loops.pxi", "kernels/int8_tile.h"],
     )
 
 

@@ -1,18 +1,21 @@
 """minitf.kernels: the kernel backends and the one registry that picks between them.
 
-Three backends export the same functions with the same signatures (matmul, matmul_nt,
-quantize_rows, matmul_int8_acc, matmul_int8, softmax, layernorm, gelu, attention):
+Every backend is a `Backend` (backend.py): the same checked functions with the names and
+signatures of `numpy_ref` (matmul, matmul_nt, quantize_rows, matmul_int8_acc, matmul_int8,
+softmax, layernorm, gelu, attention), over that backend's loops:
 
-- `numpy_ref`: the readable reference, the specification the others are tested against;
-- `numba_kernels`: loop kernels compiled by numba at first use (cached on disk);
-- `cython_kernels`: loop kernels compiled ahead of time by `pip install .`.
+- "numpy": `numpy_ref`, the readable reference and the specification the others are
+  tested against (`numpy_loops` writes its results into the checked outputs);
+- "numba": loops compiled by numba at first use, cached on disk (`numba_kernels`);
+- "cython": loops compiled ahead of time by `pip install .` (`cython_kernels`).
 
     from minitf.kernels import get_backend
     K = get_backend("numba")          # or None: $MINITF_BACKEND, else "auto"
     y = K.matmul(x, w, bias)
 
-A backend that was asked for but cannot load raises BackendError; nothing falls back
-silently to another backend.
+numba and cython also have a fused path (`fused_kernels`): a whole decode step in one
+compiled call, on weights packed by `layout`. A backend that was asked for but cannot load
+raises BackendError; nothing falls back silently to another backend.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+
+from ._checks import INT8_MODES  # noqa: F401 (re-exported: the modes of matmul_int8)
+from .backend import Backend
 
 BACKENDS = ("numpy", "numba", "cython")
 
@@ -35,7 +41,9 @@ AUTO_ORDER = ("numba", "cython", "numpy")
 
 ENV_VAR = "MINITF_BACKEND"
 
-_MODULES = {"numpy": "numpy_ref", "numba": "numba_kernels", "cython": "cython_kernels"}
+# the module holding each backend's loops (its LOOPS class), and its fused kernels
+_MODULES = {"numpy": "numpy_loops", "numba": "numba_kernels", "cython": "cython_kernels"}
+FUSED_MODULES = {"numba": "numba_fused", "cython": "_cython_fused"}
 _FIXES = {
     "numpy": "reinstall minitf and numpy with `pip install .`",
     "numba": "install numba with `pip install numba` (or reinstall with `pip install .`)",
@@ -52,10 +60,20 @@ class BackendWarning(UserWarning):
     """"auto" passed over a faster backend because it cannot load (the message says why)."""
 
 
-def _load(name: str):
-    """Import a backend's module; raise BackendError with the reason and the fix."""
+_instances: dict[str, Backend] = {}  # one Backend per loops module, made at first use
+
+
+def _import(module: str):
+    return importlib.import_module(f"{__name__}.{module}")
+
+
+def _load(name: str) -> Backend:
+    """The Backend of `name`; raise BackendError with the reason and the fix."""
+    module = _MODULES[name]
     try:
-        return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        if module not in _instances:
+            _instances[module] = Backend(name, _import(module).LOOPS)
+        return _instances[module]
     except ImportError as exc:  # a missing package or an unbuilt/broken extension
         raise BackendError(
             f"kernel backend {name!r} cannot load: {type(exc).__name__}: {exc}. "
@@ -73,21 +91,21 @@ def available_backends() -> dict[str, str | None]:
     status = {}
     for name in BACKENDS:
         try:
-            importlib.import_module(f"{__name__}.{_MODULES[name]}")
+            _import(_MODULES[name])
             status[name] = None
         except ImportError as exc:
             status[name] = f"{type(exc).__name__}: {exc}"
     return status
 
 
-def get_backend(name: str | None = None):
-    """Return the backend module called `name`.
+def get_backend(name: str | None = None) -> Backend:
+    """Return the backend called `name`.
 
     Args:
         name: "numpy", "numba", "cython" or "auto" (the fastest that loads, see AUTO_ORDER);
             None reads the environment variable MINITF_BACKEND, and "auto" if it is unset.
     Returns:
-        The backend module; its NAME attribute is the backend's name.
+        The Backend (one object per backend); its NAME attribute is the backend's name.
     Raises:
         BackendError: an unknown name, or a backend that cannot load (with the reason and
             how to fix it). "auto" raises only if no backend loads; when it passes over a
@@ -112,3 +130,21 @@ def get_backend(name: str | None = None):
                 raise
             warnings.warn(f"backend 'auto' skips {candidate!r}: {exc}", BackendWarning, 2)
     raise AssertionError("unreachable: AUTO_ORDER ends with the numpy backend")
+
+
+def fused_kernels(name: str):
+    """The fused-path module of backend `name` ("numba" or "cython"): `Decoder`, the
+    compiled decode step, and the prefill stages `linear_w8a8_rows`, `causal_softmax_rows`
+    and `gelu_fast_rows` (see numba_fused.py).
+
+    Raises:
+        BackendError: `name` has no fused path, or its module cannot load.
+    """
+    if name not in FUSED_MODULES:
+        raise BackendError(f"backend {name!r} has no fused path; backends with one: "
+                           f"{', '.join(FUSED_MODULES)}")
+    try:
+        return _import(FUSED_MODULES[name])
+    except ImportError as exc:
+        raise BackendError(f"the fused kernels of backend {name!r} cannot load: "
+                           f"{type(exc).__name__}: {exc}. Fix: {_FIXES[name]}") from exc

@@ -1,10 +1,12 @@
-"""Argument checks and output allocation shared by the compiled backends' wrappers.
+"""Argument checks and output allocation of the public kernel functions (`backend.Backend`).
 
 Kernels compute; wrappers check. Each `*_args` function takes a public function's
 arguments, checks dtypes and shapes, makes the inputs C-contiguous (copying only arrays
-that are not) and allocates the outputs, so that a backend's public wrapper is: call the
-`*_args` function, call the kernel, return. The checks are attribute reads only, because
-the wrappers run once per layer per decoded token and their overhead adds up.
+that are not) and allocates the outputs, so that a public function is: call the `*_args`
+function, call the backend's loop, return. Every backend, the numpy reference included,
+goes through these, so the same bad call gives the same error on each. The checks are
+attribute reads only, because the functions run once per layer per decoded token and their
+overhead adds up.
 
 Every error names the function, the argument, what it got and what is allowed:
 TypeError for a wrong dtype, ValueError for a wrong shape or value.
@@ -16,12 +18,14 @@ import math
 
 import numpy as np
 
+from . import numpy_ref as ref
+
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 I8 = np.dtype(np.int8)
 FLOATS = (F32, F64)
 
-INT8_MODES = ("weight-only", "w8a8")
+INT8_MODES = ref.INT8_MODES  # the modes of numpy_ref.matmul_int8
 
 # int8 x int8 products are at most 128 * 128 in size, so an int32 sum of K of them is exact
 # while K <= (2**31 - 1) // 128**2.

@@ -3,383 +3,111 @@
 """Cython backend, fused path: one call per decoded token, and the prefill stages.
 
 The Cython twin of `numba_fused` (read its docstring for the design): `Decoder.step` runs a
-whole decode step, every layer, the KV-cache append, attention, the MLP, ln_f and the tied
-head, without the GIL and without allocating, on the weights the engine packed once
-(minitf/engine.py, "Fused path") and on scratch buffers it allocated once. `Decoder` keeps
-the arrays' addresses, so a step costs one Python method call, not one buffer acquisition
-per array.
+whole decode step, the engine's block forward (`Engine._run`) compiled for one token, every
+layer, the KV-cache append, attention, the MLP, ln_f and the tied head, without the GIL and
+without allocating, on the weights packed once (`layout.PackedWeights`) and the scratch
+buffers allocated once (`layout.Buffers`). `Decoder` keeps the arrays' addresses, so a step
+costs one Python method call, not one buffer acquisition per array. Every column, row and
+offset is `layout`'s: its constants are copied into the C variables below at import, and
+the sizes and scratch offsets are read from the index table.
 
 Numerics, stage by stage:
 - stages whose result feeds a run-time int8 quantization in a W8A8 model (LayerNorm,
-  attention, GELU, float matmuls) round exactly as the unfused path does (`exact`): a 1-ulp
-  difference there can flip an int8 activation and move the logits by up to 0.05. They are
-  copies of `_cython_kernels`' loops, compiled with the same flags (copies, because that
-  module has no .pxd to cimport them from; tests/test_fused.py checks their bits against
-  the originals'), and a vectorized quantizer with the same per-element operations;
-- int8 x int8 sums use AVX-512 VNNI `vpdpbusd` (64 products per instruction) on weights
-  in the tile layout of `engine.pack_vnni`; exact in any order. Activations enter as
-  unsigned bytes xq ^ 0x80 = xq + 128, and 128 * (column sum of w) is subtracted after.
-  Without VNNI the same sums run as plain loops;
+  attention, GELU, float matmuls, the quantizer) are the loops of `_cython_loops.pxi`, the
+  ones the unfused backend runs, compiled with the same flags (`exact`): a 1-ulp difference
+  there can flip an int8 activation and move the logits by up to 0.05;
+- int8 x int8 sums run the int8 tile of int8_tile.h (AVX-512 VNNI `vpdpbusd` where the
+  build has it) on the tiles of `layout.pack_vnni`, exact in any order, then the unfused
+  epilogue;
 - float32 and weight-only models run attention on a transposed copy of the KV cache
   (`_attention_t`) and GELU with a vectorized exp, within 1e-5 of the unfused path.
 """
 
-from libc.float cimport FLT_MIN
-from libc.math cimport INFINITY, exp, expf, rintf, sqrt
-from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t
+from libc.stdint cimport int64_t
 
-# The prefill stages that must round as the unfused path: the backend's own entry points.
-from minitf.kernels._cython_kernels import attention_f32 as attention_rows
-from minitf.kernels._cython_kernels import gelu_f32 as gelu_rows
-from minitf.kernels._cython_kernels import layernorm_f32 as layernorm_rows
-from minitf.kernels._cython_kernels import matmul_f32 as matmul_rows
-from minitf.kernels._cython_kernels import matmul_int8_weight_only as matmul_int8_rows
-from minitf.kernels._cython_kernels import matmul_nt_f32 as head_rows
+from minitf.kernels import layout as _layout
 
-NAME = "cython"
+include "_cython_loops.pxi"  # the unfused backend's loops
 
-# Index table columns, kinds and rows: the layout engine.FusedWeights writes.
-cdef enum:
-    # columns
-    KIND = 0
-    K = 1
-    M = 2
-    W = 3
-    B = 4
-    S = 5
-    Q = 6
-    P = 7
-    KP = 8
-    MP = 9
-    SUM = 10
-    NCOL = 11
-    # kinds of linear layer
-    F32 = 0
-    INT8 = 1
-    W8A8 = 2
-    # rows, and a block's rows in order
-    ROW_DIMS = 0
-    ROW_WTE = 1
-    ROW_WPE = 2
-    ROW_LNF = 3
-    FIRST_LAYER_ROW = 4
-    ROWS_PER_LAYER = 6
-    LN_1 = 0
-    C_ATTN = 1
-    ATTN_PROJ = 2
-    LN_2 = 3
-    C_FC = 4
-    MLP_PROJ = 5
-    # outputs per VNNI tile: 4 zmm registers of 16 int32 lanes
-    TILE = 64
-    # decode_step's int32 scratch: state, then the int32 sums (see numba_fused.decode_step)
-    SI_STATE = 0
-    SI_ACC = 16
-
-LAYOUT = dict(KIND=KIND, K=K, M=M, W=W, B=B, S=S, Q=Q, P=P, KP=KP, MP=MP, SUM=SUM, F32=F32,
-              INT8=INT8, W8A8=W8A8, ROW_DIMS=ROW_DIMS, ROW_WTE=ROW_WTE, ROW_WPE=ROW_WPE,
-              ROW_LNF=ROW_LNF, FIRST_LAYER_ROW=FIRST_LAYER_ROW, ROWS_PER_LAYER=ROWS_PER_LAYER,
-              TILE=TILE, SI_STATE=SI_STATE, SI_ACC=SI_ACC)
-
-cdef double GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+# The layout, as C variables (read in nogil code) set from the one Python definition.
+cdef Py_ssize_t NCOL = _layout.NCOL
+cdef Py_ssize_t KIND = _layout.KIND, K = _layout.K, M = _layout.M, W = _layout.W
+cdef Py_ssize_t B = _layout.B, S = _layout.S, Q = _layout.Q, P = _layout.P
+cdef Py_ssize_t KP = _layout.KP, MP = _layout.MP, SUM = _layout.SUM
+cdef int64_t F32 = _layout.F32, INT8 = _layout.INT8
+cdef Py_ssize_t ROW_DIMS = _layout.ROW_DIMS, ROW_SCRATCH = _layout.ROW_SCRATCH
+cdef Py_ssize_t ROW_WTE = _layout.ROW_WTE, ROW_WPE = _layout.ROW_WPE, ROW_LNF = _layout.ROW_LNF
+cdef Py_ssize_t FIRST_LAYER_ROW = _layout.FIRST_LAYER_ROW
+cdef Py_ssize_t ROWS_PER_LAYER = _layout.ROWS_PER_LAYER
+cdef Py_ssize_t LN_1 = _layout.LN_1, C_ATTN = _layout.C_ATTN, ATTN_PROJ = _layout.ATTN_PROJ
+cdef Py_ssize_t LN_2 = _layout.LN_2, C_FC = _layout.C_FC, MLP_PROJ = _layout.MLP_PROJ
+cdef Py_ssize_t DIM_L = _layout.DIM_L, DIM_C = _layout.DIM_C, DIM_NH = _layout.DIM_NH
+cdef Py_ssize_t DIM_V = _layout.DIM_V, DIM_BLOCK = _layout.DIM_BLOCK, DIM_FF = _layout.DIM_FF
+cdef Py_ssize_t DIM_BP = _layout.DIM_BP
+cdef Py_ssize_t SF_X = _layout.SF_X, SF_H = _layout.SF_H, SF_A = _layout.SF_A
+cdef Py_ssize_t SF_QKV = _layout.SF_QKV, SF_F = _layout.SF_F, SF_G = _layout.SF_G
+cdef Py_ssize_t SF_ATT = _layout.SF_ATT, SF_S64 = _layout.SF_S64
+cdef Py_ssize_t SI_XQ = _layout.SI_XQ, SI_STATE = _layout.SI_STATE, SI_ACC = _layout.SI_ACC
+cdef Py_ssize_t TILE_K = _layout.TILE_K, TILE_M = _layout.TILE_M
 
 
-# ------------------------------------------------------------------ int8 tiles (VNNI) ----
-# C, because the instruction is reached through an intrinsic: one tile of 64 outputs for
-# 1 or 4 rows, 4 zmm accumulators per row kept in registers over the whole k loop.
+# ------------------------------------------------------------------------ int8 tile -----
 
-cdef extern from *:
-    """
-    #include <immintrin.h>
-    #include <stdint.h>
-    #include <string.h>
-
-    #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-    #define MINITF_HAS_VNNI 1
-    /* acc[r * a_stride + o] = sum_g sum_i (xq[r * x_stride + 4g + i] + 128) * wp[256 g + 4 o + i] */
-    static void minitf_int8_tile(int32_t *acc, Py_ssize_t a_stride, const int8_t *xq,
-                                 Py_ssize_t x_stride, const int8_t *wp, Py_ssize_t groups,
-                                 int rows) {
-        __m512i a[4][4];
-        for (int r = 0; r < 4; r++)
-            for (int t = 0; t < 4; t++) a[r][t] = _mm512_setzero_si512();
-        if (rows == 4) {
-            for (Py_ssize_t g = 0; g < groups; g++) {
-                const int8_t *w = wp + 256 * g;
-                __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
-                __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
-                for (int r = 0; r < 4; r++) {
-                    int32_t x4;
-                    memcpy(&x4, xq + r * x_stride + 4 * g, 4);
-                    __m512i x = _mm512_set1_epi32(x4 ^ (int32_t)0x80808080u);  /* + 128 */
-                    a[r][0] = _mm512_dpbusd_epi32(a[r][0], x, w0);
-                    a[r][1] = _mm512_dpbusd_epi32(a[r][1], x, w1);
-                    a[r][2] = _mm512_dpbusd_epi32(a[r][2], x, w2);
-                    a[r][3] = _mm512_dpbusd_epi32(a[r][3], x, w3);
-                }
-            }
-        } else {
-            for (Py_ssize_t g = 0; g < groups; g++) {
-                const int8_t *w = wp + 256 * g;
-                int32_t x4;
-                memcpy(&x4, xq + 4 * g, 4);
-                __m512i x = _mm512_set1_epi32(x4 ^ (int32_t)0x80808080u);
-                a[0][0] = _mm512_dpbusd_epi32(a[0][0], x, _mm512_loadu_si512(w));
-                a[0][1] = _mm512_dpbusd_epi32(a[0][1], x, _mm512_loadu_si512(w + 64));
-                a[0][2] = _mm512_dpbusd_epi32(a[0][2], x, _mm512_loadu_si512(w + 128));
-                a[0][3] = _mm512_dpbusd_epi32(a[0][3], x, _mm512_loadu_si512(w + 192));
-            }
-        }
-        for (int r = 0; r < rows; r++)
-            for (int t = 0; t < 4; t++)
-                _mm512_storeu_si512(acc + r * a_stride + 16 * t, a[r][t]);
-    }
-    #else
-    #define MINITF_HAS_VNNI 0
-    /* the same sums as plain loops, for CPUs without AVX-512 VNNI */
-    static void minitf_int8_tile(int32_t *acc, Py_ssize_t a_stride, const int8_t *xq,
-                                 Py_ssize_t x_stride, const int8_t *wp, Py_ssize_t groups,
-                                 int rows) {
-        for (int r = 0; r < rows; r++)
-            for (int o = 0; o < 64; o++) {
-                int32_t s = 0;
-                for (Py_ssize_t g = 0; g < groups; g++)
-                    for (int i = 0; i < 4; i++)
-                        s += ((int32_t)xq[r * x_stride + 4 * g + i] + 128)
-                             * (int32_t)wp[256 * g + 4 * o + i];
-                acc[r * a_stride + o] = s;
-            }
-    }
-    #endif
-    """
-    int MINITF_HAS_VNNI
+cdef extern from "int8_tile.h":
+    int MINITF_HAS_VNNI, MINITF_TILE_K, MINITF_TILE_M
     void minitf_int8_tile(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq,
                           Py_ssize_t x_stride, const int8_t* wp, Py_ssize_t groups,
                           int rows) noexcept nogil
 
+if (MINITF_TILE_K, MINITF_TILE_M) != (TILE_K, TILE_M):  # the tile kernel is written for one shape
+    raise ImportError(f"int8_tile.h computes {MINITF_TILE_K} x {MINITF_TILE_M} tiles, "
+                      f"layout.py packs {TILE_K} x {TILE_M}: rebuild with matching sources")
 HAS_VNNI = bool(MINITF_HAS_VNNI)
 
 
-# ------------------------------------------- stages copied from _cython_kernels ----------
-# Float-only copies of `_cython_kernels`' loops, compiled with the same flags (setup.py):
-# they give the same bits, which W8A8 models need (module docstring). Keep them identical.
+# ----------------------------------------------------------------------- linear layers ---
 
 
-cdef inline float _dot(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
-    """_cython_kernels._dot: sum_k a[k] * b[k] in float32."""
-    cdef float acc = 0
-    cdef Py_ssize_t k
-    for k in range(n):
-        acc += a[k] * b[k]
-    return acc
-
-
-cdef void _matmul_row(float* y, const float* x, const float* w,
-                      Py_ssize_t K, Py_ssize_t M) noexcept nogil:
-    """_cython_kernels._matmul_row: y (M,) = x (K,) @ w (K, M)."""
-    cdef Py_ssize_t k = 0, m
-    cdef float a0, a1, a2, a3
-    cdef const float* w0
-    for m in range(M):
-        y[m] = 0
-    while k + 4 <= K:
-        a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
-        w0 = w + k * M
-        for m in range(M):
-            y[m] += a0 * w0[m] + a1 * w0[M + m] + a2 * w0[2 * M + m] + a3 * w0[3 * M + m]
-        k += 4
-    while k < K:
-        a0 = x[k]
-        w0 = w + k * M
-        for m in range(M):
-            y[m] += a0 * w0[m]
-        k += 1
-
-
-cdef void _layernorm(float* y, const float* x, const float* weight, const float* bias,
-                     double eps, Py_ssize_t N, Py_ssize_t C) noexcept nogil:
-    """_cython_kernels._layernorm: rows of x (N, C) into y; sums in double."""
-    cdef Py_ssize_t n, c
-    cdef double total, mean, sq, d, rstd
-    cdef const float* xr
-    cdef float* yr
-    for n in range(N):
-        xr = x + n * C
-        yr = y + n * C
-        total = 0
-        for c in range(C):
-            total += xr[c]
-        mean = total / C
-        sq = 0
-        for c in range(C):
-            d = xr[c] - mean
-            sq += d * d
-        rstd = 1.0 / sqrt(sq / C + eps)  # biased variance, as torch / GPT-2
-        for c in range(C):
-            yr[c] = <float>((xr[c] - mean) * rstd * weight[c] + bias[c])
-
-
-cdef void _gelu(float* y, const float* x, Py_ssize_t n) noexcept nogil:
-    """_cython_kernels._gelu: GELU of x (n,) into y, as v / (1 + exp(-2u)) in float32."""
-    cdef Py_ssize_t i
-    cdef float v, u
-    cdef float c2 = <float>(2.0 * GELU_C), c3 = <float>0.044715
-    for i in range(n):
-        v = x[i]
-        u = -c2 * (v + c3 * v * v * v)
-        y[i] = v / (1 + expf(u))
-
-
-cdef void _attention(float* out, float* att, const float* q, const float* k, const float* v,
-                     Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t C, Py_ssize_t n_head,
-                     float scale) noexcept nogil:
-    """_cython_kernels._attention: causal attention, out (Tq, C), att (NH, Tq, Tk) weights."""
-    cdef Py_ssize_t HS = C // n_head
-    cdef Py_ssize_t h, i, j, c, last
-    cdef float s, p
-    cdef double mx, total
-    cdef float* a
-    cdef float* o
-    cdef const float* qi
-    cdef const float* vj
-    for h in range(n_head):
-        for i in range(Tq):
-            last = Tk - Tq + i
-            a = att + (h * Tq + i) * Tk  # (Tk,)
-            qi = q + i * C + h * HS  # (HS,)
-            mx = -INFINITY
-            for j in range(last + 1):
-                s = _dot(qi, k + j * C + h * HS, HS) * scale
-                a[j] = s
-                if s > mx:
-                    mx = s
-            total = 0
-            for j in range(last + 1):
-                a[j] = <float>exp(a[j] - mx)
-                total += a[j]  # the rounded weights, which are what is stored
-            for j in range(last + 1):
-                a[j] = <float>(a[j] / total)
-            for j in range(last + 1, Tk):
-                a[j] = 0
-            o = out + i * C + h * HS  # (HS,)
-            for c in range(HS):
-                o[c] = 0
-            for j in range(last + 1):
-                p = a[j]
-                vj = v + j * C + h * HS
-                for c in range(HS):
-                    o[c] += p * vj[c]
-
-
-# ------------------------------------------------------------------ fused stages ---------
-
-
-cdef extern from *:
-    """
-    /* max |x[k]| as the bits of a float: for floats with the sign cleared, the integer order
-       of the bits is the float order, and every NaN is above inf (0x7f800000) */
-    static uint32_t minitf_absmax_bits(const float *x, Py_ssize_t n) {
-        uint32_t m = 0;
-        for (Py_ssize_t k = 0; k < n; k++) {
-            uint32_t b;
-            memcpy(&b, x + k, 4);
-            b &= 0x7fffffffu;
-            m = b > m ? b : m;
-        }
-        return m;
-    }
-    static float minitf_float_of_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
-    """
-    uint32_t minitf_absmax_bits(const float* x, Py_ssize_t n) noexcept nogil
-    float minitf_float_of_bits(uint32_t b) noexcept nogil
-
-
-cdef float _quantize(int8_t* xq, const float* x, Py_ssize_t K) noexcept nogil:
-    """`_cython_kernels._quantize_row` bit for bit, in loops gcc vectorizes: the max of |x|
-    through the integer order of its bits (exact, and a NaN shows as bits above inf's),
-    then the same x / scale rounded half to even and clamped, element by element."""
-    cdef uint32_t amax_bits = minitf_absmax_bits(x, K)
-    cdef float scale = minitf_float_of_bits(amax_bits) / <float>127.0, r
-    cdef Py_ssize_t k
-    if amax_bits > 0x7f800000u or not (scale >= FLT_MIN and scale < INFINITY):
-        for k in range(K):
-            xq[k] = 0
-        return 1.0
-    for k in range(K):
-        r = rintf(x[k] / scale)
-        r = 127 if r > 127 else (-127 if r < -127 else r)
-        xq[k] = <int8_t>r
-    return scale
-
-
-cdef void _matmul_int8_weight_only_row(float* y, const float* x, const int8_t* wq,
-                                       const float* w_scale, const float* bias,
-                                       Py_ssize_t K, Py_ssize_t M) noexcept nogil:
-    """One row of `_cython_kernels.matmul_int8_weight_only`: (x @ float(wq)) * w_scale + bias."""
-    cdef Py_ssize_t k = 0, m
-    cdef float a0, a1, a2, a3
-    cdef const int8_t* w0
-    for m in range(M):
-        y[m] = 0
-    while k + 4 <= K:
-        a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
-        w0 = wq + k * M
-        for m in range(M):
-            y[m] += (a0 * <float>w0[m] + a1 * <float>w0[M + m]
-                     + a2 * <float>w0[2 * M + m] + a3 * <float>w0[3 * M + m])
-        k += 4
-    while k < K:
-        a0 = x[k]
-        w0 = wq + k * M
-        for m in range(M):
-            y[m] += a0 * <float>w0[m]
-        k += 1
-    for m in range(M):
-        y[m] = y[m] * w_scale[m]  # the channel scale, once per output
-    for m in range(M):
-        y[m] += bias[m]
-
-
-cdef void _w8a8_epilogue(float* y, const int32_t* acc, const int32_t* wsum, float s,
-                         const float* w_scale, const float* bias, Py_ssize_t M) noexcept nogil:
-    """y = (float32(acc - 128 wsum) * s) * w_scale + bias, in the loops (and so the rounding)
-    of `_cython_kernels.matmul_w8a8`."""
+cdef inline void _unsign(int32_t* acc, const int32_t* wsum, Py_ssize_t Mn) noexcept nogil:
+    """acc -= 128 * wsum: the tile summed (xq + 128) * w, this leaves xq * w."""
     cdef Py_ssize_t m
-    for m in range(M):
-        y[m] = <float>(acc[m] - 128 * wsum[m]) * s
-    for m in range(M):
-        y[m] = y[m] * w_scale[m]
-    for m in range(M):
-        y[m] += bias[m]
+    for m in range(Mn):
+        acc[m] -= 128 * wsum[m]
 
 
 cdef void _linear_w8a8_row(float* y, int8_t* xq, int32_t* acc, const float* x,
                            const int8_t* wp, const int32_t* wsum, const float* w_scale,
-                           const float* bias, Py_ssize_t K, Py_ssize_t M,
+                           const float* bias, Py_ssize_t Kn, Py_ssize_t Mn,
                            Py_ssize_t Mp) noexcept nogil:
-    """One row of `_cython_kernels.matmul_w8a8` (bit-identical): quantize x (K,), int32 sums
-    on the tiled weights wp, then both scales. Scratch xq (>= Kp,), acc (>= Mp,)."""
-    cdef Py_ssize_t groups = (K + 3) // 4, tile
-    cdef float s = _quantize(xq, x, K)
-    for tile in range(Mp // TILE):
-        minitf_int8_tile(acc + tile * TILE, 0, xq, 0, wp + tile * groups * 4 * TILE, groups, 1)
-    _w8a8_epilogue(y, acc, wsum, s, w_scale, bias, M)
+    """One row of `_cython_kernels.matmul_w8a8` (bit-identical): quantize x (Kn,), int32 sums
+    on the tiles wp, then the unfused epilogue. Scratch xq (>= Kp,), acc (>= Mp,)."""
+    cdef Py_ssize_t groups = (Kn + TILE_K - 1) // TILE_K, tile
+    cdef float s = _quantize_row(xq, x, Kn)  # padded k rows hold zero weights: xq ignored
+    for tile in range(Mp // TILE_M):
+        minitf_int8_tile(acc + tile * TILE_M, 0, xq, 0, wp + tile * groups * TILE_K * TILE_M,
+                         groups, 1)
+    _unsign(acc, wsum, Mn)
+    _w8a8_epilogue(y, acc, s, w_scale, bias, Mn)
 
 
 cdef void _linear_row(float* y, const float* x, const float* pf, const int8_t* pq,
                       const int32_t* pi, const int64_t* row, int8_t* xq,
                       int32_t* acc) noexcept nogil:
-    """y (M,) = the linear layer of table row `row` applied to x (K,), by its kind."""
+    """y (M,) = the linear layer of table row `row` applied to x (K,), by its kind: F32 and
+    INT8 (weight-only) run the unfused kernels' row loops; W8A8 `_linear_w8a8_row`."""
     cdef Py_ssize_t Kn = row[K], Mn = row[M], m
-    if row[KIND] == F32:  # _cython_kernels.matmul_f32 for one row, bit for bit
+    if row[KIND] == F32:
         _matmul_row(y, x, pf + row[W], Kn, Mn)
         for m in range(Mn):
             y[m] += pf[row[B] + m]
     elif row[KIND] == INT8:
-        _matmul_int8_weight_only_row(y, x, pq + row[Q], pf + row[S], pf + row[B], Kn, Mn)
+        _matmul_int8_row(y, x, pq + row[Q], pf + row[S], pf + row[B], Kn, Mn)
     else:
         _linear_w8a8_row(y, xq, acc, x, pq + row[P], pi + row[SUM], pf + row[S], pf + row[B],
                          Kn, Mn, row[MP])
+
+
+# ------------------------------------------------------------- float32 fast stages ------
 
 
 # float32 exp, vectorizable (libm's expf is a call per element): Cephes' expf, as in
@@ -389,7 +117,6 @@ cdef void _linear_row(float* y, const float* x, const float* pf, const int8_t* p
 
 cdef extern from *:
     """
-    #include <string.h>
     static inline float minitf_exp2i(int32_t k) {  /* 2^k as a float, -126 <= k <= 127 */
         int32_t bits = (k + 127) << 23;
         float f;
@@ -492,14 +219,6 @@ cdef void _attention_t(float* out, float* s, double* s64, const float* q, const 
             out[c] = acc
 
 
-cdef void _head(float* logits, const float* x, const float* wte, Py_ssize_t V,
-                Py_ssize_t C) noexcept nogil:
-    """logits (V,) = x (C,) @ wte (V, C).T, the tied head (`_cython_kernels.matmul_nt_f32`)."""
-    cdef Py_ssize_t v
-    for v in range(V):
-        logits[v] = _dot(x, wte + v * C, C)
-
-
 # ------------------------------------------------------------------------ decode ---------
 
 
@@ -507,24 +226,26 @@ cdef void _decode_step(float* logits, float* sf, int32_t* si, float* k_cache, fl
                        float* kvT, const float* pf, const int8_t* pq, const int32_t* pi,
                        const int64_t* tab, Py_ssize_t token, Py_ssize_t pos, double eps,
                        bint exact) noexcept nogil:
-    """Logits (V,) of `token` at `pos`: the engine's unfused `_forward` over one token.
+    """Logits (V,) of `token` at `pos`: the engine's block forward over one token.
     Buffers and layout: numba_fused.decode_step."""
     cdef const int64_t* dims = tab + ROW_DIMS * NCOL
-    cdef Py_ssize_t L = dims[0], C = dims[1], NH = dims[2], V = dims[3], Bk = dims[4], FF = dims[5]
-    cdef Py_ssize_t Bp = dims[8], Tk = pos + 1, l, c, t, synced
-    cdef float* x = sf
-    cdef float* h = sf + C
-    cdef float* a = sf + 2 * C
-    cdef float* qkv = sf + 3 * C
-    cdef float* f = sf + 6 * C
-    cdef float* g = sf + 6 * C + FF
-    cdef float* att = sf + 6 * C + 2 * FF
-    cdef double* s64 = <double*>(sf + 6 * C + 2 * FF + NH * Bp)
+    cdef const int64_t* sc = tab + ROW_SCRATCH * NCOL
+    cdef Py_ssize_t L = dims[DIM_L], C = dims[DIM_C], NH = dims[DIM_NH], V = dims[DIM_V]
+    cdef Py_ssize_t Bk = dims[DIM_BLOCK], FF = dims[DIM_FF], Bp = dims[DIM_BP]
+    cdef Py_ssize_t Tk = pos + 1, l, c, t, synced
+    cdef float* x = sf + sc[SF_X]
+    cdef float* h = sf + sc[SF_H]
+    cdef float* a = sf + sc[SF_A]
+    cdef float* qkv = sf + sc[SF_QKV]
+    cdef float* f = sf + sc[SF_F]
+    cdef float* g = sf + sc[SF_G]
+    cdef float* att = sf + sc[SF_ATT]
+    cdef double* s64 = <double*>(sf + sc[SF_S64])
     cdef int32_t* acc = si + SI_ACC
-    cdef int8_t* xq = <int8_t*>(si + dims[9])
+    cdef int8_t* xq = <int8_t*>(si + sc[SI_XQ])
     cdef const float* wte = pf + tab[ROW_WTE * NCOL + W]
     cdef const float* wpe = pf + tab[ROW_WPE * NCOL + W]
-    cdef float scale = <float>(1.0 / sqrt(<double>(C // NH)))  # as cython_kernels.attention
+    cdef float scale = <float>(1.0 / sqrt(<double>(C // NH)))  # as the checks compute it
     cdef const int64_t* r
     cdef float* kc
     cdef float* vc
@@ -544,7 +265,7 @@ cdef void _decode_step(float* logits, float* sf, int32_t* si, float* k_cache, fl
             vc[pos * C + c] = qkv[2 * C + c]
         if exact:
             _attention(h, att, qkv, kc, vc, 1, Tk, C, NH, scale)
-        else:
+        else:  # differs: along the keys of the transposed cache, which vectorizes (1e-5)
             kT = kvT + l * C * Bp
             vT = kvT + (L + l) * C * Bp
             for t in range(synced, Tk):  # positions the transposed cache does not have yet
@@ -559,7 +280,7 @@ cdef void _decode_step(float* logits, float* sf, int32_t* si, float* k_cache, fl
         _linear_row(f, h, pf, pq, pi, r + C_FC * NCOL, xq, acc)
         if exact:
             _gelu(g, f, FF)
-        else:
+        else:  # differs: with the vectorized exp (1e-5)
             _gelu_fast(g, f, FF)
         _linear_row(a, g, pf, pq, pi, r + MLP_PROJ * NCOL, xq, acc)
         for c in range(C):
@@ -568,7 +289,7 @@ cdef void _decode_step(float* logits, float* sf, int32_t* si, float* k_cache, fl
         si[SI_STATE] = Tk
     r = tab + ROW_LNF * NCOL
     _layernorm(h, x, pf + r[W], pf + r[B], eps, 1, C)
-    _head(logits, h, wte, V, C)
+    _matmul_nt(logits, h, wte, 1, C, V)  # the tied head
 
 
 cdef class Decoder:
@@ -619,9 +340,8 @@ cdef class Decoder:
 
 
 # ------------------------------------------------------------------------ prefill --------
-# Called by the engine's prefill (FusedPath.prefill) once per layer operation on T rows.
-# layernorm_rows, matmul_rows, matmul_int8_rows, attention_rows, gelu_rows and head_rows
-# (imported above) are the unfused backend's entry points themselves.
+# Called by the engine's prefill (minitf/engine.py, `FusedOps`) on T rows, beside the
+# unfused backend's own entry points.
 
 
 def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[::1] acc,
@@ -630,23 +350,23 @@ def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[
     """`_cython_kernels.matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass.
 
     Outputs y (N, M); scratch xq (N, Kp) int8, sx (N,), acc (>= 4 Mp,) int32; inputs x (N, K),
-    tiled weights wp, wsum (Mp,) column sums, w_scale (M,), bias (M,).
+    tiles wp, wsum (Mp,) column sums, w_scale (M,), bias (M,).
     """
     cdef Py_ssize_t N = x.shape[0], Kn = x.shape[1], Mn = y.shape[1]
-    cdef Py_ssize_t Kp = xq.shape[1], Mp = wsum.shape[0], groups = Kp // 4
+    cdef Py_ssize_t Kp = xq.shape[1], Mp = wsum.shape[0], groups = Kp // TILE_K
     cdef Py_ssize_t n = 0, r, tile
     cdef int rows
     with nogil:
         for r in range(N):
-            sx[r] = _quantize(&xq[r, 0], &x[r, 0], Kn)
+            sx[r] = _quantize_row(&xq[r, 0], &x[r, 0], Kn)
         while n < N:
             rows = 4 if n + 4 <= N else 1
-            for tile in range(Mp // TILE):
-                minitf_int8_tile(&acc[tile * TILE], Mp, &xq[n, 0], Kp,
-                                 &wp[tile * groups * 4 * TILE], groups, rows)
+            for tile in range(Mp // TILE_M):
+                minitf_int8_tile(&acc[tile * TILE_M], Mp, &xq[n, 0], Kp,
+                                 &wp[tile * groups * TILE_K * TILE_M], groups, rows)
             for r in range(rows):
-                _w8a8_epilogue(&y[n + r, 0], &acc[r * Mp], &wsum[0], sx[n + r], &w_scale[0],
-                               &bias[0], Mn)
+                _unsign(&acc[r * Mp], &wsum[0], Mn)
+                _w8a8_epilogue(&y[n + r, 0], &acc[r * Mp], sx[n + r], &w_scale[0], &bias[0], Mn)
             n += rows
 
 
@@ -679,37 +399,3 @@ def gelu_fast_rows(float[:, ::1] y, const float[:, ::1] x, int32_t[::1] si):
     """GELU of x (T, FF) into y with the vectorized exp (`_gelu_fast`); si: unused."""
     with nogil:
         _gelu_fast(&y[0, 0], &x[0, 0], x.shape[0] * x.shape[1])
-
-
-def head(float[::1] logits, const float[::1] x, const float[:, ::1] wte):
-    """logits (V,) = x (C,) @ wte (V, C).T: one row of the tied head."""
-    with nogil:
-        _head(&logits[0], &x[0], &wte[0, 0], wte.shape[0], wte.shape[1])
-
-
-# For tests/test_fused.py: the copied loops, run alone, to compare bit for bit with the
-# `_cython_kernels` entry points they copy (so that a change there cannot go unnoticed).
-
-
-def _copied_attention(float[:, ::1] out, float[:, :, ::1] att, const float[:, ::1] q,
-                      const float[:, ::1] k, const float[:, ::1] v, Py_ssize_t n_head,
-                      float scale):
-    _attention(&out[0, 0], &att[0, 0, 0], &q[0, 0], &k[0, 0], &v[0, 0], q.shape[0],
-               k.shape[0], q.shape[1], n_head, scale)
-
-
-def _copied_gelu(float[::1] y, const float[::1] x):
-    _gelu(&y[0], &x[0], x.shape[0])
-
-
-def _copied_layernorm(float[:, ::1] y, const float[:, ::1] x, const float[::1] weight,
-                      const float[::1] bias, double eps):
-    _layernorm(&y[0, 0], &x[0, 0], &weight[0], &bias[0], eps, x.shape[0], x.shape[1])
-
-
-def _copied_matmul_row(float[::1] y, const float[::1] x, const float[:, ::1] w):
-    _matmul_row(&y[0], &x[0], &w[0, 0], w.shape[0], w.shape[1])
-
-
-def _vectorized_quantize(int8_t[::1] xq, const float[::1] x):
-    return _quantize(&xq[0], &x[0], x.shape[0])

@@ -1,312 +1,16 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False
-"""Cython loop kernels of minitf (private: `cython_kernels` is the checked Python API).
+"""The Cython backend's entry points (private: `cython_kernels.CythonLoops` calls them, and
+`backend.Backend` is the checked public API).
 
-The same loops as `numba_kernels`, compiled ahead of time. Each `def` entry point takes
-C-contiguous typed memoryviews, outputs first, then inputs, weights and sizes; it does no
-checking (the wrapper did) and runs its loops without the GIL. Entry points come in a
-`_f32` and a `_f64` version where both dtypes are supported, so the wrapper picks one by
+Each `def` takes C-contiguous typed memoryviews, outputs first, then inputs, weights and
+sizes; it does no checking (the wrapper did) and runs its loop without the GIL. The loops
+themselves are `_cython_loops.pxi`'s, shared with the fused path. Entry points come in a
+`_f32` and a `_f64` version where both dtypes are supported, so the caller picks one by
 dtype instead of paying for Cython's fused-type dispatch on every call.
-
-Matmul loops run k outside m so that the innermost loop walks a (K, M) weight row and an
-output row contiguously and gcc vectorizes it; k is unrolled by 4 (and rows taken 4 at a
-time) so each output element is loaded and stored once per 4 products. Sums of floats are
-reassociated by the compiler (setup.py: -fassociative-math), as numba's fastmath does;
-int8 products are widened to int32 before they are summed, so those sums are exact.
 """
 
-from libc.float cimport FLT_MIN
-from libc.math cimport INFINITY, exp, expf, fabsf, rintf, sqrt
-from libc.stdint cimport int8_t, int32_t
-
-ctypedef fused real:
-    float
-    double
-
-cdef double GELU_C = 0.7978845608028654  # sqrt(2 / pi)
-
-
-# ------------------------------------------------------------------- building blocks ----
-
-
-cdef inline real _dot(const real* a, const real* b, Py_ssize_t n) noexcept nogil:
-    """sum_k a[k] * b[k], summed in the dtype of the arrays."""
-    cdef real acc = 0
-    cdef Py_ssize_t k
-    for k in range(n):
-        acc += a[k] * b[k]
-    return acc
-
-
-cdef void _matmul_row(real* y, const real* x, const real* w,
-                      Py_ssize_t K, Py_ssize_t M) noexcept nogil:
-    """y (M,) = x (K,) @ w (K, M)."""
-    cdef Py_ssize_t k = 0, m
-    cdef real a0, a1, a2, a3
-    cdef const real* w0
-    for m in range(M):
-        y[m] = 0
-    while k + 4 <= K:
-        a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
-        w0 = w + k * M
-        for m in range(M):
-            y[m] += a0 * w0[m] + a1 * w0[M + m] + a2 * w0[2 * M + m] + a3 * w0[3 * M + m]
-        k += 4
-    while k < K:
-        a0 = x[k]
-        w0 = w + k * M
-        for m in range(M):
-            y[m] += a0 * w0[m]
-        k += 1
-
-
-cdef void _matmul_4rows(real* y, const real* x, const real* w,
-                        Py_ssize_t K, Py_ssize_t M) noexcept nogil:
-    """y[0:4] (4, M) = x[0:4] (4, K) @ w (K, M): each weight loaded once for 4 rows x 4 k.
-
-    Rows are addressed from one base pointer each for y and w (y[r*M + m], w[(k+i)*M + m]):
-    with a pointer per row gcc gives up on the alias checks and does not vectorize.
-    """
-    cdef Py_ssize_t k = 0, m
-    cdef Py_ssize_t M2 = 2 * M, M3 = 3 * M
-    cdef const real* wk
-    cdef real b0, b1, b2, b3
-    cdef real a00, a01, a02, a03, a10, a11, a12, a13
-    cdef real a20, a21, a22, a23, a30, a31, a32, a33
-    for m in range(4 * M):
-        y[m] = 0
-    while k + 4 <= K:
-        wk = w + k * M
-        # in locals: the compiler cannot prove that the stores to y leave x unchanged
-        a00 = x[k]; a01 = x[k + 1]; a02 = x[k + 2]; a03 = x[k + 3]
-        a10 = x[K + k]; a11 = x[K + k + 1]; a12 = x[K + k + 2]; a13 = x[K + k + 3]
-        a20 = x[2 * K + k]; a21 = x[2 * K + k + 1]; a22 = x[2 * K + k + 2]; a23 = x[2 * K + k + 3]
-        a30 = x[3 * K + k]; a31 = x[3 * K + k + 1]; a32 = x[3 * K + k + 2]; a33 = x[3 * K + k + 3]
-        for m in range(M):
-            b0 = wk[m]; b1 = wk[M + m]; b2 = wk[M2 + m]; b3 = wk[M3 + m]
-            y[m] += a00 * b0 + a01 * b1 + a02 * b2 + a03 * b3
-            y[M + m] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
-            y[M2 + m] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
-            y[M3 + m] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
-        k += 4
-    while k < K:
-        wk = w + k * M
-        a00 = x[k]; a10 = x[K + k]; a20 = x[2 * K + k]; a30 = x[3 * K + k]
-        for m in range(M):
-            y[m] += a00 * wk[m]
-            y[M + m] += a10 * wk[m]
-            y[M2 + m] += a20 * wk[m]
-            y[M3 + m] += a30 * wk[m]
-        k += 1
-
-
-cdef void _matmul(real* y, const real* x, const real* w, const real* bias,
-                  Py_ssize_t N, Py_ssize_t K, Py_ssize_t M) noexcept nogil:
-    """y (N, M) = x (N, K) @ w (K, M) (+ bias (M,) unless NULL)."""
-    cdef Py_ssize_t n = 0, m
-    while n + 4 <= N:
-        _matmul_4rows(y + n * M, x + n * K, w, K, M)
-        n += 4
-    while n < N:
-        _matmul_row(y + n * M, x + n * K, w, K, M)
-        n += 1
-    if bias != NULL:
-        for n in range(N):
-            for m in range(M):
-                y[n * M + m] += bias[m]
-
-
-cdef void _matmul_nt(real* y, const real* x, const real* w,
-                     Py_ssize_t N, Py_ssize_t K, Py_ssize_t M) noexcept nogil:
-    """y (N, M) = x (N, K) @ w.T, w (M, K); each output is a contiguous dot product.
-
-    Four rows of w at a time: x is loaded once for four independent sums, which also
-    hides the latency of each sum's chain of additions.
-    """
-    cdef Py_ssize_t n, m, k
-    cdef real a, s0, s1, s2, s3
-    cdef const real* xr
-    cdef const real* w0
-    for n in range(N):
-        xr = x + n * K
-        m = 0
-        while m + 4 <= M:
-            w0 = w + m * K
-            s0 = 0; s1 = 0; s2 = 0; s3 = 0
-            for k in range(K):
-                a = xr[k]
-                s0 += a * w0[k]
-                s1 += a * w0[K + k]
-                s2 += a * w0[2 * K + k]
-                s3 += a * w0[3 * K + k]
-            y[n * M + m] = s0; y[n * M + m + 1] = s1
-            y[n * M + m + 2] = s2; y[n * M + m + 3] = s3
-            m += 4
-        while m < M:
-            y[n * M + m] = _dot(xr, w + m * K, K)
-            m += 1
-
-
-cdef float _quantize_row(int8_t* xq, const float* x, Py_ssize_t K) noexcept nogil:
-    """Quantize one row x (K,) into xq (K,) int8; return its scale (1 for a rejected row)."""
-    cdef float amax = 0, a, scale, r
-    cdef Py_ssize_t k
-    for k in range(K):
-        a = fabsf(x[k])
-        if a > amax or a != a:  # `a != a`: a NaN sticks, so the row is rejected below
-            amax = a
-    scale = amax / <float>127.0
-    if not (scale >= FLT_MIN and scale < INFINITY):  # zero, subnormal, inf or NaN
-        for k in range(K):
-            xq[k] = 0
-        return 1.0
-    for k in range(K):
-        r = rintf(x[k] / scale)  # round half to even (the default rounding mode)
-        if r > 127:
-            r = 127
-        elif r < -127:
-            r = -127
-        xq[k] = <int8_t>r
-    return scale
-
-
-cdef void _int8_acc_row(int32_t* acc, const int8_t* xq, const int8_t* wq,
-                        Py_ssize_t K, Py_ssize_t M) noexcept nogil:
-    """acc (M,) int32 = xq (K,) @ wq (K, M), every int8 product widened to int32."""
-    cdef Py_ssize_t k = 0, m
-    cdef int32_t a0, a1, a2, a3
-    cdef const int8_t* w0
-    for m in range(M):
-        acc[m] = 0
-    while k + 4 <= K:
-        a0 = xq[k]; a1 = xq[k + 1]; a2 = xq[k + 2]; a3 = xq[k + 3]
-        w0 = wq + k * M
-        for m in range(M):
-            acc[m] += (a0 * <int32_t>w0[m] + a1 * <int32_t>w0[M + m]
-                       + a2 * <int32_t>w0[2 * M + m] + a3 * <int32_t>w0[3 * M + m])
-        k += 4
-    while k < K:
-        a0 = xq[k]
-        w0 = wq + k * M
-        for m in range(M):
-            acc[m] += a0 * <int32_t>w0[m]
-        k += 1
-
-
-cdef void _softmax(real* y, const real* x, Py_ssize_t N, Py_ssize_t M) noexcept nogil:
-    """Row softmax of x (N, M) into y; an all -inf row gives zeros. Sums in double."""
-    cdef Py_ssize_t n, m
-    cdef real mx, e
-    cdef double total
-    cdef const real* xr
-    cdef real* yr
-    for n in range(N):
-        xr = x + n * M
-        yr = y + n * M
-        mx = xr[0]
-        for m in range(1, M):
-            if xr[m] > mx:
-                mx = xr[m]
-        if mx == -INFINITY:  # nothing to attend to: exp(-inf) would be 0 everywhere
-            for m in range(M):
-                yr[m] = 0
-            continue
-        total = 0
-        for m in range(M):
-            if real is float:
-                e = expf(xr[m] - mx)
-            else:
-                e = exp(xr[m] - mx)
-            yr[m] = e
-            total += e
-        for m in range(M):
-            yr[m] = <real>(yr[m] / total)
-
-
-cdef void _layernorm(real* y, const real* x, const real* weight, const real* bias,
-                     double eps, Py_ssize_t N, Py_ssize_t C) noexcept nogil:
-    """LayerNorm of each row of x (N, C) into y; mean and variance summed in double."""
-    cdef Py_ssize_t n, c
-    cdef double total, mean, sq, d, rstd
-    cdef const real* xr
-    cdef real* yr
-    for n in range(N):
-        xr = x + n * C
-        yr = y + n * C
-        total = 0
-        for c in range(C):
-            total += xr[c]
-        mean = total / C
-        sq = 0
-        for c in range(C):
-            d = xr[c] - mean
-            sq += d * d
-        rstd = 1.0 / sqrt(sq / C + eps)  # biased variance, as torch / GPT-2
-        for c in range(C):
-            yr[c] = <real>((xr[c] - mean) * rstd * weight[c] + bias[c])
-
-
-cdef void _gelu(real* y, const real* x, Py_ssize_t n) noexcept nogil:
-    """Tanh-approximated GELU of the flat array x (n,) into y, in x's precision.
-
-    0.5 v (1 + tanh(u)) is evaluated as v / (1 + exp(-2u)), the same function
-    (0.5 (1 + tanh u) = sigmoid(2u)): exp is several times faster than tanh, and for
-    negative v the sigmoid form has no cancellation in 1 + tanh(u) ~ 0.
-    """
-    cdef Py_ssize_t i
-    cdef real v, u
-    cdef real c2 = <real>(2.0 * GELU_C), c3 = <real>0.044715
-    for i in range(n):
-        v = x[i]
-        u = -c2 * (v + c3 * v * v * v)
-        if real is float:
-            y[i] = v / (1 + expf(u))
-        else:
-            y[i] = v / (1 + exp(u))
-
-
-cdef void _attention(real* out, real* att, const real* q, const real* k, const real* v,
-                     Py_ssize_t Tq, Py_ssize_t Tk, Py_ssize_t C, Py_ssize_t n_head,
-                     real scale) noexcept nogil:
-    """Causal attention: out (Tq, C), att (NH, Tq, Tk) weights; q (Tq, C), k, v (Tk, C).
-
-    Query i sits at absolute position Tk - Tq + i and sees keys 0 .. that position.
-    """
-    cdef Py_ssize_t HS = C // n_head
-    cdef Py_ssize_t h, i, j, c, last
-    cdef real s, p
-    cdef double mx, total
-    cdef real* a
-    cdef real* o
-    cdef const real* qi
-    cdef const real* vj
-    for h in range(n_head):
-        for i in range(Tq):
-            last = Tk - Tq + i
-            a = att + (h * Tq + i) * Tk  # (Tk,)
-            qi = q + i * C + h * HS  # (HS,)
-            mx = -INFINITY
-            for j in range(last + 1):
-                s = _dot(qi, k + j * C + h * HS, HS) * scale
-                a[j] = s
-                if s > mx:
-                    mx = s
-            total = 0
-            for j in range(last + 1):
-                a[j] = <real>exp(a[j] - mx)
-                total += a[j]  # the rounded weights, which are what is stored
-            for j in range(last + 1):
-                a[j] = <real>(a[j] / total)
-            for j in range(last + 1, Tk):
-                a[j] = 0
-            o = out + i * C + h * HS  # (HS,)
-            for c in range(HS):
-                o[c] = 0
-            for j in range(last + 1):
-                p = a[j]
-                vj = v + j * C + h * HS
-                for c in range(HS):
-                    o[c] += p * vj[c]
+include "_cython_loops.pxi"  # the loops, shared with _cython_fused
 
 
 # ------------------------------------------------------------------- entry points -------
@@ -360,38 +64,11 @@ def matmul_int8_acc(int32_t[:, ::1] acc, const int8_t[:, ::1] xq, const int8_t[:
 def matmul_int8_weight_only(float[:, ::1] y, const float[:, ::1] x, const int8_t[:, ::1] wq,
                             const float[::1] w_scale, const float[::1] bias):
     """y (N, M) = (x (N, K) @ float32(wq (K, M))) * w_scale (M,) + bias (M,) or None."""
-    cdef Py_ssize_t N = x.shape[0], K = x.shape[1], M = wq.shape[1]
-    cdef Py_ssize_t n, k, m
-    cdef float a0, a1, a2, a3
-    cdef float* yr
-    cdef const float* xr
-    cdef const int8_t* w0
-    cdef bint has_bias = bias is not None
+    cdef Py_ssize_t n, K = x.shape[1], M = wq.shape[1]
+    cdef const float* b = &bias[0] if bias is not None else NULL
     with nogil:
-        for n in range(N):
-            yr = &y[n, 0]
-            xr = &x[n, 0]
-            for m in range(M):
-                yr[m] = 0
-            k = 0
-            while k + 4 <= K:
-                a0 = xr[k]; a1 = xr[k + 1]; a2 = xr[k + 2]; a3 = xr[k + 3]
-                w0 = &wq[k, 0]
-                for m in range(M):
-                    yr[m] += (a0 * <float>w0[m] + a1 * <float>w0[M + m]
-                              + a2 * <float>w0[2 * M + m] + a3 * <float>w0[3 * M + m])
-                k += 4
-            while k < K:
-                a0 = xr[k]
-                w0 = &wq[k, 0]
-                for m in range(M):
-                    yr[m] += a0 * <float>w0[m]
-                k += 1
-            for m in range(M):
-                yr[m] = yr[m] * w_scale[m]  # the channel scale, once per output
-            if has_bias:
-                for m in range(M):
-                    yr[m] += bias[m]
+        for n in range(x.shape[0]):
+            _matmul_int8_row(&y[n, 0], &x[n, 0], &wq[0, 0], &w_scale[0], b, K, M)
 
 
 def matmul_w8a8(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[::1] acc,
@@ -402,24 +79,13 @@ def matmul_w8a8(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[::1] 
     Outputs y (N, M) float32; scratch xq (N, K) int8, sx (N,) float32, acc (M,) int32;
     inputs x (N, K) float32, wq (K, M) int8, w_scale (M,) float32, bias (M,) or None.
     """
-    cdef Py_ssize_t N = x.shape[0], K = x.shape[1], M = wq.shape[1]
-    cdef Py_ssize_t n, m
-    cdef float s
-    cdef bint has_bias = bias is not None
+    cdef Py_ssize_t n, K = x.shape[1], M = wq.shape[1]
+    cdef const float* b = &bias[0] if bias is not None else NULL
     with nogil:
-        for n in range(N):
-            s = _quantize_row(&xq[n, 0], &x[n, 0], K)
-            sx[n] = s
+        for n in range(x.shape[0]):
+            sx[n] = _quantize_row(&xq[n, 0], &x[n, 0], K)
             _int8_acc_row(&acc[0], &xq[n, 0], &wq[0, 0], K, M)
-            # (float(acc) * sx) * w_scale in two loops: a compiler allowed to reassociate
-            # would otherwise compute acc * (sx * w_scale), which rounds differently.
-            for m in range(M):
-                y[n, m] = <float>acc[m] * s
-            for m in range(M):
-                y[n, m] = y[n, m] * w_scale[m]
-            if has_bias:
-                for m in range(M):
-                    y[n, m] += bias[m]
+            _w8a8_epilogue(&y[n, 0], &acc[0], sx[n], &w_scale[0], b, M)
 
 
 def softmax_f32(float[:, ::1] y, const float[:, ::1] x):

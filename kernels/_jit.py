@@ -12,6 +12,10 @@ loop on the 2-core target (thread wake-up costs more than a decode-size kernel t
 the threads compete with BLAS's and the other backends'); run several engines in parallel
 instead.
 
+`cache=True` keys a compiled function by its own source file: a change in another module
+it calls or reads constants from (numba_kernels' loops, layout.py's offsets) does not
+recompile it. After such a change, clear kernels/__pycache__.
+
 `NUMBA_DISABLE_JIT=1` turns every kernel into plain Python (slow, but debuggable and
 still correct): nothing in `numba_kernels` may depend on being compiled.
 """

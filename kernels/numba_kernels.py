@@ -1,15 +1,17 @@
-"""numba backend: private `@njit` loop kernels and public wrappers that check and allocate.
+"""numba backend: private `@njit` loops, and `NumbaLoops`, the table `Backend` calls them by.
 
-Every public function has the name and signature of its `numpy_ref` counterpart and equals
-it within the tolerance its docstring names (tests/tolerances.py). The kernels (`_name`)
-only loop: they take C-contiguous arrays and a preallocated output, in the order outputs,
-inputs, weights, sizes. Their compile options come from `_jit.py`; with
-`NUMBA_DISABLE_JIT=1` they run as plain (slow) Python and give the same results.
+The checked public functions are `backend.Backend`'s (`get_backend("numba")`); the loops
+here only compute: they take C-contiguous arrays and a preallocated output, in the order
+outputs, inputs, weights, sizes. Their compile options come from `_jit.py`; with
+`NUMBA_DISABLE_JIT=1` they run as plain (slow) Python and give the same results. The fused
+path (`numba_fused`) calls the row loops (`_matmul_row`, `_quantize_row`, ...) itself, so
+that its stages round exactly as these kernels do.
 
 Matmul loops run k outside m so that the innermost loop walks a (K, M) weight row and an
 output row contiguously and LLVM vectorizes it; the k loop is unrolled by 4 (and rows
 taken 4 at a time) so each output element is loaded and stored once per 4 products, not
-once per product.
+once per product. Row loops index their 2-D arguments (`w[k, m]`) rather than take row
+views: a view made inside a numba loop costs two atomic reference-count updates.
 """
 
 from __future__ import annotations
@@ -18,12 +20,8 @@ import math
 
 import numpy as np
 
-from . import _checks as chk
 from ._jit import njit
-
-NAME = "numba"
-
-INT8_MODES = chk.INT8_MODES
+from .numpy_loops import ReferenceLoops
 
 _F32_TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32
 _F32_INF = np.float32(np.inf)
@@ -44,23 +42,21 @@ def _dot(a, b):
 
 
 @njit
-def _matmul_row(yr, xr, w):
-    """yr = xr @ w for one row: yr (M,), xr (K,), w (K, M)."""
-    K = xr.shape[0]
-    M = w.shape[1]
+def _matmul_row(y, x, w):
+    """y (M,) = x (K,) @ w (K, M), one row (`_matmul` and the fused decode's float linears)."""
+    K, M = w.shape
     for m in range(M):
-        yr[m] = 0
+        y[m] = 0
     k = 0
     while k + 4 <= K:
-        a0, a1, a2, a3 = xr[k], xr[k + 1], xr[k + 2], xr[k + 3]
-        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        a0, a1, a2, a3 = x[k], x[k + 1], x[k + 2], x[k + 3]
         for m in range(M):
-            yr[m] += a0 * w0[m] + a1 * w1[m] + a2 * w2[m] + a3 * w3[m]
+            y[m] += a0 * w[k, m] + a1 * w[k + 1, m] + a2 * w[k + 2, m] + a3 * w[k + 3, m]
         k += 4
     while k < K:
-        a, wk = xr[k], w[k]
+        a = x[k]
         for m in range(M):
-            yr[m] += a * wk[m]
+            y[m] += a * w[k, m]
         k += 1
 
 
@@ -120,52 +116,62 @@ def _matmul(y, x, w, bias):
 
 
 @njit
-def _matmul_nt(y, x, w):
-    """y = x @ w.T: y (N, M), x (N, K), w (M, K); each output is a contiguous dot product.
+def _matmul_nt_row(y, x, w):
+    """y (M,) = x (K,) @ w.T, w (M, K): each output is a contiguous dot product.
 
     Four rows of w at a time: x is loaded once for four independent sums, which also
     hides the latency of each sum's chain of additions.
     """
-    N, K = x.shape
-    M = w.shape[0]
-    zero = y.dtype.type(0)
-    for n in range(N):
-        xr = x[n]
-        m = 0
-        while m + 4 <= M:
-            w0, w1, w2, w3 = w[m], w[m + 1], w[m + 2], w[m + 3]
-            s0, s1, s2, s3 = zero, zero, zero, zero
-            for k in range(K):
-                a = xr[k]
-                s0 += a * w0[k]
-                s1 += a * w1[k]
-                s2 += a * w2[k]
-                s3 += a * w3[k]
-            y[n, m], y[n, m + 1], y[n, m + 2], y[n, m + 3] = s0, s1, s2, s3
-            m += 4
-        while m < M:
-            y[n, m] = _dot(xr, w[m])
-            m += 1
+    M, K = w.shape
+    m = 0
+    while m + 4 <= M:
+        s0 = s1 = s2 = s3 = y.dtype.type(0)
+        for k in range(K):
+            a = x[k]
+            s0 += a * w[m, k]
+            s1 += a * w[m + 1, k]
+            s2 += a * w[m + 2, k]
+            s3 += a * w[m + 3, k]
+        y[m], y[m + 1], y[m + 2], y[m + 3] = s0, s1, s2, s3
+        m += 4
+    while m < M:
+        s0 = y.dtype.type(0)
+        for k in range(K):
+            s0 += x[k] * w[m, k]
+        y[m] = s0
+        m += 1
+
+
+@njit
+def _matmul_nt(y, x, w):
+    """y (N, M) = x (N, K) @ w.T, w (M, K), row by row."""
+    for n in range(x.shape[0]):
+        _matmul_nt_row(y[n], x[n], w)
 
 
 @njit
 def _quantize_row(xq, x):
-    """Quantize one row x (K,) float32 into xq (K,) int8; return its float32 scale."""
+    """Quantize one row x (K,) float32 into xq (K,) int8; return its float32 scale.
+
+    `numpy_ref.quantize_rows` bit for bit, in loops LLVM vectorizes: the max of |x| is
+    exact in any order, a NaN anywhere rejects the row (through its own flag: `max` would
+    drop it), and each element is x / scale rounded half to even and clamped.
+    """
     K = x.shape[0]
     amax = np.float32(0.0)
+    nan = False
     for k in range(K):
         a = abs(x[k])
-        if a > amax or a != a:  # `a != a`: a NaN sticks, so the row is rejected below
-            amax = a
+        amax = max(amax, a)
+        nan |= a != a
     scale = amax / _Q_MAX
-    if not (scale >= _F32_TINY and scale < _F32_INF):  # zero, subnormal, inf or NaN
+    if nan or not (scale >= _F32_TINY and scale < _F32_INF):  # 0, subnormal, inf or NaN
         for k in range(K):
             xq[k] = 0
         return np.float32(1.0)
     for k in range(K):
         r = np.rint(x[k] / scale)  # round half to even
-        r = min(max(r, -_Q_MAX), _Q_MAX)
-        xq[k] = np.int8(r)
+        xq[k] = np.int8(min(max(r, -_Q_MAX), _Q_MAX))
     return scale
 
 
@@ -211,36 +217,52 @@ def _matmul_int8_acc(acc, xq, wq):
 
 
 @njit
+def _matmul_int8_row(y, x, wq, w_scale, bias):
+    """y (M,) = (x (K,) @ float32(wq (K, M))) * w_scale (M,) + bias (M,) or None."""
+    K, M = wq.shape
+    for m in range(M):
+        y[m] = 0
+    k = 0
+    while k + 4 <= K:
+        a0, a1, a2, a3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+        for m in range(M):
+            y[m] += (a0 * np.float32(wq[k, m]) + a1 * np.float32(wq[k + 1, m])
+                     + a2 * np.float32(wq[k + 2, m]) + a3 * np.float32(wq[k + 3, m]))
+        k += 4
+    while k < K:
+        a = x[k]
+        for m in range(M):
+            y[m] += a * np.float32(wq[k, m])
+        k += 1
+    for m in range(M):
+        y[m] = y[m] * w_scale[m]  # the channel scale, once per output
+    if bias is not None:
+        for m in range(M):
+            y[m] += bias[m]
+
+
+@njit
 def _matmul_int8_weight_only(y, x, wq, w_scale, bias):
-    """y = (x @ float32(wq)) * w_scale (+ bias): y (N, M), x (N, K) float32, wq (K, M) int8."""
-    N, K = x.shape
-    M = wq.shape[1]
-    for n in range(N):
-        yr, xr = y[n], x[n]
+    """y (N, M) = (x (N, K) @ float32(wq (K, M))) * w_scale + bias, row by row."""
+    for n in range(x.shape[0]):
+        _matmul_int8_row(y[n], x[n], wq, w_scale, bias)
+
+
+@njit
+def _w8a8_epilogue(y, acc, s, w_scale, bias):
+    """y (M,) = (float32(acc) * s) * w_scale + bias: the float end of a W8A8 row.
+
+    Three loops: a compiler allowed to reassociate would otherwise compute
+    acc * (s * w_scale), which rounds differently from `numpy_ref.matmul_int8`.
+    """
+    M = y.shape[0]
+    for m in range(M):
+        y[m] = np.float32(acc[m]) * s
+    for m in range(M):
+        y[m] = y[m] * w_scale[m]
+    if bias is not None:
         for m in range(M):
-            yr[m] = 0
-        k = 0
-        while k + 4 <= K:
-            a0, a1, a2, a3 = xr[k], xr[k + 1], xr[k + 2], xr[k + 3]
-            w0, w1, w2, w3 = wq[k], wq[k + 1], wq[k + 2], wq[k + 3]
-            for m in range(M):
-                yr[m] += (
-                    a0 * np.float32(w0[m])
-                    + a1 * np.float32(w1[m])
-                    + a2 * np.float32(w2[m])
-                    + a3 * np.float32(w3[m])
-                )
-            k += 4
-        while k < K:
-            a, wk = xr[k], wq[k]
-            for m in range(M):
-                yr[m] += a * np.float32(wk[m])
-            k += 1
-        for m in range(M):
-            yr[m] = yr[m] * w_scale[m]  # the channel scale, once per output
-        if bias is not None:
-            for m in range(M):
-                yr[m] += bias[m]
+            y[m] += bias[m]
 
 
 @njit
@@ -250,21 +272,10 @@ def _matmul_w8a8(y, xq, sx, acc, x, wq, w_scale, bias):
     Outputs y (N, M) float32; scratch xq (N, K) int8, sx (N,) float32, acc (M,) int32;
     inputs x (N, K) float32, wq (K, M) int8, w_scale (M,) float32, bias (M,) or None.
     """
-    N = x.shape[0]
-    M = wq.shape[1]
-    for n in range(N):
-        s = _quantize_row(xq[n], x[n])
-        sx[n] = s
+    for n in range(x.shape[0]):
+        sx[n] = _quantize_row(xq[n], x[n])
         _int8_acc_row(acc, xq[n], wq)
-        # (float(acc) * sx) * w_scale in two loops: a compiler allowed to reassociate
-        # would otherwise compute acc * (sx * w_scale), which rounds differently.
-        for m in range(M):
-            y[n, m] = np.float32(acc[m]) * s
-        for m in range(M):
-            y[n, m] = y[n, m] * w_scale[m]
-        if bias is not None:
-            for m in range(M):
-                y[n, m] += bias[m]
+        _w8a8_epilogue(y[n], acc, sx[n], w_scale, bias)
 
 
 @njit
@@ -363,189 +374,26 @@ def _attention(out, att, q, k, v, n_head, scale):
                     o[c] += p * vj[c]
 
 
-# --------------------------------------------------------------------------- wrappers ---
 
 
-def matmul(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ w + bias. Equals `numpy_ref.matmul` within TOL[("kernel_dot", dtype)].
-
-    Args:
-        x: (N, K) float32 or float64 (any input that is not C-contiguous is copied).
-        w: (K, M), dtype of x.
-        bias: (M,), dtype of x, or None.
-    Returns:
-        y: (N, M), dtype of x.
-    Raises:
-        TypeError: a dtype other than float32/float64, or dtypes that differ.
-        ValueError: shapes that do not match.
-    """
-    y, x, w, bias = chk.matmul_args(x, w, bias)
-    _matmul(y, x, w, bias)
-    return y
+# ----------------------------------------------------------------------------- table ----
 
 
-def matmul_nt(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """y = x @ w.T. Equals `numpy_ref.matmul_nt` within TOL[("kernel_dot", dtype)].
+class NumbaLoops(ReferenceLoops):
+    """The loops of the numba backend (signatures: `numpy_loops.ReferenceLoops`)."""
 
-    Args:
-        x: (N, K) float32 or float64.
-        w: (M, K), dtype of x (e.g. the tied embedding wte (V, C) for the logits).
-    Returns:
-        y: (N, M), dtype of x.
-    Raises:
-        TypeError: a dtype other than float32/float64, or dtypes that differ.
-        ValueError: shapes that do not match.
-    """
-    y, x, w = chk.matmul_nt_args(x, w)
-    _matmul_nt(y, x, w)
-    return y
+    REFERENCE_OPS: frozenset[str] = frozenset()  # every op is compiled
 
-
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row int8. Equals `numpy_ref.quantize_rows` bit for bit.
-
-    Args:
-        x: (N, K) float32.
-    Returns:
-        xq: (N, K) int8 in [-127, 127]; scale: (N,) float32 (1.0, with xq = 0, for a row
-        that is all zeros, whose scale underflows, or that holds a non-finite value).
-    Raises:
-        TypeError: x is not float32.
-        ValueError: x is not 2-D.
-    """
-    xq, scale, x = chk.quantize_rows_args(x)
-    _quantize_rows(xq, scale, x)
-    return xq, scale
+    matmul = staticmethod(_matmul)
+    matmul_nt = staticmethod(_matmul_nt)
+    quantize_rows = staticmethod(_quantize_rows)
+    matmul_int8_acc = staticmethod(_matmul_int8_acc)
+    matmul_int8_weight_only = staticmethod(_matmul_int8_weight_only)
+    matmul_w8a8 = staticmethod(_matmul_w8a8)
+    softmax = staticmethod(_softmax)
+    layernorm = staticmethod(_layernorm)
+    gelu = staticmethod(_gelu)
+    attention = staticmethod(_attention)
 
 
-def matmul_int8_acc(xq: np.ndarray, wq: np.ndarray) -> np.ndarray:
-    """Exact int32 xq @ wq. Equals `numpy_ref.matmul_int8_acc` bit for bit.
-
-    Args:
-        xq: (N, K) int8.
-        wq: (K, M) int8, K <= 131071 (so the int32 sum cannot overflow).
-    Returns:
-        acc: (N, M) int32.
-    Raises:
-        TypeError: an input is not int8.
-        ValueError: shapes that do not match, or K > 131071.
-    """
-    acc, xq, wq = chk.matmul_int8_acc_args(xq, wq)
-    _matmul_int8_acc(acc, xq, wq)
-    return acc
-
-
-def matmul_int8(
-    x: np.ndarray,
-    wq: np.ndarray,
-    w_scale: np.ndarray,
-    bias: np.ndarray | None = None,
-    mode: str = "weight-only",
-) -> np.ndarray:
-    """Linear layer with per-output-channel int8 weights, "weight-only" or "w8a8".
-
-    Equals `numpy_ref.matmul_int8` within TOL[("kernel_dot", float32)] for "weight-only";
-    for "w8a8" the quantized activations and int32 sums are bit-identical and the float
-    epilogue agrees within TOL[("kernel", float32)].
-
-    Args:
-        x: (N, K) float32.
-        wq: (K, M) int8, K <= 131071.
-        w_scale: (M,) float32, one scale per output channel.
-        bias: (M,) float32 or None.
-        mode: "weight-only" (float activations) or "w8a8" (activations quantized per row).
-    Returns:
-        y: (N, M) float32.
-    Raises:
-        ValueError: an unknown mode, shapes that do not match, K > 131071.
-        TypeError: a wrong dtype.
-    """
-    y, x, wq, w_scale, bias = chk.matmul_int8_args(x, wq, w_scale, bias, mode)
-    if mode == "weight-only":
-        _matmul_int8_weight_only(y, x, wq, w_scale, bias)
-    else:
-        N, K = x.shape
-        xq = np.empty((N, K), dtype=np.int8)
-        sx = np.empty(N, dtype=np.float32)
-        acc = np.empty(wq.shape[1], dtype=np.int32)
-        _matmul_w8a8(y, xq, sx, acc, x, wq, w_scale, bias)
-    return y
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Row softmax. Equals `numpy_ref.softmax` within TOL[("kernel", dtype)].
-
-    Args:
-        x: (N, M) float32 or float64, M >= 1.
-    Returns:
-        y: (N, M), dtype of x; an all -inf row gives zeros.
-    Raises:
-        TypeError: a dtype other than float32/float64.
-        ValueError: x is not 2-D or has no columns.
-    """
-    y, x = chk.softmax_args(x)
-    _softmax(y, x)
-    return y
-
-
-def layernorm(
-    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5
-) -> np.ndarray:
-    """LayerNorm over the last axis. Equals `numpy_ref.layernorm` within TOL[("kernel", dtype)].
-
-    Args:
-        x: (N, C) float32 or float64.
-        weight, bias: (C,), dtype of x.
-        eps: > 0, added to the biased variance.
-    Returns:
-        y: (N, C), dtype of x.
-    Raises:
-        TypeError: a dtype other than float32/float64, or dtypes that differ.
-        ValueError: shapes that do not match, or eps <= 0.
-    """
-    y, x, weight, bias, eps = chk.layernorm_args(x, weight, bias, eps)
-    _layernorm(y, x, weight, bias, eps)
-    return y
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """Tanh-approximated GELU. Equals `numpy_ref.gelu` within TOL[("kernel", dtype)].
-
-    Args:
-        x: any shape, float32 or float64.
-    Returns:
-        y: shape and dtype of x.
-    Raises:
-        TypeError: a dtype other than float32/float64.
-    """
-    y, x = chk.gelu_args(x)
-    _gelu(y.reshape(-1), x.reshape(-1))
-    return y
-
-
-def attention(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    n_head: int,
-    att_out: np.ndarray | None = None,
-) -> np.ndarray:
-    """Causal multi-head attention, prefill (Tq == Tk) or decode (Tq < Tk).
-
-    Equals `numpy_ref.attention` within TOL[("kernel_attention", dtype)], and the weights
-    written to att_out within TOL[("kernel", dtype)].
-
-    Args:
-        q: (Tq, C) float32 or float64 (a column slice of a qkv array is copied).
-        k, v: (Tk, C), dtype of q, Tk >= Tq (row slices of a KV cache are used in place).
-        n_head: heads NH, dividing C.
-        att_out: optional C-contiguous (NH, Tq, Tk) array of q's dtype for the weights.
-    Returns:
-        out: (Tq, C), dtype of q.
-    Raises:
-        TypeError: a wrong dtype.
-        ValueError: shapes that do not match, or att_out not C-contiguous.
-    """
-    out, att, q, k, v, n_head, scale = chk.attention_args(q, k, v, n_head, att_out)
-    _attention(out, att, q, k, v, n_head, scale)
-    return out
+LOOPS = NumbaLoops

@@ -4,6 +4,22 @@ Every hot operation goes through a kernel backend (`minitf.kernels`: numpy, numb
 so the same model runs on any of them. The KV cache is laid out (layer, position, d_model)
 as in llama2.c: head h of a cached key is columns h*HS:(h+1)*HS of its row.
 
+The forward pass of inference is written once, `Engine._run`: embedding, the blocks, ln_f
+and the tied head, over a *path* that supplies the operations:
+
+- `UnfusedPath`: each operation one checked call into the backend, returning a new array
+  (numpy always; numba and cython with fused=False). The reference the fused path is
+  tested against.
+- `FusedPath` (numba and cython): the prefill runs the same `_run` on buffers allocated
+  once, with BLAS for the large float matmuls, a compiled causal softmax and a fast GELU;
+  the decode step is `_run` compiled for one token (kernels/numba_fused.py `decode_step`,
+  kernels/_cython_fused.pyx), one call per token that allocates nothing. The weights are
+  packed once for it (kernels/layout.py) and the engine's arrays are views into them.
+
+A hook (`trace`, `capture_attention`, `attention_out`) never changes the path: both paths
+report each operation to `trace` (the fused decode step as one operation) and write the
+prefill's attention weights.
+
 Past the context (block_size tokens) generation continues with a sliding window: the next
 token is predicted from the last block_size tokens, re-prefilled at positions
 0..block_size-1 (GPT-2's learned absolute positions make the cached keys invalid once the
@@ -13,7 +29,6 @@ nanoGPT's `generate` does.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +38,7 @@ import numpy as np
 from . import kernels
 from .checkpoint import load_checkpoint
 from .config import GPTConfig
-from .kernels import get_backend
+from .kernels import get_backend, layout
 from .tensors import (INT8_MODES, LINEARS, check_tensors, checkpoint_layout, infer_quantization,
                       tensor_layout)
 
@@ -54,8 +69,8 @@ class Int8Linear:
     scale: np.ndarray  # (M,) float32
     bias: np.ndarray  # (M,) float32
     mode: str = "weight-only"
-    # W8A8 on the fused path only (see FusedWeights): the same int8 weights in the VNNI tile
-    # layout, and their column sums. Kept here so that memory accounting sees them.
+    # W8A8 on the fused path only: the same int8 weights in the tile layout of
+    # kernels/layout.py, and their column sums. Kept here so that memory accounting sees them.
     packed: np.ndarray | None = None  # (Mp/64 * Kp/4 * 64 * 4,) int8
     colsum: np.ndarray | None = None  # (Mp,) int32
 
@@ -64,8 +79,9 @@ class Int8Linear:
 
 
 def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weight-only"):
-    """The Linear or Int8Linear for `name` (e.g. "h.0.mlp.c_fc"), by the weight's dtype."""
-    w, b = params[name + ".weight"], params[name + ".bias"].astype(np.float32)
+    """The Linear or Int8Linear for `name` (e.g. "h.0.mlp.c_fc"), by the weight's dtype.
+    Arrays that are already C-contiguous of the right dtype are used as they are."""
+    w, b = params[name + ".weight"], np.ascontiguousarray(params[name + ".bias"], dtype=np.float32)
     if w.dtype == np.int8:
         scale = np.ascontiguousarray(params[name + ".weight_scale"], dtype=np.float32)
         return Int8Linear(np.ascontiguousarray(w), scale, b, int8_mode)
@@ -89,12 +105,13 @@ class Engine:
         backend: "numpy", "numba", "cython", "auto" or None (environment variable
             MINITF_BACKEND, else auto).
         int8_mode: how int8 layers run, "weight-only" or "w8a8".
-        fused: run decode and prefill through the backend's fused kernels (FusedPath, end of
-            this file): None = yes for numba and cython, no for numpy. Whenever a hook
-            (trace, capture_attention, attention_out) is set, the unfused path runs.
+        fused: run decode and prefill on the backend's fused path (`FusedPath`): None = yes
+            for numba and cython, no for numpy. Hooks (trace, capture_attention,
+            attention_out) work on either path and do not change it.
     Raises:
-        minitf.kernels.BackendError: the backend is unknown or cannot load.
-        ValueError: int8_mode is unknown, or fused=True for a backend without a fused path.
+        minitf.kernels.BackendError: the backend is unknown or cannot load, or fused=True
+            for a backend without a fused path (a ValueError).
+        ValueError: int8_mode is unknown.
     """
 
     def __init__(self, config: GPTConfig, params: dict[str, np.ndarray], backend: str | None = None,
@@ -107,17 +124,27 @@ class Engine:
         self.config = config
         self.kb = get_backend(backend)
         self.backend = self.kb.NAME
-        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
-        self.wte = f32(params["wte"])  # (V, C) embedding and tied head
-        self.wpe = f32(params["wpe"])  # (block_size, C)
-        self.ln_f = (f32(params["ln_f.weight"]), f32(params["ln_f.bias"]))
+        if fused is None:
+            fused = self.backend in kernels.FUSED_MODULES
+        fk = kernels.fused_kernels(self.backend) if fused else None
+        # every tensor C-contiguous, float32 (int8 weights stay int8); on the fused path,
+        # views into the packed arrays, so every weight is stored once
+        tensors = {name: np.ascontiguousarray(a, dtype=np.int8 if a.dtype == np.int8 else np.float32)
+                   for name, a in params.items()}
+        packed = None
+        if fused:
+            packed = layout.PackedWeights(tensors, config.n_layer, config.n_head, int8_mode)
+            tensors = packed.views
+        self.wte = tensors["wte"]  # (V, C) embedding and tied head
+        self.wpe = tensors["wpe"]  # (block_size, C)
+        self.ln_f = (tensors["ln_f.weight"], tensors["ln_f.bias"])
         self.blocks = []
         for i in range(config.n_layer):
             p = f"h.{i}."
             self.blocks.append({
-                "ln_1": (f32(params[p + "ln_1.weight"]), f32(params[p + "ln_1.bias"])),
-                "ln_2": (f32(params[p + "ln_2.weight"]), f32(params[p + "ln_2.bias"])),
-                **{lin: make_linear(params, p + lin, int8_mode) for lin in LINEARS},
+                "ln_1": (tensors[p + "ln_1.weight"], tensors[p + "ln_1.bias"]),
+                "ln_2": (tensors[p + "ln_2.weight"], tensors[p + "ln_2.bias"]),
+                **{lin: make_linear(tensors, p + lin, int8_mode) for lin in LINEARS},
             })
         L, T, C = config.n_layer, config.block_size, config.d_model
         self.k_cache = np.zeros((L, T, C), dtype=np.float32)  # (layer, position, d_model)
@@ -128,52 +155,44 @@ class Engine:
         # when True, every prefill keeps its attention weights in last_attention (plots)
         self.capture_attention = False
         self.last_attention: list[np.ndarray] | None = None
-        # the fused path (end of this file) of a backend that has one, unless fused=False
-        self.fused: FusedPath | None = None
-        if fused is None:
-            fused = self.backend in FUSED_MODULES
-        if fused:
-            if self.backend not in FUSED_MODULES:
-                raise ValueError(f"backend {self.backend!r} has no fused path; backends with one: "
-                                 f"{', '.join(FUSED_MODULES)}")
-            module = importlib.import_module(f"{kernels.__name__}.{FUSED_MODULES[self.backend]}")
-            self.fused = FusedPath(self, module)
+        # the path every prefill and decode runs; `fused` is it when it is the fused one
+        self.fused: FusedPath | None = FusedPath(self, fk, packed) if fused else None
+        self.path: UnfusedPath | FusedPath = self.fused or UnfusedPath(self)
 
     # ------------------------------------------------------------------------------------
     def _mark(self, op: str) -> None:
         if self.trace is not None:
             self.trace(op)
 
-    def _forward(self, idx: np.ndarray, start: int, attention_out=None) -> np.ndarray:
-        """Run tokens idx (T,) at positions start..start+T-1 against the cache; (T, V) logits."""
-        kb, cfg = self.kb, self.config
-        T, C = len(idx), cfg.d_model
-        end = start + T
-        x = self.wte[idx] + self.wpe[start:end]  # (T, C)
+    def _run(self, path, idx: np.ndarray, start: int, attention_out=None,
+             last_only: bool = False) -> np.ndarray:
+        """The forward pass of inference: tokens idx (T,) at positions start..start+T-1,
+        their keys and values written to the cache; logits (T, V), or with last_only the
+        last row's (V,). `path` supplies each operation (`UnfusedPath`, `FusedPath`);
+        attention_out: None or n_layer arrays (NH, T, start + T) for the attention weights.
+        The fused decode step (kernels/numba_fused.py) is this sequence compiled."""
+        x = path.embed(idx, start)  # (T, C) token + position embeddings
         self._mark("embedding")
         for l, blk in enumerate(self.blocks):
-            h = kb.layernorm(x, *blk["ln_1"], cfg.layer_norm_eps)  # (T, C)
+            h = path.layernorm(x, *blk["ln_1"])  # (T, C)
             self._mark(f"h.{l}.ln_1")
-            qkv = blk["attn.c_attn"](kb, h)  # (T, 3C)
-            self.k_cache[l, start:end] = qkv[:, C:2 * C]  # append this step's keys
-            self.v_cache[l, start:end] = qkv[:, 2 * C:]  # and values
+            qkv = path.linear(h, l, "attn.c_attn")  # (T, 3C)
             att = None if attention_out is None else attention_out[l]
-            a = kb.attention(np.ascontiguousarray(qkv[:, :C]), self.k_cache[l, :end],
-                             self.v_cache[l, :end], cfg.n_head, att)  # (T, C)
-            a = blk["attn.c_proj"](kb, a)  # (T, C)
+            h = path.attention(qkv, l, start, att)  # (T, C); keys, values appended to the cache
+            a = path.linear(h, l, "attn.c_proj")  # (T, C)
             self._mark(f"h.{l}.attn")
-            x = x + a  # residual
+            x = path.residual(x, a)  # (T, C)
             self._mark(f"h.{l}.residual_1")
-            h = kb.layernorm(x, *blk["ln_2"], cfg.layer_norm_eps)
+            h = path.layernorm(x, *blk["ln_2"])  # (T, C)
             self._mark(f"h.{l}.ln_2")
-            f = kb.gelu(blk["mlp.c_fc"](kb, h))  # (T, 4C)
-            m = blk["mlp.c_proj"](kb, f)  # (T, C)
+            f = path.gelu(path.linear(h, l, "mlp.c_fc"))  # (T, 4C)
+            a = path.linear(f, l, "mlp.c_proj")  # (T, C)
             self._mark(f"h.{l}.mlp")
-            x = x + m  # residual
+            x = path.residual(x, a)  # (T, C)
             self._mark(f"h.{l}.residual_2")
-        x = kb.layernorm(x, *self.ln_f, cfg.layer_norm_eps)
+        h = path.layernorm(x, *self.ln_f)  # (T, C)
         self._mark("ln_f")
-        logits = kb.matmul_nt(x, self.wte)  # (T, V), tied head
+        logits = path.head(h, last_only)  # (T, V) or (V,), tied head
         self._mark("head")
         return logits
 
@@ -183,9 +202,6 @@ class Engine:
         if idx.size and (idx.min() < 0 or idx.max() >= V):
             raise ValueError(f"token ids must be in [0, {V}), got [{idx.min()}, {idx.max()}]")
         return idx
-
-    def _hooks_off(self, attention_out=None) -> bool:
-        return self.trace is None and not self.capture_attention and attention_out is None
 
     def _check_id(self, token) -> int:
         """One token id as a Python int, checked to be in [0, V)."""
@@ -203,14 +219,14 @@ class Engine:
             attention_out: optional list of n_layer float32 arrays (n_head, T, T) that receive
                 each layer's attention weights.
             last_only: compute only the last position's logits, all that generation needs
-                (the head is then one row instead of T).
+                (on the fused path the head is then one row instead of T).
         Returns:
             logits (T, V) float32, row t predicting token t + 1; with last_only, (V,).
         Raises:
             ValueError: T is 0 or exceeds block_size, or an id is out of range.
         """
         logits = self._prefill(ids, attention_out, last_only)
-        return logits.copy() if logits is getattr(self.fused, "logits", None) else logits
+        return logits.copy() if self.fused is not None and logits is self.fused.logits else logits
 
     def _prefill(self, ids, attention_out=None, last_only: bool = False) -> np.ndarray:
         """prefill() without the copy: on the fused path, last_only logits are its buffer."""
@@ -218,19 +234,13 @@ class Engine:
         if not 1 <= len(idx) <= self.config.block_size:
             raise ValueError(f"prefill needs 1..{self.config.block_size} tokens, got {len(idx)}")
         self.pos = 0
-        if self.fused is not None and self._hooks_off(attention_out):
-            logits = self.fused.prefill(idx, last_only)
-            self.pos = len(idx)
-            return logits
-        if self.fused is not None:
-            self.fused.cache_written(0)  # the unfused path below rewrites the cache
         if attention_out is None and self.capture_attention:
             NH, T = self.config.n_head, len(idx)
             attention_out = [np.zeros((NH, T, T), np.float32) for _ in range(self.config.n_layer)]
             self.last_attention = attention_out
-        logits = self._forward(idx, 0, attention_out)
+        logits = self._run(self.path, idx, 0, attention_out, last_only)
         self.pos = len(idx)
-        return logits[-1] if last_only else logits
+        return logits
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token at position `pos` using the KV cache; its logits (V,) float32.
@@ -246,12 +256,11 @@ class Engine:
     def _decode(self, token: int) -> np.ndarray:
         """decode() without the checks of the cache or the copy: on the fused path the logits
         are its buffer, overwritten by the next step."""
-        if self.fused is not None and self._hooks_off():
+        if self.fused is not None:
             logits = self.fused.decode(self._check_id(token), self.pos)
+            self._mark("decode_step")  # the whole step is one compiled call
         else:
-            if self.fused is not None:
-                self.fused.cache_written(self.pos)
-            logits = self._forward(self._check_ids([token]), self.pos)[0]
+            logits = self._run(self.path, self._check_ids([token]), self.pos)[0]
         self.pos += 1
         return logits
 
@@ -301,188 +310,97 @@ def load_engine(model_dir=None, backend: str | None = None):
 
 
 # ========================================================================================
-# Fused path: one compiled call per decoded token (numba and cython backends)
-#
-# The kernels live in minitf.kernels.numba_fused and minitf.kernels._cython_fused; this
-# section packs the weights for them once, owns their scratch buffers, and runs the prefill
-# (the big float matmuls go to BLAS there). The engine uses it for decode and prefill when
-# its backend has one and no hook (trace, capture_attention, attention_out) is set; the
-# unfused `_forward` above stays the reference it is tested against (tests/test_fused.py).
-
-FUSED_MODULES = {"numba": "numba_fused", "cython": "_cython_fused"}
-
-# The index table of the packed weights (int64, one row per tensor, FusedWeights writes it).
-# Columns: kind of linear layer; K, M (a LayerNorm has M = C); offsets (in elements) of the
-# float32 weight W, bias B, scale S in pf, of the (K, M) int8 weight Q and the tiled copy P
-# in pq, of the column sums SUM in pi; KP, MP: sizes padded to the VNNI tile (4 k, 64 m).
-KIND, K_, M_, W_, B_, S_, Q_, P_, KP_, MP_, SUM_ = range(11)
-F32, INT8, W8A8 = 0, 1, 2  # kinds
-# Rows: sizes (n_layer, d_model, n_head, vocab, block_size, d_ff, then for the scratch:
-# largest MP, largest KP, block_size padded to 16, two offsets in the int32 scratch), wte,
-# wpe, ln_f, then per block ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj.
-ROW_DIMS, ROW_WTE, ROW_WPE, ROW_LNF, FIRST_LAYER_ROW = 0, 1, 2, 3, 4
-LAYER_ROWS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
-TILE_K, TILE_M = 4, 64  # a VNNI tile: 4 bytes of k per int32 lane, 4 x 16 lanes of m
+# The two paths `Engine._run` runs on. Each operation takes and returns arrays of T rows:
+# embed, layernorm, linear (by layer and name), attention (which writes the KV cache),
+# residual, gelu and head.
 
 
-def pack_vnni(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weights (K, M) -> (tiles (Mp/64 * Kp/4 * 64 * 4,) int8, column sums (Mp,) int32).
+class UnfusedPath:
+    """Each operation one checked call into the engine's backend, returning a new array."""
 
-    Tile t holds outputs 64t .. 64t+63; inside it, group g holds the 4 bytes k = 4g .. 4g+3
-    of each output side by side, the operand layout of vpdpbusd. K and M are padded with zero
-    weights up to Kp = 4 * ceil(K / 4) and Mp = 64 * ceil(M / 64).
-    """
-    K, M = wq.shape
-    Kp, Mp = -(-K // TILE_K) * TILE_K, -(-M // TILE_M) * TILE_M
-    w = np.zeros((Kp, Mp), np.int8)
-    w[:K, :M] = wq
-    tiles = w.reshape(Kp // TILE_K, TILE_K, Mp // TILE_M, TILE_M).transpose(2, 0, 3, 1)  # (t, g, o, i)
-    return np.ascontiguousarray(tiles).reshape(-1), w.astype(np.int32).sum(axis=0, dtype=np.int32)
+    NAME = "unfused"
 
+    def __init__(self, engine: Engine):
+        self.e, self.kb = engine, engine.kb
 
-class FusedWeights:
-    """The engine's weights packed once for the fused kernels.
+    def buffer_bytes(self) -> int:
+        """Bytes allocated once for this path beyond the weights and the KV cache: none."""
+        return 0
 
-    pf (float32), pq (int8) and pi (int32) are flat arrays and `tab` the index table above.
-    The engine's own arrays (wte, wpe, LayerNorms, Linear and Int8Linear arrays) are rebound
-    to views into pf and pq, so every weight is stored once. W8A8 layers add their tiled int8
-    copy and column sums (held by the Int8Linear as `packed` and `colsum`, so that memory
-    accounting sees them): +K*M bytes per layer; weight-only and float layers add nothing.
-    """
+    def embed(self, idx: np.ndarray, start: int) -> np.ndarray:
+        return self.e.wte[idx] + self.e.wpe[start:start + len(idx)]  # (T, C)
 
-    def __init__(self, engine: "Engine"):
-        cfg = engine.config
-        L, C, V = cfg.n_layer, cfg.d_model, cfg.vocab_size
-        self.tab = np.zeros((FIRST_LAYER_ROW + len(LAYER_ROWS) * L, 11), np.int64)
-        self.tab[ROW_DIMS, :6] = (L, C, cfg.n_head, V, cfg.block_size, cfg.d_ff)
-        f32, i8, i32 = [], [], []  # (array, offset) to copy in, per flat array
-        tiled = []  # (table row, int8 weight) of the W8A8 layers
-        sizes = {"f": 0, "q": 0, "i": 0}
+    def layernorm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        return self.kb.layernorm(x, weight, bias, self.e.config.layer_norm_eps)
 
-        def put(kind: str, a: np.ndarray) -> int:
-            off = sizes[kind]
-            {"f": f32, "q": i8, "i": i32}[kind].append((a, off))
-            sizes[kind] += a.size
-            return off
+    def linear(self, x: np.ndarray, l: int, name: str) -> np.ndarray:
+        return self.e.blocks[l][name](self.kb, x)
 
-        def put_rows(row: int, *cols) -> None:
-            for col, value in cols:
-                self.tab[row, col] = value
+    def attention(self, qkv: np.ndarray, l: int, start: int, att_out) -> np.ndarray:
+        e, C = self.e, self.e.config.d_model
+        end = start + len(qkv)
+        e.k_cache[l, start:end] = qkv[:, C:2 * C]  # append this step's keys
+        e.v_cache[l, start:end] = qkv[:, 2 * C:]  # and values
+        return self.kb.attention(np.ascontiguousarray(qkv[:, :C]), e.k_cache[l, :end],
+                                 e.v_cache[l, :end], e.config.n_head, att_out)  # (T, C)
 
-        put_rows(ROW_WTE, (K_, V), (M_, C), (W_, put("f", engine.wte)))
-        put_rows(ROW_WPE, (K_, cfg.block_size), (M_, C), (W_, put("f", engine.wpe)))
-        put_rows(ROW_LNF, (M_, C), (W_, put("f", engine.ln_f[0])), (B_, put("f", engine.ln_f[1])))
-        for l, blk in enumerate(engine.blocks):
-            for j, name in enumerate(LAYER_ROWS):
-                row = FIRST_LAYER_ROW + l * len(LAYER_ROWS) + j
-                if name.startswith("ln"):
-                    put_rows(row, (M_, C), (W_, put("f", blk[name][0])), (B_, put("f", blk[name][1])))
-                    continue
-                lin = blk[name]
-                put_rows(row, (B_, put("f", lin.bias)))
-                if isinstance(lin, Linear):
-                    K, M = lin.weight.shape
-                    put_rows(row, (KIND, F32), (K_, K), (M_, M), (W_, put("f", lin.weight)))
-                    continue
-                K, M = lin.weight_q.shape
-                put_rows(row, (KIND, W8A8 if lin.mode == "w8a8" else INT8), (K_, K), (M_, M),
-                         (Q_, put("q", lin.weight_q)), (S_, put("f", lin.scale)))
-                if lin.mode == "w8a8":
-                    tiled.append((row, lin.weight_q))
-        # the tiled copies last, in the order decode reads them: one stream of int8 weights
-        for row, wq in tiled:
-            tiles, colsum = pack_vnni(wq)
-            put_rows(row, (P_, put("q", tiles)), (SUM_, put("i", colsum)),
-                     (KP_, -(-wq.shape[0] // TILE_K) * TILE_K), (MP_, colsum.size))
-        self.pf = np.empty(sizes["f"], np.float32)
-        self.pq = np.empty(sizes["q"], np.int8)
-        self.pi = np.empty(sizes["i"], np.int32)
-        views = {}
-        for flat, parts in ((self.pf, f32), (self.pq, i8), (self.pi, i32)):
-            for a, off in parts:
-                view = flat[off:off + a.size].reshape(a.shape)
-                view[...] = a
-                views[id(a)] = view
-        # rebind the engine's arrays to the packed copies: one copy of every weight
-        engine.wte, engine.wpe = views[id(engine.wte)], views[id(engine.wpe)]
-        engine.ln_f = tuple(views[id(a)] for a in engine.ln_f)
-        for blk in engine.blocks:
-            for name, value in blk.items():
-                if isinstance(value, tuple):
-                    blk[name] = tuple(views[id(a)] for a in value)
-                elif isinstance(value, Linear):
-                    value.weight, value.bias = views[id(value.weight)], views[id(value.bias)]
-                else:
-                    value.weight_q, value.scale = views[id(value.weight_q)], views[id(value.scale)]
-                    value.bias = views[id(value.bias)]
-        for l, blk in enumerate(engine.blocks):  # the tiled copies, for memory accounting
-            for j, name in enumerate(LAYER_ROWS):
-                row = self.tab[FIRST_LAYER_ROW + l * len(LAYER_ROWS) + j]
-                if row[KIND] == W8A8 and not name.startswith("ln"):
-                    Kp, Mp = int(row[KP_]), int(row[MP_])
-                    blk[name].packed = self.pq[row[P_]:row[P_] + Kp * Mp]
-                    blk[name].colsum = self.pi[row[SUM_]:row[SUM_] + Mp]
+    def residual(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return x + a
+
+    def gelu(self, f: np.ndarray) -> np.ndarray:
+        return self.kb.gelu(f)
+
+    def head(self, x: np.ndarray, last_only: bool) -> np.ndarray:
+        logits = self.kb.matmul_nt(x, self.e.wte)  # (T, V)
+        return logits[-1] if last_only else logits
 
 
 class FusedPath:
-    """Decode and prefill of an engine through its backend's fused kernels (module `fk`).
+    """The fused path of a numba or cython engine: its prefill operations, stage by stage on
+    buffers allocated once, and `decode`, one compiled call per token.
 
-    `decode` is one call into compiled code; `prefill` calls one compiled stage per layer
-    operation, and BLAS (numpy's matmul) for the float matmuls. Every buffer is allocated
-    here, once: a decode step allocates nothing.
+    Args:
+        engine: the engine, whose arrays are views into `weights`.
+        fk: the backend's fused kernels (`minitf.kernels.fused_kernels`).
+        weights: the engine's weights packed (kernels/layout.py `PackedWeights`).
 
     Numerics: within TOL[("kv_cache_logits", float32)] = 1e-5 of the unfused path. A model
-    with W8A8 layers runs every stage before a quantization bit-identically to the unfused
-    path (`exact`), because a 1-ulp difference there can flip an int8 activation. Otherwise
-    attention runs on a transposed copy of the KV cache (`kvT`, kept in step with the cache)
+    with W8A8 layers (`exact`) runs every stage before a quantization with the unfused
+    backend's own loops, because a 1-ulp difference there can flip an int8 activation;
+    its logits equal the unfused path's bit for bit. Otherwise the float matmuls of the
+    prefill go to BLAS, attention runs per head on BLAS with a compiled causal softmax (the
+    decode step: on a transposed copy of the KV cache, `kvT`, kept in step with the cache)
     and GELU with a vectorized exp.
     """
 
-    def __init__(self, engine: "Engine", fk):
+    NAME = "fused"
+
+    def __init__(self, engine: Engine, fk, weights: layout.PackedWeights):
         cfg = engine.config
-        self.engine, self.fk = engine, fk
-        self.weights = w = FusedWeights(engine)
-        self.exact = bool((w.tab[FIRST_LAYER_ROW:, KIND] == W8A8).any())
-        L, C, FF, NH = cfg.n_layer, cfg.d_model, cfg.d_ff, cfg.n_head
-        B, V = cfg.block_size, cfg.vocab_size
-        Bp = -(-B // 16) * 16  # keys padded to a multiple of 16 in kvT
-        Kp = max(int(w.tab[:, KP_].max()), TILE_K)
-        Mp = max(int(w.tab[:, MP_].max()), TILE_M)
-        # int32 scratch: state, int32 sums of up to 4 rows, a quantized row, exp scratch
-        self.si_state, self.si_acc = fk.LAYOUT["SI_STATE"], fk.LAYOUT["SI_ACC"]
-        si_xq = self.si_acc + 4 * Mp
-        si_ex = si_xq + -(-Kp // 64) * 16  # Kp bytes, rounded up to 64
-        w.tab[ROW_DIMS, 6:11] = (Mp, Kp, Bp, si_xq, si_ex)
-        # decode: x, h, a (C each), qkv (3C), c_fc out and gelu out (FF each), attention
-        # weights (NH*Bp) and float64 scores (2*Bp)
-        self.sf = np.zeros(6 * C + 2 * FF + (NH + 2) * Bp, np.float32)
-        self.si = np.zeros(si_ex + 2 * max(FF, Bp), np.int32)
-        self.ex = self.si[si_ex:]  # exp scratch
-        self.logits = np.zeros(V, np.float32)
-        # the caches transposed, (K or V, layer, channel, position): unused by exact models
-        self.kvT = np.zeros((2, L, C, 0 if self.exact else Bp), np.float32)
-        # prefill, up to B rows
-        self.x, self.h, self.a, self.q = (np.zeros((B, C), np.float32) for _ in range(4))
-        self.qkv = np.zeros((B, 3 * C), np.float32)
-        self.f, self.g = np.zeros((B, FF), np.float32), np.zeros((B, FF), np.float32)
-        self.att = np.zeros(max(NH * B * B, (NH + 2) * Bp), np.float32)
-        self.xq_rows = np.zeros(B * Kp, np.int8)
-        self.sx = np.zeros(B, np.float32)
-        self.decoder = fk.Decoder(self.logits, self.sf, self.si, engine.k_cache, engine.v_cache,
-                                  self.kvT, w.pf, w.pq, w.pi, w.tab, cfg.layer_norm_eps, self.exact)
+        self.e, self.fk, self.weights = engine, fk, weights
+        self.loops = engine.kb.loops  # the unfused backend's loops, unchecked
+        self.exact = weights.exact
+        self.buffers = b = layout.Buffers(weights.tab, self.exact)
+        self.logits = b.logits  # (V,) the last row's logits, overwritten by every call
+        # each linear layer's output buffer (T rows of it are used)
+        self._out = {"attn.c_attn": b.qkv, "attn.c_proj": b.a, "mlp.c_fc": b.f, "mlp.c_proj": b.a}
+        for l, blk in enumerate(engine.blocks):  # the W8A8 tiles, where accounting sees them
+            for name in LINEARS:
+                if f"h.{l}.{name}" in weights.tiles:
+                    blk[name].packed, blk[name].colsum = weights.tiles[f"h.{l}.{name}"]
+        self.eps = cfg.layer_norm_eps
+        self.decoder = fk.Decoder(b.logits, b.sf, b.si, engine.k_cache, engine.v_cache, b.kvT,
+                                  weights.pf, weights.pq, weights.pi, weights.tab, self.eps,
+                                  self.exact)
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes of the packed weights, of kvT and of the scratch buffers."""
-        w = self.weights
-        scratch = (self.sf, self.si, self.logits, self.x, self.h, self.a, self.q, self.qkv,
-                   self.f, self.g, self.att, self.xq_rows, self.sx)
-        return {"weights": w.pf.nbytes + w.pq.nbytes + w.pi.nbytes + w.tab.nbytes,
-                "kv_cache_transposed": self.kvT.nbytes,
-                "scratch": sum(a.nbytes for a in scratch)}
+        """Bytes of the packed weights (index table included), of kvT and of the scratch."""
+        return {"weights": self.weights.nbytes(), **self.buffers.nbytes()}
 
-    def cache_written(self, start: int) -> None:
-        """The unfused path wrote cache positions from `start` on: kvT no longer mirrors them."""
-        self.si[self.si_state] = min(int(self.si[self.si_state]), start)
+    def buffer_bytes(self) -> int:
+        """Bytes allocated once for this path beyond the weights and the KV cache: the index
+        table, the transposed KV cache and the scratch buffers."""
+        return self.weights.tab.nbytes + sum(self.buffers.nbytes().values())
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         """Logits (V,) of `token` at `pos`, its keys and values appended to the cache.
@@ -491,67 +409,90 @@ class FusedPath:
         self.decoder.step(token, pos)
         return self.logits
 
-    def _linear(self, y: np.ndarray, x: np.ndarray, l: int, name: str) -> None:
-        """y (T, M) = block l's linear layer `name` applied to x (T, K)."""
-        lin, fk = self.engine.blocks[l][name], self.fk
+    # ------------------------------------------------------------ prefill operations ----
+    # Each writes into its own buffer (layout.Buffers), so no output aliases an input:
+    # x: embedding and residuals; h: LayerNorm and attention; qkv, a, f: linear layers;
+    # g: GELU.
+
+    def embed(self, idx: np.ndarray, start: int) -> np.ndarray:
+        assert start == 0, "the fused path prefills from position 0"
+        b, T = self.buffers, len(idx)
+        b.si[layout.SI_STATE] = 0  # the transposed cache mirrors nothing until `head`
+        x = b.x[:T]  # (T, C)
+        np.take(self.e.wte, idx, axis=0, out=x)
+        x += self.e.wpe[:T]
+        return x
+
+    def layernorm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        h = self.buffers.h[:len(x)]  # (T, C)
+        self.loops.layernorm(h, x, weight, bias, self.eps)
+        return h
+
+    def linear(self, x: np.ndarray, l: int, name: str) -> np.ndarray:
+        b, lin = self.buffers, self.e.blocks[l][name]
+        T = len(x)
+        y = self._out[name][:T]  # (T, M)
         if isinstance(lin, Linear):
             if self.exact:  # feeds a quantization: the unfused kernel, bit for bit
-                fk.matmul_rows(y, x, lin.weight, lin.bias)
+                self.loops.matmul(y, x, lin.weight, lin.bias)
             else:
                 np.matmul(x, lin.weight, out=y)  # BLAS
                 y += lin.bias
         elif lin.mode == "w8a8":
-            T, K = x.shape
-            Kp = -(-K // TILE_K) * TILE_K
-            xq = self.xq_rows[:T * Kp].reshape(T, Kp)
-            fk.linear_w8a8_rows(y, xq, self.sx[:T], self.si[self.si_acc:], x, lin.packed, lin.colsum,
-                                lin.scale, lin.bias)
+            Kp = layout.padded(x.shape[1], layout.TILE_K)
+            xq = b.xq_rows[:T * Kp].reshape(T, Kp)
+            self.fk.linear_w8a8_rows(y, xq, b.sx[:T], b.acc, x, lin.packed, lin.colsum,
+                                     lin.scale, lin.bias)
         else:
-            fk.matmul_int8_rows(y, x, lin.weight_q, lin.scale, lin.bias)
+            self.loops.matmul_int8_weight_only(y, x, lin.weight_q, lin.scale, lin.bias)
+        return y
 
-    def prefill(self, idx: np.ndarray, last_only: bool) -> np.ndarray:
-        """Logits of tokens idx (T,) at positions 0..T-1, filling the cache: (T, V) in a new
-        array, or with last_only the last row (V,) in the logits buffer."""
-        e, fk, cfg = self.engine, self.fk, self.engine.config
-        T, C, NH, HS, eps = len(idx), cfg.d_model, cfg.n_head, cfg.d_head, cfg.layer_norm_eps
-        x, h, a, q = self.x[:T], self.h[:T], self.a[:T], self.q[:T]
-        qkv, f, g = self.qkv[:T], self.f[:T], self.g[:T]
-        scale = np.float32(1.0 / np.sqrt(cfg.d_head))  # as the attention kernels compute it
-        np.take(e.wte, idx, axis=0, out=x)
-        x += e.wpe[:T]  # (T, C) token + position embeddings
-        for l, blk in enumerate(e.blocks):
-            fk.layernorm_rows(h, x, *blk["ln_1"], eps)
-            self._linear(qkv, h, l, "attn.c_attn")
-            e.k_cache[l, :T] = qkv[:, C:2 * C]
-            e.v_cache[l, :T] = qkv[:, 2 * C:]
-            q[...] = qkv[:, :C]
-            if self.exact:
-                fk.attention_rows(h, self.att[:NH * T * T].reshape(NH, T, T), q, e.k_cache[l, :T],
-                                  e.v_cache[l, :T], NH, scale)
-            else:  # per head: scores and weighted sums by BLAS, the causal softmax compiled
-                self.kvT[0, l, :, :T] = qkv[:, C:2 * C].T  # the decode steps' transposed cache
-                self.kvT[1, l, :, :T] = qkv[:, 2 * C:].T
-                att = self.att[:T * T].reshape(T, T)
-                for hd in range(NH):
-                    cols = slice(hd * HS, (hd + 1) * HS)
-                    np.matmul(q[:, cols], self.kvT[0, l, cols, :T], out=att)  # (T, T) scores
-                    fk.causal_softmax_rows(att, scale, self.ex)
-                    np.matmul(att, e.v_cache[l, :T, cols], out=h[:, cols])  # (T, HS)
-            self._linear(a, h, l, "attn.c_proj")
-            x += a  # residual
-            fk.layernorm_rows(h, x, *blk["ln_2"], eps)
-            self._linear(f, h, l, "mlp.c_fc")
-            if self.exact:
-                fk.gelu_rows(g.reshape(-1), f.reshape(-1))
-            else:
-                fk.gelu_fast_rows(g, f, self.ex)
-            self._linear(a, g, l, "mlp.c_proj")
-            x += a  # residual
-        self.si[self.si_state] = 0 if self.exact else T
-        fk.layernorm_rows(h, x, *e.ln_f, eps)
-        if last_only:
-            fk.head(self.logits, h[T - 1], e.wte)
+    def attention(self, qkv: np.ndarray, l: int, start: int, att_out) -> np.ndarray:
+        e, b, cfg = self.e, self.buffers, self.e.config
+        T, C, NH, HS = len(qkv), cfg.d_model, cfg.n_head, cfg.d_head
+        e.k_cache[l, :T] = qkv[:, C:2 * C]  # the cache: keys and values of positions 0..T-1
+        e.v_cache[l, :T] = qkv[:, 2 * C:]
+        q, out = b.q[:T], b.h[:T]  # (T, C)
+        q[...] = qkv[:, :C]
+        scale = np.float32(1.0 / np.sqrt(HS))  # as the checks compute it for the kernels
+        if self.exact:  # feeds a quantization: the unfused kernel, bit for bit
+            att = b.att[:NH * T * T].reshape(NH, T, T)
+            self.loops.attention(out, att, q, e.k_cache[l, :T], e.v_cache[l, :T], NH, scale)
+            if att_out is not None:
+                att_out[...] = att
+            return out
+        # per head: scores and weighted sums by BLAS, the causal softmax compiled
+        b.kvT[0, l, :, :T] = qkv[:, C:2 * C].T  # the decode steps' transposed cache
+        b.kvT[1, l, :, :T] = qkv[:, 2 * C:].T
+        att = b.att[:T * T].reshape(T, T)
+        for hd in range(NH):
+            cols = slice(hd * HS, (hd + 1) * HS)
+            np.matmul(q[:, cols], b.kvT[0, l, cols, :T], out=att)  # (T, T) scores
+            self.fk.causal_softmax_rows(att, scale, b.ex)
+            if att_out is not None:
+                att_out[hd] = att
+            np.matmul(att, e.v_cache[l, :T, cols], out=out[:, cols])  # (T, HS)
+        return out
+
+    def residual(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
+        x += a  # x is the embedding buffer: the residual stream stays in place
+        return x
+
+    def gelu(self, f: np.ndarray) -> np.ndarray:
+        g = self.buffers.g[:len(f)]  # (T, FF)
+        if self.exact:  # feeds a quantization: the unfused kernel, bit for bit
+            self.loops.gelu(g.reshape(-1), f.reshape(-1))
+        else:
+            self.fk.gelu_fast_rows(g, f, self.buffers.ex)
+        return g
+
+    def head(self, h: np.ndarray, last_only: bool) -> np.ndarray:
+        T, V = len(h), self.e.config.vocab_size
+        if not self.exact:
+            self.buffers.si[layout.SI_STATE] = T  # kvT now mirrors positions 0..T-1
+        if last_only:  # the tied head on the last row only, into the logits buffer
+            self.loops.matmul_nt(self.logits.reshape(1, V), h[T - 1:], self.e.wte)
             return self.logits
-        logits = np.empty((T, cfg.vocab_size), np.float32)
-        fk.head_rows(logits, h, e.wte)  # (T, V) tied head: the unfused kernel, not BLAS
+        logits = np.empty((T, V), np.float32)
+        self.loops.matmul_nt(logits, h, self.e.wte)  # (T, V): the unfused kernel, not BLAS
         return logits

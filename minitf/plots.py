@@ -183,7 +183,7 @@ def plot_memory_log(log: dict, path, title: str, prompt_tokens: int | None = Non
              label="KV cache in use: K and V rows written so far, all layers")
     ax1.axhline(kv_alloc / uk, color=c_kv, ls="--", lw=1,
                 label=f"KV cache allocated ({kv_alloc / uk:.1f} {ukname}: block_size rows)")
-    ends = np.flatnonzero((ops == "head") & dec)
+    ends = np.flatnonzero(np.isin(ops, ("head", "decode_step")) & dec)
     if len(ends) >= 2:
         per_token = float(np.median(np.diff(kv[ends])))
         how = ""

@@ -9,7 +9,12 @@ writes to out/:
 - `memory_log.png` and `memory_log.csv`: memory in use after each operation of the
   generation (embedding, each block's ln_1 / attn / residual_1 / ln_2 / mlp / residual_2,
   ln_f, head, sample), prefill and every decode step, split into weights, KV cache and
-  transient activations.
+  activations.
+
+Both show the path that ran (the engine's `path`: "fused" for numba and cython, "unfused"
+for numpy or fused=False; titles and the CSV's `path` column say which): the hooks do not
+change it. On the fused path the prefill reports every operation as the unfused one does,
+and a decode step, one compiled call, is one operation, `decode_step`.
 
 How it is measured. `Recorder` only sets the engine's two hooks (`engine.trace`, called
 after every operation, and `engine.capture_attention`) and starts `tracemalloc`, which sees
@@ -17,15 +22,20 @@ every numpy array allocation. Nothing else in the engine changes, and a run with
 never imports this module (nor matplotlib). For each operation it records:
 
 - weights: the summed `nbytes` of the arrays the engine holds (wte, wpe, LayerNorms, every
-  Linear / Int8Linear); equals the model's parameter bytes;
+  Linear / Int8Linear, the fused path's tiled W8A8 copies included); for a float model on
+  the unfused path, the model's parameter bytes;
 - KV cache: the rows written so far, counted per layer as the forward pass writes them
-  (layer l's keys and values are written in its `attn` operation), times the row size;
-  the preallocated cache size is logged too (`kv_cache_allocated_bytes`);
+  (layer l's keys and values are written in its `attn` operation, every layer's in a
+  `decode_step`), times the row size; the preallocated cache size is logged too
+  (`kv_cache_allocated_bytes`);
 - activations: memory allocated since the recorder started and still alive after the
-  operation (tracemalloc's current traced bytes minus the baseline at start). Weights and
-  cache were allocated before and are not in it. The recorder's own log and the attention
-  copy kept for the picture (`attention_capture_bytes`) are excluded. `activations_peak_bytes`
-  is the highest value reached *during* the operation (tracemalloc's peak), which includes
+  operation (tracemalloc's current traced bytes minus the baseline at start), plus the
+  buffers the path allocated once for its activations (`buffers_bytes`: on the fused path
+  its scratch, the transposed KV cache and the index table; 0 on the unfused path, which
+  allocates per operation). Weights and cache were allocated before and are not in it. The
+  recorder's own log and the attention copy kept for the picture
+  (`attention_capture_bytes`) are excluded. `activations_peak_bytes` is the highest value
+  reached *during* the operation (tracemalloc's peak, plus the buffers), which includes
   temporaries freed before it returned.
 """
 
@@ -43,7 +53,8 @@ from .plots import plot_attention, plot_memory_log
 
 CSV_COLUMNS = ("index", "phase", "step", "op", "weights_bytes", "kv_cache_bytes",
                "kv_cache_allocated_bytes", "activations_bytes", "traced_bytes",
-               "activations_peak_bytes", "attention_capture_bytes")
+               "activations_peak_bytes", "attention_capture_bytes", "buffers_bytes", "path")
+_LOGGED = len(CSV_COLUMNS) - 2  # columns kept in the int64 log: all but index and path
 PHASES = ("prefill", "decode")
 BLOCK_OPS = ("ln_1", "attn", "residual_1", "ln_2", "mlp", "residual_2")
 _CHUNK = 4096  # log rows per chunk
@@ -97,11 +108,14 @@ class Recorder:
         self.weights_bytes = int(sum(a.nbytes for a in engine_weight_arrays(engine)))
         self.kv_row_bytes = engine.k_cache.itemsize * self.d_model  # one position of one layer, K or V
         self.kv_allocated_bytes = int(engine.k_cache.nbytes + engine.v_cache.nbytes)
-        self._chunks = [np.zeros((_CHUNK, len(CSV_COLUMNS) - 1), dtype=np.int64)]  # the log
+        self.path = engine.path.NAME  # "fused" or "unfused": what the pictures show
+        self.buffers_bytes = int(engine.path.buffer_bytes())  # allocated once, always in use
+        self._chunks = [np.zeros((_CHUNK, _LOGGED), dtype=np.int64)]  # the log
         self._state = np.zeros(10, dtype=np.int64)  # see the _N, ... slots
         self._state[_STEP] = -1
         names = ["embedding"] + [f"h.{l}.{op}" for l in range(self.n_layer) for op in BLOCK_OPS]
-        self._op_codes = {name: i for i, name in enumerate(names + ["ln_f", "head", "sample"])}
+        names += ["ln_f", "head", "decode_step", "sample"]
+        self._op_codes = {name: i for i, name in enumerate(names)}
         self._filled = np.zeros(self.n_layer, dtype=np.int64)  # cache rows written, per layer
         self.attention: list[np.ndarray] | None = None  # the prompt's prefill
         self._old_hooks = (engine.trace, engine.capture_attention)
@@ -157,12 +171,16 @@ class Recorder:
                 self._filled[:] = 0  # the cache is rewritten from row 0
             else:  # decode: one token at position pos (pos is advanced after the pass)
                 st[_PHASE], st[_START], st[_T] = 1, eng.pos, 1
+        elif op == "decode_step":  # a fused decode step: one token, every layer, one call
+            st[_STEP] += 1
+            st[_PHASE], st[_START], st[_T] = 1, eng.pos, 1
+            self._filled[:] = eng.pos + 1
         elif op.startswith("h.") and op.endswith(".attn"):  # layer l wrote its K, V rows
             self._filled[int(op[2:op.index(".", 2)])] = st[_START] + st[_T]
         own = st[_BASE] + st[_OWN] + self._attention_capture_bytes()  # not the engine's
         n = st[_N] - st[_DONE]
         if n == _CHUNK:  # the current chunk is full: a new one, the recorder's from now on
-            self._chunks.append(np.zeros((_CHUNK, len(CSV_COLUMNS) - 1), dtype=np.int64))
+            self._chunks.append(np.zeros((_CHUNK, _LOGGED), dtype=np.int64))
             st[_DONE] += _CHUNK
             st[_OWN] += self._chunks[-1].nbytes
             n = 0
@@ -170,10 +188,11 @@ class Recorder:
         row[0], row[1], row[2], row[3] = st[_PHASE], st[_STEP], code, self.weights_bytes
         row[4] = 2 * self._filled.sum() * self.kv_row_bytes
         row[5] = self.kv_allocated_bytes
-        row[6] = st[_CUR] - own
+        row[6] = st[_CUR] - own + self.buffers_bytes
         row[7] = st[_CUR]
-        row[8] = st[_PEAK] - own
+        row[8] = st[_PEAK] - own + self.buffers_bytes
         row[9] = own - st[_BASE] - st[_OWN]
+        row[10] = self.buffers_bytes
         st[_N] += 1
 
     # ------------------------------------------------------------------------------------
@@ -182,7 +201,7 @@ class Recorder:
         """The memory log, one tuple per operation in CSV_COLUMNS order."""
         names = {code: name for name, code in self._op_codes.items()}
         buf = np.concatenate(self._chunks)[:self._state[_N]]
-        return [(i, PHASES[r[0]], int(r[1]), names[int(r[2])], *(int(v) for v in r[3:]))
+        return [(i, PHASES[r[0]], int(r[1]), names[int(r[2])], *(int(v) for v in r[3:]), self.path)
                 for i, r in enumerate(buf)]
 
     def log(self) -> dict[str, np.ndarray]:
@@ -209,16 +228,20 @@ class Recorder:
             labels = [token_label(self.tokenizer, t) for t in self.prompt_ids[-T:]]
             prompt = self.tokenizer.decode(self.prompt_ids[-T:])
             paths.append(plot_attention(self.attention, labels, self.out_dir / "attn_prefill.png",
-                                        f"{self.model_name}: attention weights of the prefill",
-                                        prompt))
+                                        f"{self.model_name}: attention weights of the prefill "
+                                        f"({self._where()})", prompt))
         return paths
 
     def _title(self) -> str:
         log = self.log()
         n_prompt = len(self.prompt_ids)
         n_new = int(np.sum(log["op"] == "sample")) if len(log["op"]) else 0
-        return (f"{self.model_name} ({self.engine.backend} backend): memory after each operation, "
+        return (f"{self.model_name} ({self._where()}): memory after each operation, "
                 f"{n_prompt} prompt tokens + {n_new} generated")
+
+    def _where(self) -> str:
+        """Which backend and path the pictures show."""
+        return f"{self.engine.backend} backend, {self.path} path"
 
     def write_csv(self, path) -> Path:
         path = Path(path)

@@ -1,18 +1,19 @@
-"""The fused decode path (minitf/engine.py "Fused path", kernels/numba_fused.py,
+"""The fused path (minitf/engine.py `FusedPath`, kernels/layout.py, kernels/numba_fused.py,
 kernels/_cython_fused.pyx) against the unfused path it replaces: the same logits at every
 step (prefill with T = 1, decode to the exact context boundary, the sliding window past
-it), the same greedy text, no allocation per token, and W8A8 stages that round exactly as
-the unfused kernels do."""
+it), bit for bit for W8A8 models (whose stages must round exactly as the unfused kernels
+do), the same greedy text, hooks that do not change the path, no allocation per token."""
 
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from minitf import engine as engine_module
 from minitf.config import GPTConfig
-from minitf.engine import Engine, FusedPath, Int8Linear, Linear, pack_vnni
-from minitf.kernels import _cython_fused, _cython_kernels, numba_fused, numba_kernels
+from minitf.engine import Engine, FusedPath, Int8Linear, Linear
+from minitf.kernels import _cython_fused, get_backend, layout, numba_fused, numba_int8_tile
+from minitf.kernels import numba_kernels, numpy_ref
+from minitf.kernels.layout import pack_vnni
 from minitf.model import init_params
 from minitf.quantization import quantize_model
 from tolerances import TOL
@@ -82,6 +83,8 @@ def test_fused_equals_unfused_at_every_step(config_params, backend, quant):
     for t in range(1, B):  # decode from position 1 to the last one
         errors.append(("decode", t, relative_error(fused.decode(ids[t]), ref.decode(ids[t]))))
     worst = max(errors, key=lambda e: e[2])
+    if fused.fused.exact:  # W8A8: every stage before a quantization rounds as the unfused one
+        assert worst[2] == 0, f"{backend} {quant}: {worst[0]} at {worst[1]}: error {worst[2]:.2e}"
     assert worst[2] <= TOL_LOGITS, f"{backend} {quant}: {worst[0]} at {worst[1]}: error {worst[2]:.2e}"
     # past the context: the window slides (re-prefill every step); greedy text identical
     want, got = Recorder(), Recorder()
@@ -92,29 +95,31 @@ def test_fused_equals_unfused_at_every_step(config_params, backend, quant):
     assert err <= TOL_LOGITS, f"{backend} {quant}: generate logits error {err:.2e}"
 
 
+@pytest.mark.parametrize("quant", [None, ("all", "w8a8")], ids=["float32", "all-w8a8"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_hooks_switch_to_the_unfused_path_and_back(config_params, backend):
-    """trace set mid-generation: those steps run unfused, writing only the row-layout KV
-    cache; the fused steps after them must first bring their transposed cache up to date."""
+def test_hooks_do_not_change_the_path(config_params, backend, quant):
+    """trace and capture_attention set on a fused engine: it stays on the fused path (the
+    trace sees its stages, and one `decode_step` per token), its logits are those of the
+    same engine without hooks bit for bit, and the attention it captures is the model's."""
     config, params = config_params
-    ref, fused = engines(config, params, backend, None)
+    ref, fused = engines(config, params, backend, quant)
+    plain = engines(config, params, backend, quant)[1]
     ids = np.random.default_rng(2).integers(0, config.vocab_size, size=config.block_size)
     ops = []
-    ref.prefill(ids[:2])
-    fused.prefill(ids[:2])
-    for t in range(2, config.block_size):
-        fused.trace = ops.append if 4 <= t < 7 else None
-        err = relative_error(fused.decode(ids[t]), ref.decode(ids[t]))
-        assert err <= TOL_LOGITS, f"{backend}: step {t} (traced: {4 <= t < 7}): error {err:.2e}"
-    assert "head" in ops  # the traced steps ran the unfused path
-    fused.trace = None
-    fused.capture_attention = True  # unfused prefill, then fused decode
-    fused.prefill(ids[:3])
-    ref.prefill(ids[:3])
-    fused.capture_attention = False
-    assert fused.last_attention is not None
-    for t in range(3, 6):
-        assert relative_error(fused.decode(ids[t]), ref.decode(ids[t])) <= TOL_LOGITS
+    fused.trace, fused.capture_attention = ops.append, True
+    np.testing.assert_array_equal(fused.prefill(ids[:5]), plain.prefill(ids[:5]))
+    n_prefill = len(ops)
+    assert ops[0] == "embedding" and ops[-1] == "head" and "h.0.attn" in ops
+    for t in range(5, config.block_size):
+        np.testing.assert_array_equal(fused.decode(ids[t]), plain.decode(ids[t]), err_msg=f"step {t}")
+    assert ops[n_prefill:] == ["decode_step"] * (config.block_size - 5)  # the fused decode
+    att_ref = [np.zeros((config.n_head, 5, 5), np.float32) for _ in range(config.n_layer)]
+    ref.prefill(ids[:5], attention_out=att_ref)
+    for l, (got, want) in enumerate(zip(fused.last_attention, att_ref)):
+        assert np.abs(got - want).max() <= TOL_LOGITS, f"{backend}: layer {l} attention"
+    fused.trace, fused.capture_attention = None, False
+    for t in range(3):  # hooks off again: the same path, the same numbers
+        np.testing.assert_array_equal(fused.prefill(ids[:7]), plain.prefill(ids[:7]))
 
 
 @pytest.mark.parametrize("quant", [None, ("all", "w8a8")], ids=["float32", "all-w8a8"])
@@ -176,17 +181,24 @@ except ImportError:  # pragma: no cover - numba is a dependency
     _compiled_loop = None
 
 
-def test_packed_layouts_agree():
-    """The index table layout is written by the engine and read by both kernel modules."""
-    names = {"KIND": "KIND", "K": "K_", "M": "M_", "W": "W_", "B": "B_", "S": "S_", "Q": "Q_",
-             "P": "P_", "KP": "KP_", "MP": "MP_", "SUM": "SUM_", "F32": "F32", "INT8": "INT8",
-             "W8A8": "W8A8", "ROW_DIMS": "ROW_DIMS", "ROW_WTE": "ROW_WTE", "ROW_WPE": "ROW_WPE",
-             "ROW_LNF": "ROW_LNF", "FIRST_LAYER_ROW": "FIRST_LAYER_ROW"}
-    for key, engine_name in names.items():
-        assert numba_fused.LAYOUT[key] == getattr(engine_module, engine_name), key
-    assert numba_fused.LAYOUT["ROWS_PER_LAYER"] == len(engine_module.LAYER_ROWS)
-    assert numba_fused.LAYOUT["TILE"] == engine_module.TILE_M
-    assert _cython_fused.LAYOUT == numba_fused.LAYOUT
+@pytest.mark.parametrize("quant", [None, ("all", "w8a8")], ids=["float32", "all-w8a8"])
+def test_scratch_buffers_hold_every_region_apart(config_params, quant):
+    """The scratch row of the index table: regions in order, inside the buffers, the
+    float64 scores 8-byte aligned, the int8 row 64-byte aligned."""
+    config, params = config_params
+    e = engines(config, params, "numba", quant)[1]
+    tab, b = e.fused.weights.tab, e.fused.buffers
+    C, FF, NH, Bp = config.d_model, config.d_ff, config.n_head, int(tab[layout.ROW_DIMS, layout.DIM_BP])
+    sc = tab[layout.ROW_SCRATCH]
+    sf_sizes = [(layout.SF_X, C), (layout.SF_H, C), (layout.SF_A, C), (layout.SF_QKV, 3 * C),
+                (layout.SF_F, FF), (layout.SF_G, FF), (layout.SF_ATT, NH * Bp), (layout.SF_S64, 2 * Bp)]
+    for (col, n), (next_col, _) in zip(sf_sizes, sf_sizes[1:] + [(None, 0)]):
+        end = sc[next_col] if next_col is not None else b.sf.size
+        assert sc[col] + n <= end, (col, sc[col], n, end)
+    assert (sc[layout.SF_S64] * 4) % 8 == 0 and (sc[layout.SI_XQ] * 4) % 64 == 0
+    Mp, Kp = tab[layout.ROW_DIMS, layout.DIM_MP], tab[layout.ROW_DIMS, layout.DIM_KP]
+    assert layout.SI_ACC + 4 * Mp <= sc[layout.SI_XQ] and sc[layout.SI_XQ] * 4 + Kp <= sc[layout.SI_EX] * 4
+    assert b.si.size - sc[layout.SI_EX] >= 2 * max(FF, Bp)
 
 
 def test_pack_vnni_holds_every_weight_once_in_tile_order():
@@ -211,7 +223,7 @@ def test_int8_tiles_are_exact_with_and_without_vnni():
         wq = rng.integers(-127, 128, (K, M), dtype=np.int8)
         scale = rng.uniform(0.001, 0.01, M).astype(np.float32)
         bias = rng.standard_normal(M).astype(np.float32)
-        want = numba_kernels.matmul_int8(x, wq, scale, bias, mode="w8a8")
+        want = get_backend("numba").matmul_int8(x, wq, scale, bias, mode="w8a8")
         tiles, colsum = pack_vnni(wq)
         Kp, Mp = -(-K // 4) * 4, colsum.size
         for fk in (numba_fused, _cython_fused):
@@ -219,63 +231,36 @@ def test_int8_tiles_are_exact_with_and_without_vnni():
             fk.linear_w8a8_rows(y, np.zeros((N, Kp), np.int8), np.zeros(N, np.float32),
                                 np.zeros(4 * Mp, np.int32), x, tiles, colsum, scale, bias)
             np.testing.assert_array_equal(y, want, err_msg=f"{fk.__name__} N={N} K={K} M={M}")
-        xq, _ = numba_kernels.quantize_rows(x)
+        xq, _ = get_backend("numba").quantize_rows(x)
         xqp = np.zeros((N, Kp), np.int8)
         xqp[:, :K] = xq
         acc = np.zeros(Mp, np.int32)
         for t in range(Mp // 64):  # the fallback, tile by tile
-            numba_fused._int8_tile_loops(acc, 64 * t, 0, xqp[0], 0, tiles, t * (Kp // 4) * 256, Kp // 4, 1)
+            numba_int8_tile.int8_tile_loops(acc, 64 * t, 0, xqp[0], 0, tiles, t * (Kp // 4) * 256,
+                                            Kp // 4, 1)
         np.testing.assert_array_equal(acc[:M] - 128 * colsum[:M], xq[0].astype(np.int32) @ wq.astype(np.int32))
 
 
 def test_w8a8_stages_are_the_unfused_kernels():
     """A W8A8 model's stages before a quantization must round as the unfused path: numba's
-    fused path calls numba_kernels' functions themselves; the Cython one copies the loops of
-    _cython_kernels, which must still give the same bits as the originals."""
-    for name in ("_layernorm", "_attention", "_gelu"):
+    fused path calls numba_kernels' loops themselves (the Cython one includes the same
+    _cython_loops.pxi as _cython_kernels; the logits of both are compared bit for bit in
+    test_fused_equals_unfused_at_every_step). The quantizer both share gives numpy_ref's
+    bits on the edge cases."""
+    for name in ("_layernorm", "_attention", "_gelu", "_matmul_row", "_matmul_int8_row",
+                 "_matmul_nt_row", "_quantize_row", "_w8a8_epilogue"):
         assert getattr(numba_fused, name) is getattr(numba_kernels, name), name
     rng = np.random.default_rng(5)
     x = rng.standard_normal(960).astype(np.float32)
     rows = [x, 0 * x, np.full(960, 1e-40, np.float32), np.where(np.arange(960) == 5, np.nan, x),
             np.where(np.arange(960) == 7, -np.inf, x), x * np.float32(1e30), np.round(x * 10) / 20]
-    for row in rows:  # the vectorized quantizers: the unfused one's bits, edge cases included
-        row = row.astype(np.float32)
-        want_q, want_s = numba_kernels.quantize_rows(row[None])
-        for quantize in (numba_fused._quantize, _cython_fused._vectorized_quantize):
-            xq = np.zeros(960, np.int8)
-            s = quantize(xq, row)
-            np.testing.assert_array_equal(xq, want_q[0], err_msg=str(quantize))
-            assert np.float32(s) == want_s[0], (quantize, s, want_s[0])
-    C, NH = 240, 4
-    scale = np.float32(1.0 / np.sqrt(C // NH))
-    for Tk in (1, 7, 64, 128):
-        q = rng.standard_normal((1, C)).astype(np.float32) * 3
-        k, v = (rng.standard_normal((Tk, C)).astype(np.float32) for _ in range(2))
-        got, want = np.zeros((1, C), np.float32), np.zeros((1, C), np.float32)
-        _cython_fused._copied_attention(got, np.zeros((NH, 1, Tk), np.float32), q, k, v, NH, scale)
-        _cython_kernels.attention_f32(want, np.zeros((NH, 1, Tk), np.float32), q, k, v, NH, scale)
-        np.testing.assert_array_equal(got, want, err_msg=f"attention Tk={Tk}")
-    x = rng.standard_normal(960).astype(np.float32) * 4
-    got, want = np.zeros_like(x), np.zeros_like(x)
-    _cython_fused._copied_gelu(got, x)
-    _cython_kernels.gelu_f32(want, x)
-    np.testing.assert_array_equal(got, want, err_msg="gelu")
-    x = rng.standard_normal((1, C)).astype(np.float32) * 2 + 1
-    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
-    got, want = np.zeros_like(x), np.zeros_like(x)
-    _cython_fused._copied_layernorm(got, x, w, b, 1e-5)
-    _cython_kernels.layernorm_f32(want, x, w, b, 1e-5)
-    np.testing.assert_array_equal(got, want, err_msg="layernorm")
-    for K, M in ((240, 720), (26, 78)):
-        x = rng.standard_normal(K).astype(np.float32)
-        wf = rng.standard_normal((K, M)).astype(np.float32)
-        got, want = np.zeros(M, np.float32), np.zeros((1, M), np.float32)
-        _cython_fused._copied_matmul_row(got, x, wf)
-        _cython_kernels.matmul_f32(want, x[None], wf, None)
-        np.testing.assert_array_equal(got, want[0], err_msg=f"matmul {K}x{M}")
-        got_n = np.zeros(M, np.float32)
-        numba_fused._matvec(got_n, x, wf)
-        np.testing.assert_array_equal(got_n, numba_kernels.matmul(x[None], wf)[0], err_msg="numba matvec")
+    for row in rows:
+        row = row.astype(np.float32)[None]
+        want_q, want_s = numpy_ref.quantize_rows(row)
+        for backend in FUSED_BACKENDS:
+            got_q, got_s = get_backend(backend).quantize_rows(row)
+            np.testing.assert_array_equal(got_q, want_q, err_msg=backend)
+            np.testing.assert_array_equal(got_s, want_s, err_msg=backend)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -6,7 +6,9 @@ against the reference, and the registry.
 2. Every backend vs `numpy_ref` at awkward shapes (one row, odd sizes, sizes that are not a
    multiple of any tile, the exact context length), float32 and float64, extreme values;
    integer results bit for bit; hypothesis property tests over random shapes and values.
-3. The registry: names, errors, $MINITF_BACKEND, "auto", and numba with NUMBA_DISABLE_JIT=1.
+3. The checked API: the same bad call refused with the same error by every backend; the
+   table of ops a compiled backend takes from the reference.
+4. The registry: names, errors, $MINITF_BACKEND, "auto", and numba with NUMBA_DISABLE_JIT=1.
 
 A backend that cannot load makes its tests fail (get_backend raises), never skip.
 Tolerances come from tests/tolerances.py; every failure message prints the max error.
@@ -528,32 +530,98 @@ def test_float32_inputs_do_not_change(backend):
         assert_equal(after, before, "input modified")
 
 
-@pytest.mark.parametrize("backend_name", ["numba", "cython"])
-def test_compiled_wrappers_check_arguments(backend_name):
-    B = get_backend(backend_name)
+# ---------------------------------------------------------------- 3. the checked API ----
+
+
+def _bad_calls():
+    """(what, exception, message pattern, call(backend)): bad calls every backend refuses."""
     x32, x64 = randn((3, 4)), randn((3, 4), np.float64)
-    with pytest.raises(TypeError, match="float64"):
-        B.matmul(x32, randn((4, 2), np.float64))
-    with pytest.raises(TypeError, match="int64"):
-        B.softmax(np.ones((2, 3), np.int64))
-    with pytest.raises(ValueError, match=r"\(5, 2\)"):
-        B.matmul(x32, randn((5, 2)))
-    with pytest.raises(ValueError, match="shape"):
-        B.matmul(x32, randn((4, 2)), bias=randn(3))
-    with pytest.raises(TypeError, match="float32"):
-        B.quantize_rows(x64)
-    with pytest.raises(TypeError, match="int8"):
-        B.matmul_int8_acc(np.ones((1, 4), np.int16), np.ones((4, 2), np.int8))
-    with pytest.raises(ValueError, match="overflow"):
-        B.matmul_int8_acc(np.ones((1, 200_000), np.int8), np.ones((200_000, 1), np.int8))
-    with pytest.raises(ValueError, match="n_head"):
-        B.attention(x32, x32, x32, 3)  # C = 4 is not divisible by 3
-    with pytest.raises(ValueError, match="Tq <= Tk"):
-        B.attention(randn((5, 4)), x32, x32, 2)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        B.attention(x32, x32, x32, 2, att_out=np.empty((2, 3, 6), np.float32)[:, :, ::2])
-    with pytest.raises(ValueError, match="at least one column"):
-        B.softmax(np.empty((2, 0), np.float32))
+    w, wq, s = randn((4, 2)), np.ones((4, 2), np.int8), np.ones(2, np.float32)
+    big_k = 200_000  # > INT8_MAX_K: an int32 sum of int8 products could overflow
+    return [
+        ("mixed dtypes", TypeError, "float64", lambda B: B.matmul(x32, randn((4, 2), np.float64))),
+        ("int64 input", TypeError, "int64", lambda B: B.softmax(np.ones((2, 3), np.int64))),
+        ("weight shape", ValueError, r"\(5, 2\)", lambda B: B.matmul(x32, randn((5, 2)))),
+        ("bias shape", ValueError, "bias has shape", lambda B: B.matmul(x32, w, bias=randn(3))),
+        ("bias dtype", TypeError, "bias has dtype float64",
+         lambda B: B.matmul(x32, w, bias=randn(2, np.float64))),
+        ("matmul_nt shape", ValueError, "shape", lambda B: B.matmul_nt(x32, randn((2, 5)))),
+        ("float64 to quantize", TypeError, "float32", lambda B: B.quantize_rows(x64)),
+        ("int16 activations", TypeError, "int8",
+         lambda B: B.matmul_int8_acc(np.ones((1, 4), np.int16), np.ones((4, 2), np.int8))),
+        ("overflowing K", ValueError, "overflow",
+         lambda B: B.matmul_int8_acc(np.ones((1, big_k), np.int8), np.ones((big_k, 1), np.int8))),
+        ("overflowing K, w8a8", ValueError, "overflow",
+         lambda B: B.matmul_int8(randn((1, big_k)), np.ones((big_k, 1), np.int8),
+                                 np.ones(1, np.float32), mode="w8a8")),
+        ("unknown int8 mode", ValueError, r"'W8A8'.*weight-only.*w8a8",
+         lambda B: B.matmul_int8(x32, wq, s, mode="W8A8")),
+        ("scale shape", ValueError, "w_scale has shape",
+         lambda B: B.matmul_int8(x32, wq, np.ones(3, np.float32))),
+        ("scale dtype", TypeError, "w_scale has dtype float64",
+         lambda B: B.matmul_int8(x32, wq, np.ones(2), mode="w8a8")),
+        ("int8 bias shape", ValueError, "bias has shape",
+         lambda B: B.matmul_int8(x32, wq, s, randn(5), mode="weight-only")),
+        ("float32 weights as int8", TypeError, "wq has dtype float32",
+         lambda B: B.matmul_int8(x32, w, s)),
+        ("LayerNorm weight shape", ValueError, "weight has shape",
+         lambda B: B.layernorm(x32, randn(3), randn(4))),
+        ("LayerNorm eps", ValueError, "eps", lambda B: B.layernorm(x32, randn(4), randn(4), eps=0)),
+        ("GELU of ints", TypeError, "int32", lambda B: B.gelu(np.ones(3, np.int32))),
+        ("heads", ValueError, "n_head", lambda B: B.attention(x32, x32, x32, 3)),  # 4 % 3
+        ("Tq > Tk", ValueError, "Tq <= Tk", lambda B: B.attention(randn((5, 4)), x32, x32, 2)),
+        ("strided att_out", ValueError, "C-contiguous",
+         lambda B: B.attention(x32, x32, x32, 2, att_out=np.empty((2, 3, 6), np.float32)[:, :, ::2])),
+        ("att_out shape", ValueError, "att_out has shape",
+         lambda B: B.attention(x32, x32, x32, 2, att_out=np.empty((2, 3, 4), np.float32))),
+        ("softmax of no columns", ValueError, "at least one column",
+         lambda B: B.softmax(np.empty((2, 0), np.float32))),
+    ]
+
+
+BAD_CALLS = _bad_calls()
+
+
+@pytest.mark.parametrize("what, exception, pattern, call", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_every_backend_refuses_the_same_bad_call_with_the_same_error(what, exception, pattern, call):
+    messages = {}
+    for name in BACKENDS:
+        with pytest.raises(exception, match=pattern) as info:
+            call(get_backend(name))
+        messages[name] = str(info.value)
+    assert len(set(messages.values())) == 1, f"{what}: the backends disagree: {messages}"
+
+
+def test_ops_taken_from_the_reference_are_listed():
+    """A compiled backend runs the reference loop only for an op it lists in REFERENCE_OPS;
+    one that inherits an op without listing it is refused."""
+    from minitf.kernels.backend import Backend
+    from minitf.kernels.numpy_loops import LOOP_OPS, ReferenceLoops
+
+    for name in BACKENDS:
+        impl = get_backend(name).implementation()
+        assert set(impl) == set(LOOP_OPS), name
+        want = "reference" if name == "numpy" else "compiled"  # today every op is compiled
+        assert set(impl.values()) == {want}, (name, impl)
+    numba_loops = get_backend("numba").loops
+
+    class Unlisted(ReferenceLoops):
+        softmax = numba_loops.softmax
+
+    with pytest.raises(TypeError, match=r"inherits the reference loops \['attention'"):
+        Backend("partial", Unlisted)
+
+    class Listed(Unlisted):
+        REFERENCE_OPS = frozenset(LOOP_OPS) - {"softmax"}
+
+    partial = Backend("partial", Listed)
+    assert partial.implementation()["softmax"] == "compiled"
+    assert partial.implementation()["layernorm"] == "reference"
+    x, w, b = randn((3, 8), seed=40), randn(8, seed=41), randn(8, seed=42)
+    assert_equal(partial.layernorm(x, w, b), ref.layernorm(x, w, b), "a reference op")
+    assert_close(partial.softmax(x), ref.softmax(x), TOL[("kernel", np.float32)], "compiled op")
+    with pytest.raises(ValueError, match="weight has shape"):  # checked like every backend
+        partial.layernorm(x, w[:3], b)
 
 
 # ------------------------------------------------------------- hypothesis properties ----
@@ -617,7 +685,7 @@ def test_attention_property(Tk, dq, NH, HS, seed, scale):
         assert_within(get_backend(name).attention(q, k, v, NH), expected, bound, name)
 
 
-# ------------------------------------------------------------------- 3. the registry ----
+# ------------------------------------------------------------------- 4. the registry ----
 
 
 def test_every_backend_has_the_same_api():
@@ -672,7 +740,8 @@ def test_numba_runs_with_the_jit_disabled():
     # NUMBA_DISABLE_JIT=1 turns the kernels into plain Python: they must still be right
     script = """
 import numpy as np
-from minitf.kernels import numba_kernels as nb, numpy_ref as ref
+from minitf.kernels import get_backend, numpy_ref as ref
+nb = get_backend("numba")
 r = np.random.default_rng(0)
 x, w = r.standard_normal((5, 7), np.float32), r.standard_normal((7, 13), np.float32)
 b = r.standard_normal(13, np.float32)

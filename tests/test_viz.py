@@ -1,7 +1,8 @@
 """The pictures of a generation (--viz) and of training: the files are valid PNGs, and the data
 behind them is right: the attention plotted is the one the model used, the memory log has one
-row per operation, its KV-cache series grows by one row per layer per token and its weights
-equal the model's parameter bytes."""
+row per operation of the path that ran (fused or unfused, which it names), its KV-cache
+series grows by one row per layer per token, its weights equal the model's parameter bytes
+and, on the fused path, its fixed buffers are counted."""
 
 import csv
 import math
@@ -143,6 +144,46 @@ def test_attention_is_captured_on_every_backend(backend, tmp_path):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["numba", "cython"])
+def test_memory_log_of_the_fused_path(backend, tmp_path):
+    """numba and cython record the path they run: the fused prefill operation by operation,
+    then one `decode_step` per token; the KV cache grows by one row per layer per step; its
+    buffers are counted in the activations; weights + buffers are every byte it holds."""
+    cfg, params, tok = tiny_model()
+    prompt, n = "ROMEO:\nBut soft", 6
+    engine, rec, paths = record(cfg, params, tok, prompt, n, tmp_path, backend=backend)
+    log, T, L, C = rec.log(), len(tok.encode(prompt)), cfg.n_layer, cfg.d_model
+    assert engine.fused is not None and set(log["path"]) == {"fused"}
+    assert list(log["op"]) == pass_ops(L) + ["sample"] + ["decode_step", "sample"] * (n - 1) + ["decode_step"]
+    steps = np.flatnonzero(log["op"] == "decode_step")
+    assert list(log["kv_cache_bytes"][steps]) == [2 * L * (T + k) * C * 4 for k in range(1, n + 1)]
+    assert list(log["step"][steps]) == list(range(1, n + 1))
+    buffers = engine.fused.buffer_bytes()
+    assert buffers > 0 and np.all(log["buffers_bytes"] == buffers)
+    assert np.all(log["activations_bytes"] >= buffers - 1024)  # the buffers, less any frees
+    assert np.all(log["weights_bytes"] == sum(p.nbytes for p in params.values()))
+    every_byte = sum(engine.fused.nbytes().values())  # packed weights, table, kvT, scratch
+    assert log["weights_bytes"][0] + buffers == every_byte
+    assert_png(tmp_path / "memory_log.png")
+
+
+def test_memory_log_of_a_fused_w8a8_model_counts_its_tiles(tmp_path):
+    from minitf.quantize import quantize_model
+
+    cfg, params, tok = tiny_model()
+    q, _ = quantize_model(params, cfg, "all")
+    engine = Engine(cfg, q, "numba", int8_mode="w8a8")
+    ids = [int(t) for t in tok.encode("ROMEO:")]
+    rec = Recorder(engine, tok, ids, tmp_path)
+    list(engine.generate(ids, 3, lambda logits: int(np.argmax(logits))))
+    rec.finish()
+    tiles = sum(blk[lin].packed.nbytes + blk[lin].colsum.nbytes for blk in engine.blocks
+                for lin in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    log = rec.log()
+    assert np.all(log["weights_bytes"] == sum(p.nbytes for p in q.values()) + tiles)
+    assert log["weights_bytes"][0] + log["buffers_bytes"][0] == sum(engine.fused.nbytes().values())
+
+
 def test_memory_log_has_one_row_per_operation(run):
     cfg, log, n = run["cfg"], run["log"], run["n_new"]
     per_pass = pass_ops(cfg.n_layer)
@@ -277,12 +318,13 @@ def generate_cli(*args):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_generate_cli_writes_the_pictures(checkpoint, tmp_path):
+@pytest.mark.parametrize("backend, path", [("numpy", "unfused"), ("numba", "fused")])
+def test_generate_cli_writes_the_pictures(checkpoint, tmp_path, backend, path):
     model, cfg = checkpoint
     out = tmp_path / "viz"
     n = 20
     r = generate_cli("-m", "minitf.generate", "--model", str(model), "--max-new-tokens", str(n),
-                     "--prompt", "ROMEO:", "--seed", "1", "--viz", str(out))
+                     "--prompt", "ROMEO:", "--seed", "1", "--viz", str(out), "--backend", backend)
     assert r.returncode == 0, r.stderr
     for name in ("attn_prefill.png", "memory_log.png", "memory_log.csv"):
         assert (out / name).is_file() and f"wrote {out / name}" in r.stderr
@@ -291,9 +333,11 @@ def test_generate_cli_writes_the_pictures(checkpoint, tmp_path):
     with open(out / "memory_log.csv") as f:
         rows = list(csv.DictReader(f))
     L, C, T = cfg.n_layer, cfg.d_model, len("ROMEO:")
-    assert len(rows) == (n + 1) * len(pass_ops(L)) + n
+    assert {r["path"] for r in rows} == {path}
+    decode_ops = pass_ops(L) if path == "unfused" else ["decode_step"]  # one compiled call
+    assert len(rows) == len(pass_ops(L)) + n * (len(decode_ops) + 1)
     for row in rows:
-        if row["phase"] == "decode" and row["op"] in ("ln_f", "head", "sample"):
+        if row["phase"] == "decode" and row["op"] in ("ln_f", "head", "decode_step", "sample"):
             assert int(row["kv_cache_bytes"]) == 2 * L * (T + int(row["step"])) * C * 4
     assert {int(r["weights_bytes"]) for r in rows} == {
         sum(p.nbytes for p in tiny_model()[1].values())}

@@ -1,0 +1,219 @@
+"""The fused path's layout, in one place: how the weights are packed and where every
+buffer sits. `numba_fused` imports these constants; `_cython_fused` copies them into C
+variables when it is imported; the engine packs and allocates through `PackedWeights` and
+`Buffers`. Nothing else derives an offset.
+
+Packed weights. A model's tensors are copied once into three flat arrays: pf (float32:
+wte, wpe, LayerNorms, float weights, biases, scales), pq (int8 weights, then the W8A8
+layers' tiled copies) and pi (int32 column sums of the tiled weights). The engine runs on
+views into them (`PackedWeights.views`), so every weight is stored once. An index table
+`tab` (int64, NCOL columns) says where each tensor is:
+
+    row ROW_DIMS       the sizes, columns DIM_* below
+    row ROW_SCRATCH    the offsets of the decode step's buffers, columns SF_* and SI_*
+    rows ROW_WTE, ROW_WPE, ROW_LNF
+    then ROWS_PER_LAYER rows per block, in the order of LAYER_ROWS
+
+and a tensor row holds, in its columns: KIND (of a linear layer: F32, INT8 weight-only or
+W8A8), K and M (its shape; a LayerNorm has M = C), the element offsets W (float weight),
+B (bias), S (scale) in pf, Q (the (K, M) int8 weight) and P (its tiled copy) in pq, SUM (the
+column sums) in pi, and KP, MP: K and M padded to the int8 tile.
+
+The int8 tile. AVX-512 VNNI `vpdpbusd` adds, in each of 16 int32 lanes, the products of 4
+adjacent unsigned bytes by 4 signed bytes; 4 registers make a tile of TILE_M = 64 outputs,
+and one group of TILE_K = 4 rows of k is one instruction per register. `pack_vnni` lays a
+(K, M) int8 weight out in that operand order (the kernels: int8_tile.h, numba_int8_tile.py).
+
+Scratch. The decode step allocates nothing: it works in a float32 array sf (the residual
+stream x, the LayerNorm output h, a, qkv, the MLP's f and g, the attention weights and
+float64 scores) and an int32 array si ([SI_STATE]: how many cache positions the
+transposed cache mirrors; from SI_ACC: int32 sums of up to 4 rows; the quantized int8 row;
+the exp scratch), at the offsets of the scratch row. `Buffers` allocates them, the prefill's
+row buffers, and the transposed KV cache kvT (float32 models: attention then runs along
+the keys, which vectorizes).
+
+numba's on-disk cache does not notice a change of this module (see _jit.py): after changing
+a constant here, clear kernels/__pycache__.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ----------------------------------------------------------------------- index table ----
+NCOL = 11
+KIND, K, M, W, B, S, Q, P, KP, MP, SUM = range(NCOL)  # columns of a tensor row
+F32, INT8, W8A8 = 0, 1, 2  # kinds of linear layer (column KIND)
+ROW_DIMS, ROW_SCRATCH, ROW_WTE, ROW_WPE, ROW_LNF = range(5)
+FIRST_LAYER_ROW = 5
+LAYER_ROWS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+LN_1, C_ATTN, ATTN_PROJ, LN_2, C_FC, MLP_PROJ = range(len(LAYER_ROWS))
+ROWS_PER_LAYER = len(LAYER_ROWS)
+# columns of ROW_DIMS: n_layer, d_model, n_head, vocab, block_size, d_ff, the largest
+# padded M and K of a W8A8 layer (at least one tile), block_size padded to KEY_PAD
+DIM_L, DIM_C, DIM_NH, DIM_V, DIM_BLOCK, DIM_FF, DIM_MP, DIM_KP, DIM_BP = range(9)
+# columns of ROW_SCRATCH: offsets (in elements) in sf of x, h, a, qkv, f, g, the attention
+# weights and the float64 scores; in si of the int8 row and of the exp scratch
+SF_X, SF_H, SF_A, SF_QKV, SF_F, SF_G, SF_ATT, SF_S64, SI_XQ, SI_EX = range(10)
+
+# ---------------------------------------------------------------------------- sizes -----
+TILE_K, TILE_M = 4, 64  # the int8 tile: 4 bytes of k per int32 lane, 4 x 16 lanes of m
+KEY_PAD = 16  # keys of the transposed cache padded to a multiple of 16 (one zmm of floats)
+SI_STATE, SI_ACC = 0, 16  # si: the state word; the int32 sums (64-byte aligned)
+
+
+def padded(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
+
+
+def pack_vnni(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights (K, M) -> (tiles (Mp/64 * Kp/4 * 64 * 4,) int8, column sums (Mp,) int32).
+
+    Tile t holds outputs 64t .. 64t+63; inside it, group g holds the 4 bytes k = 4g .. 4g+3
+    of each output side by side, the operand layout of vpdpbusd. K and M are padded with zero
+    weights up to Kp = 4 * ceil(K / 4) and Mp = 64 * ceil(M / 64). The column sums undo the
+    +128 that makes activations unsigned: sum_k (xq + 128) w = sum_k xq w + 128 sum_k w.
+    """
+    K_, M_ = wq.shape
+    Kp, Mp = padded(K_, TILE_K), padded(M_, TILE_M)
+    w = np.zeros((Kp, Mp), np.int8)
+    w[:K_, :M_] = wq
+    tiles = w.reshape(Kp // TILE_K, TILE_K, Mp // TILE_M, TILE_M).transpose(2, 0, 3, 1)  # (t, g, o, i)
+    return np.ascontiguousarray(tiles).reshape(-1), w.astype(np.int32).sum(axis=0, dtype=np.int32)
+
+
+class PackedWeights:
+    """A GPT-2 model's inference tensors packed once for the fused kernels.
+
+    Args:
+        tensors: {GPT-2 name: C-contiguous array}: float32 tensors, and int8 linear weights
+            with their float32 `<name>.weight_scale` (M,) beside them.
+        n_layer, n_head: the model's sizes (the rest come from the tensors' shapes).
+        int8_mode: "weight-only" or "w8a8", how the int8 linear layers run.
+    Attributes:
+        pf, pq, pi: the flat float32, int8 and int32 arrays; tab: the index table.
+        views: {name: view into pf or pq} for every tensor of `tensors`.
+        tiles: {"h.<l>.<linear>": (tiles, column sums)} of the W8A8 layers, views into
+            pq and pi (+K*M bytes per W8A8 layer; weight-only and float layers add nothing).
+        exact: a W8A8 layer exists, so every stage before a quantization must round as the
+            unfused kernels do (no transposed-cache attention, no fast GELU).
+    """
+
+    def __init__(self, tensors: dict[str, np.ndarray], n_layer: int, n_head: int,
+                 int8_mode: str):
+        V, C = tensors["wte"].shape
+        block_size = tensors["wpe"].shape[0]
+        d_ff = tensors["h.0.mlp.c_fc.bias"].shape[0]
+        tab = np.zeros((FIRST_LAYER_ROW + ROWS_PER_LAYER * n_layer, NCOL), np.int64)
+        parts = {"f": [], "q": [], "i": []}  # (name, array, offset) per flat array
+        sizes = {"f": 0, "q": 0, "i": 0}
+
+        def put(kind: str, name: str, a: np.ndarray) -> int:
+            off = sizes[kind]
+            parts[kind].append((name, a, off))
+            sizes[kind] += a.size
+            return off
+
+        def norm(row: int, name: str) -> None:
+            tab[row, M] = C
+            tab[row, W] = put("f", name + ".weight", tensors[name + ".weight"])
+            tab[row, B] = put("f", name + ".bias", tensors[name + ".bias"])
+
+        tab[ROW_WTE, [K, M, W]] = V, C, put("f", "wte", tensors["wte"])
+        tab[ROW_WPE, [K, M, W]] = block_size, C, put("f", "wpe", tensors["wpe"])
+        norm(ROW_LNF, "ln_f")
+        tiled = []  # (row, name) of the W8A8 layers
+        for l in range(n_layer):
+            for j, layer in enumerate(LAYER_ROWS):
+                row, name = FIRST_LAYER_ROW + l * ROWS_PER_LAYER + j, f"h.{l}.{layer}"
+                if layer.startswith("ln"):
+                    norm(row, name)
+                    continue
+                w = tensors[name + ".weight"]
+                tab[row, [K, M]] = w.shape
+                tab[row, B] = put("f", name + ".bias", tensors[name + ".bias"])
+                if w.dtype != np.int8:
+                    tab[row, [KIND, W]] = F32, put("f", name + ".weight", w)
+                    continue
+                tab[row, KIND] = W8A8 if int8_mode == "w8a8" else INT8
+                tab[row, Q] = put("q", name + ".weight", w)
+                tab[row, S] = put("f", name + ".weight_scale", tensors[name + ".weight_scale"])
+                if int8_mode == "w8a8":
+                    tiled.append((row, name))
+        for row, name in tiled:  # the tiled copies last, in the order decode reads them
+            tiles, colsum = pack_vnni(tensors[name + ".weight"])
+            tab[row, [P, SUM]] = put("q", name + ".tiles", tiles), put("i", name + ".colsum", colsum)
+            tab[row, [KP, MP]] = padded(int(tab[row, K]), TILE_K), colsum.size
+        Kp = max(TILE_K, int(tab[:, KP].max()))
+        Mp = max(TILE_M, int(tab[:, MP].max()))
+        Bp = padded(block_size, KEY_PAD)
+        tab[ROW_DIMS, :DIM_BP + 1] = n_layer, C, n_head, V, block_size, d_ff, Mp, Kp, Bp
+        tab[ROW_SCRATCH, :SI_EX + 1] = _scratch_offsets(C, d_ff, n_head, Bp, Mp, Kp)
+
+        self.tab = tab
+        self.pf = np.empty(sizes["f"], np.float32)
+        self.pq = np.empty(sizes["q"], np.int8)
+        self.pi = np.empty(sizes["i"], np.int32)
+        self.views: dict[str, np.ndarray] = {}
+        for flat, kind in ((self.pf, "f"), (self.pq, "q"), (self.pi, "i")):
+            for name, a, off in parts[kind]:
+                view = flat[off:off + a.size].reshape(a.shape)
+                view[...] = a
+                self.views[name] = view
+        self.tiles = {name: (self.views.pop(name + ".tiles"), self.views.pop(name + ".colsum"))
+                      for _, name in tiled}
+        self.exact = bool(tiled)
+
+    def nbytes(self) -> int:
+        """Bytes of pf, pq, pi and the index table."""
+        return self.pf.nbytes + self.pq.nbytes + self.pi.nbytes + self.tab.nbytes
+
+
+def _scratch_offsets(C: int, FF: int, NH: int, Bp: int, Mp: int, Kp: int) -> tuple[int, ...]:
+    """The scratch row, columns SF_X .. SI_EX: element offsets in sf and si.
+
+    sf: x, h, a (C each), qkv (3C), f, g (FF each), attention weights (NH, Bp), then the
+    float64 scores (Bp), which start at an even float offset (8-byte aligned: C, FF and Bp
+    terms are all even). si: state, int32 sums of 4 rows (4 Mp), the int8 row (Kp bytes,
+    rounded up to 64), then the exp scratch (2 max(FF, Bp), see `Buffers`)."""
+    sf_x, sf_h, sf_a, sf_qkv = 0, C, 2 * C, 3 * C
+    sf_f, sf_g, sf_att = 6 * C, 6 * C + FF, 6 * C + 2 * FF
+    sf_s64 = sf_att + NH * Bp
+    si_xq = SI_ACC + 4 * Mp
+    si_ex = si_xq + padded(Kp, 64) // 4
+    return sf_x, sf_h, sf_a, sf_qkv, sf_f, sf_g, sf_att, sf_s64, si_xq, si_ex
+
+
+class Buffers:
+    """Every buffer of the fused path, allocated once for the sizes in an index table.
+
+    decode: sf (float32), si (int32), logits (V,), kvT (2, n_layer, C, Bp): the caches
+    transposed, keys (or values) of the cache in columns (empty for an exact model, whose
+    attention is the unfused kernel's). prefill, up to block_size rows T: x, h, a, q (T, C),
+    qkv (T, 3C), f, g (T, FF), att (NH * T * T,), xq_rows (T * Kp,) int8, sx (T,); it uses
+    si's int32 sums (`acc`) and exp scratch (`ex`) too.
+    """
+
+    def __init__(self, tab: np.ndarray, exact: bool):
+        L, C, NH, V, T, FF, Mp, Kp, Bp = (int(v) for v in tab[ROW_DIMS, :DIM_BP + 1])
+        sc = tab[ROW_SCRATCH]
+        self.sf = np.zeros(sc[SF_S64] + 2 * Bp, np.float32)  # + float64 scores (Bp,)
+        self.si = np.zeros(sc[SI_EX] + 2 * max(FF, Bp), np.int32)  # + exp scratch
+        self.acc = self.si[SI_ACC:sc[SI_XQ]]  # int32 sums of up to 4 rows (4 Mp,)
+        self.ex = self.si[sc[SI_EX]:]  # exp scratch: 2 ints per element of up to max(FF, Bp)
+        self.logits = np.zeros(V, np.float32)
+        self.kvT = np.zeros((2, L, C, 0 if exact else Bp), np.float32)
+        self.x, self.h, self.a, self.q = (np.zeros((T, C), np.float32) for _ in range(4))
+        self.qkv = np.zeros((T, 3 * C), np.float32)
+        self.f, self.g = np.zeros((T, FF), np.float32), np.zeros((T, FF), np.float32)
+        self.att = np.zeros(NH * T * T, np.float32)
+        self.xq_rows = np.zeros(T * Kp, np.int8)
+        self.sx = np.zeros(T, np.float32)
+
+    def nbytes(self) -> dict[str, int]:
+        """{"kv_cache_transposed": bytes of kvT, "scratch": bytes of every other buffer}."""
+        scratch = (self.sf, self.si, self.logits, self.x, self.h, self.a, self.q, self.qkv,
+                   self.f, self.g, self.att, self.xq_rows, self.sx)
+        return {"kv_cache_transposed": self.kvT.nbytes,
+                "scratch": sum(a.nbytes for a in scratch)}
