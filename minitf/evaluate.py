@@ -25,10 +25,10 @@ def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None) 
     n = (n_tokens - 1) // block_size
     if n < 1:
         raise ValueError(f"the split has {n_tokens} tokens; evaluation needs at least block_size + 1 = {block_size + 1}")
-    starts = np.arange(n) * block_size
     if max_windows is not None and max_windows < n:
-        starts = starts[np.linspace(0, n - 1, max_windows).round().astype(int)]
-    return starts
+        # window numbers picked from 0..n-1, never all n of them: a split may be a huge file
+        return np.linspace(0, n - 1, max_windows).round().astype(np.int64) * block_size
+    return np.arange(n) * block_size
 
 
 def evaluate(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, tokenizer,
@@ -79,7 +79,7 @@ def validation_tokens(text: str, tokenizer, val_fraction: float = 0.1) -> np.nda
 
 def main(argv=None) -> int:
     from .cli import Parser, add_backend_argument, fail
-    from .data import load_corpus
+    from .dataset import load_data
     from .engine import load_engine
 
     parser = Parser(
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         epilog="example: python -m minitf.evaluate --backend numba --max-windows 200",
     )
     parser.add_argument("--model", default=None, help="model directory (default: the shipped model)")
-    parser.add_argument("--data", default=None, help="corpus text file (default: $MINITF_DATA, the user cache, or a verified download)")
+    parser.add_argument("--data", default=None, help="corpus text file, or dataset folder from python -m minitf.prepare (default: $MINITF_DATA, the user cache, or a verified download)")
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate on this many windows (default: the whole split)")
     add_backend_argument(parser)
     args = parser.parse_args(argv)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
 
         set_threads(args.threads)
         engine, tokenizer, _ = load_engine(args.model, args.backend)
-        tokens = validation_tokens(load_corpus(args.data), tokenizer)
+        tokens = load_data(args.data, tokenizer, with_train=False).val
         result = evaluate(lambda x: np.stack([engine.forward(row) for row in x]), tokens, tokenizer,
                           engine.config.block_size, args.max_windows)
     except (ValueError, OSError) as e:

@@ -25,11 +25,11 @@ import numpy as np
 from .checkpoint import CheckpointError, check_writable, is_checkpoint, load_checkpoint, save_checkpoint
 from .cli import Parser, add_threads_argument, fail, nonneg_int, positive_int
 from .config import PRESETS, GPTConfig, num_params
-from .data import get_batch, load_corpus, split_text
+from .data import get_batch
+from .dataset import load_data
 from .evaluate import evaluate
 from .model import GPT, init_params
 from .optim import AdamW, CosineSchedule, clip_grad_norm
-from .tokenizer import train_tokenizer
 
 
 class Diverged(RuntimeError):
@@ -42,7 +42,7 @@ def build_parser() -> Parser:
         description="Train a GPT-2-style model on TinyShakespeare with hand-written backpropagation.",
         epilog="example: python -m minitf.train --out runs/char --steps 2000 --seed 1337",
     )
-    p.add_argument("--data", default=None, help="corpus text file (default: $MINITF_DATA, else ~/.cache/minitf, else a verified download)")
+    p.add_argument("--data", default=None, help="corpus text file, or a dataset folder from python -m minitf.prepare, whose tokenizer is then used (default: $MINITF_DATA, else ~/.cache/minitf, else a verified download)")
     p.add_argument("--out", default="runs/char", help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (model, optimizer, data RNG)")
     p.add_argument("--tokenizer", default="char", choices=("char", "bpe"), help="character-level or byte-level BPE")
@@ -109,8 +109,6 @@ def run(args, log=print) -> dict:
     set_threads(args.threads)
     out = Path(args.out)
     dtype = np.dtype(args.dtype).type
-    text = load_corpus(args.data)
-    train_text, val_text = split_text(text, 0.1)
 
     if not args.resume:
         if out.exists() and is_checkpoint(out):
@@ -123,17 +121,16 @@ def run(args, log=print) -> dict:
         if ckpt.optimizer_state is None:
             raise CheckpointError(f"{out} has no optimizer state to resume from")
         config, tokenizer, params = ckpt.config, ckpt.tokenizer, ckpt.params
+        train_tokens, val_tokens, tokenizer = load_data(args.data, ckpt.tokenizer)
         state = ckpt.optimizer_state
         history = ckpt.meta.get("history", {"train": [], "val": []})
     else:
-        tokenizer = train_tokenizer(args.tokenizer, train_text, args.vocab_size)
+        train_tokens, val_tokens, tokenizer = load_data(args.data, kind=args.tokenizer, vocab_size=args.vocab_size)
         config = model_config(args, tokenizer.vocab_size)
         params = init_params(config, seed=args.seed, dtype=dtype)
         state = None
         history = {"train": [], "val": []}
 
-    train_tokens = np.asarray(tokenizer.encode(train_text))
-    val_tokens = np.asarray(tokenizer.encode(val_text))
     model = GPT(config, params)
     opt = AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     decay_steps = args.decay_steps
