@@ -182,6 +182,8 @@ class TokenFile:
     of the windows being read, whatever the size of the file (a whole-file mapping would
     count the whole file against an address-space limit, and every page it ever touched
     against the resident set). The kernel's page cache still keeps hot pages in memory.
+    The file stays open, so a dataset replaced on disk during a run does not change the ids
+    that run reads.
 
     With `vocab_size`, every slice is checked to hold ids below it (a damaged file then
     gives a ValueError naming the file, not an IndexError deep in the model).
@@ -194,21 +196,24 @@ class TokenFile:
                  vocab_size: int | None = None):
         self.path = Path(path)
         self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.vocab_size = vocab_size
         if self.dtype.kind != "u" or self.dtype.itemsize not in (2, 4):
             raise ValueError(f"token file dtype {np.dtype(dtype)} must be uint16 or uint32")
         try:
-            size = self.path.stat().st_size
+            self._file = open(self.path, "rb")
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path}: token file not found") from None
+        size = os.fstat(self._file.fileno()).st_size
         n, extra = divmod(size, self.dtype.itemsize)
+        problem = None
         if extra:
-            raise ValueError(f"{self.path}: {size} bytes is not a whole number of {self.dtype.name} ids "
-                             f"(truncated or damaged)")
-        if n_tokens is not None and n != n_tokens:
-            raise ValueError(f"{self.path}: holds {n} {self.dtype.name} ids ({size} bytes), "
-                             f"its record says {n_tokens} (truncated or replaced)")
+            problem = f"{size} bytes is not a whole number of {self.dtype.name} ids (truncated or damaged)"
+        elif n_tokens is not None and n != n_tokens:
+            problem = f"holds {n} {self.dtype.name} ids ({size} bytes), its record says {n_tokens} (truncated or replaced)"
+        if problem:
+            self._file.close()
+            raise ValueError(f"{self.path}: {problem}")
         self._n = n
-        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return self._n
@@ -221,11 +226,10 @@ class TokenFile:
             raise ValueError("a TokenFile slice must have step 1")
         if stop <= start:
             return np.zeros(0, dtype=np.int32)
-        with open(self.path, "rb") as f:
-            mapped = np.memmap(f, dtype=self.dtype, mode="r", offset=start * self.dtype.itemsize,
-                               shape=(stop - start,))
-            ids = mapped.astype(np.int32)  # (stop - start,) a copy: the mapping closes below
-            del mapped
+        mapped = np.memmap(self._file, dtype=self.dtype, mode="r", offset=start * self.dtype.itemsize,
+                           shape=(stop - start,))
+        ids = mapped.astype(np.int32)  # (stop - start,) a copy, so the mapping can close
+        del mapped
         if self.vocab_size is not None and ids.max() >= self.vocab_size:
             i = int(np.argmax(ids >= self.vocab_size))
             raise ValueError(f"{self.path}: token id {int(ids[i])} at position {start + i} is not below "
@@ -236,6 +240,13 @@ class TokenFile:
         """All ids at once (reads the whole file into memory)."""
         ids = self[:]
         return ids if dtype is None else ids.astype(dtype)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __del__(self):
+        if hasattr(self, "_file"):
+            self._file.close()
 
     def __repr__(self) -> str:
         return f"TokenFile({str(self.path)!r}, {self.dtype.name}, {self._n:,} ids)"

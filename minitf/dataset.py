@@ -172,22 +172,6 @@ def _bar(total: int | None, desc: str, enabled: bool) -> tqdm:
 # Pass 1: size, checksum, UTF-8, character count, and the characters of the training split
 
 
-def _scan(doc: _Document, val_fraction: float, block_bytes: int, bar: tqdm,
-          vocab: _CharSet | None) -> None:
-    """Fill doc.bytes, .sha256, .chars, .cut; with `vocab`, add the characters of this
-    document's training part to it."""
-    reader = _Reader(doc, block_bytes, bar)
-    chars = 0
-    for _, text in reader:
-        if vocab is not None:
-            vocab.see(text, chars)
-        chars += len(text)
-    doc.bytes, doc.sha256, doc.chars = reader.bytes, reader.sha256, chars
-    doc.cut = split_point(chars, val_fraction)
-    if vocab is not None:
-        vocab.end_document(doc.cut)
-
-
 class _CharSet:
     """The distinct characters of the training split, found in one pass over each document
     before its cut is known: each character's first position in the document is kept, and
@@ -215,6 +199,22 @@ class _CharSet:
 
     def chars(self) -> set[str]:
         return {chr(c) for c in np.flatnonzero(self.in_train)}
+
+
+def _scan(doc: _Document, val_fraction: float, block_bytes: int, bar: tqdm,
+          vocab: _CharSet | None) -> None:
+    """Fill doc.bytes, .sha256, .chars, .cut; with `vocab`, add the characters of this
+    document's training part to it."""
+    reader = _Reader(doc, block_bytes, bar)
+    chars = 0
+    for _, text in reader:
+        if vocab is not None:
+            vocab.see(text, chars)
+        chars += len(text)
+    doc.bytes, doc.sha256, doc.chars = reader.bytes, reader.sha256, chars
+    doc.cut = split_point(chars, val_fraction)
+    if vocab is not None:
+        vocab.end_document(doc.cut)
 
 
 def _training_text(docs: list[_Document], separator: str, max_chars: int, block_bytes: int,
@@ -481,8 +481,8 @@ def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fracti
             output that is a file or a folder that is not a dataset, a bad argument.
         TokenizerError: a tokenizer file that is missing or damaged.
     """
-    if isinstance(tokenizer, str) and tokenizer == "bpe" and (
-            isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256):
+    if tokenizer == "bpe" and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                               or vocab_size < 256):
         raise DatasetError(f"BPE vocab_size {vocab_size!r} must be an integer >= 256 (the bytes)")
     if dtype not in DTYPES:
         raise DatasetError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -497,7 +497,6 @@ def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fracti
         tokenizer = load_tokenizer(tokenizer)  # before any reading: a bad path fails at once
     elif not (isinstance(tokenizer, str) or hasattr(tokenizer, "encode")):
         raise DatasetError(f"tokenizer {tokenizer!r} is not 'char', 'bpe', a path or a tokenizer")
-    kind = tokenizer if isinstance(tokenizer, str) else _kind(tokenizer)
     from_stdin = str(source) == "-"
     shown = "standard input" if from_stdin else str(source)
     if not from_stdin and not Path(source).exists():
@@ -507,39 +506,20 @@ def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fracti
     try:
         docs = _documents(source, glob, tmp, stdin, progress)
         vocab = _CharSet() if tokenizer == "char" else None
-        total = sum(d.path.stat().st_size for d in docs)
-        with _bar(total, "scan", progress) as bar:
+        with _bar(sum(d.path.stat().st_size for d in docs), "scan", progress) as bar:
             for doc in docs:
                 _scan(doc, val_fraction, block_bytes, bar, vocab)
-        chars = sum(d.chars for d in docs)
-        train_chars = sum(d.cut for d in docs)
+        chars, train_chars = sum(d.chars for d in docs), sum(d.cut for d in docs)
         if chars == 0:
             raise DatasetError(f"{shown}: the corpus is empty (0 characters in {len(docs)} "
                                f"{'file' if len(docs) == 1 else 'files'})")
         if train_chars == 0 or train_chars == chars:
             raise DatasetError(f"{shown}: {chars} characters are too few to split with "
                                f"val_fraction={val_fraction}: a split would be empty")
-        train_parts = sum(1 for d in docs if d.cut > 0)
 
-        if tokenizer == "char":
-            chars_in_train = vocab.chars() | (set(separator) if train_parts > 1 else set())
-            tokenizer = train_tokenizer("char", "".join(sorted(chars_in_train)))
-            info = {"source": "trained on the training split"}
-            hint = ("; a char vocabulary holds the training split's characters: use a "
-                    "tokenizer that knows this one, or bpe")
-        elif tokenizer == "bpe":
-            with _bar(None, "bpe sample", progress) as bar:
-                text = _training_text(docs, separator, bpe_max_chars, block_bytes, bar)
-            tokenizer = train_tokenizer("bpe", text, vocab_size)
-            info = {"source": "trained on the training split", "requested_vocab_size": vocab_size,
-                    "training_chars": len(text)}
-            del text
-            hint = ""
-        else:
-            info = {"source": given or "given"}
-            hint = "; give another tokenizer, or train one on this corpus (char or bpe)"
+        tokenizer, info, hint = _tokenizer_for(tokenizer, given, docs, vocab, separator,
+                                               vocab_size, bpe_max_chars, block_bytes, progress)
         token_dtype = _token_dtype(dtype, tokenizer.vocab_size)
-
         writers = [_SplitWriter(tmp / name, tokenizer, token_dtype, separator, hint, piece_chars)
                    for name in (TRAIN_FILE, VAL_FILE)]
         try:
@@ -557,8 +537,7 @@ def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fracti
             "dtype": token_dtype.name,
             "byte_order": "little",
             "vocab_size": tokenizer.vocab_size,
-            "tokenizer": {"file": TOKENIZER_FILE, "kind": kind, **info,
-                          "sha256": _sha256_file(tmp / TOKENIZER_FILE)},
+            "tokenizer": {"file": TOKENIZER_FILE, **info, "sha256": _sha256_file(tmp / TOKENIZER_FILE)},
             "split": {"rule": SPLIT_RULE, "val_fraction": val_fraction, "separator": separator,
                       **({"glob": glob} if not from_stdin and Path(source).is_dir() else {})},
             "sources": [{"path": d.name, "bytes": d.bytes, "sha256": d.sha256, "chars": d.chars,
@@ -574,6 +553,28 @@ def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fracti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return record
+
+
+def _tokenizer_for(tokenizer, given: str | None, docs: list[_Document], vocab: _CharSet | None,
+                   separator: str, vocab_size: int, bpe_max_chars: int, block_bytes: int,
+                   progress: bool) -> tuple[object, dict, str]:
+    """(tokenizer, its entry in the record, the hint for a character it cannot encode):
+    the given one, or one trained on the training split."""
+    if tokenizer == "char":
+        train_parts = sum(1 for d in docs if d.cut > 0)
+        chars = vocab.chars() | (set(separator) if train_parts > 1 else set())
+        return (train_tokenizer("char", "".join(sorted(chars))),
+                {"kind": "char", "source": "trained on the training split"},
+                "; a char vocabulary holds the training split's characters: use a tokenizer "
+                "that knows this one, or bpe")
+    if tokenizer == "bpe":
+        with _bar(None, "bpe sample", progress) as bar:
+            text = _training_text(docs, separator, bpe_max_chars, block_bytes, bar)
+        return (train_tokenizer("bpe", text, vocab_size),
+                {"kind": "bpe", "source": "trained on the training split",
+                 "requested_vocab_size": vocab_size, "training_chars": len(text)}, "")
+    return (tokenizer, {"kind": _kind(tokenizer), "source": given or "given"},
+            "; give another tokenizer, or train one on this corpus (char or bpe)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -696,7 +697,7 @@ def load_data(data: str | os.PathLike | None = None, tokenizer=None, *, kind: st
                 f"{ds.tokenizer.vocab_size} tokens) than the model's ({type(tokenizer).__name__}, "
                 f"{tokenizer.vocab_size} tokens); prepare the corpus with --tokenizer MODEL_DIR"
             )
-        return Data(ds.train if with_train else None, ds.val, tokenizer or ds.tokenizer)
+        return Data(ds.train if with_train else None, ds.val, ds.tokenizer if tokenizer is None else tokenizer)
     train_text, val_text = split_text(load_corpus(data))
     if tokenizer is None:
         tokenizer = train_tokenizer(kind, train_text, vocab_size)

@@ -324,3 +324,12 @@ def test_ranks_rows_make_up_the_single_process_batch():
     assert [batch_rows(7, r, 3) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 7)]
     with pytest.raises(ValueError, match="rank=3"):
         batch_rows(8, 3, 3)
+
+
+def test_a_token_file_replaced_on_disk_keeps_reading_the_open_one(tmp_path):
+    np.arange(100, dtype="<u2").tofile(tmp_path / "t.bin")
+    tokens = TokenFile(tmp_path / "t.bin", np.uint16)
+    np.full(100, 7, dtype="<u2").tofile(tmp_path / "new.bin")
+    os.replace(tmp_path / "new.bin", tmp_path / "t.bin")  # as prepare replaces a dataset
+    assert np.array_equal(tokens[90:95], np.arange(90, 95))
+    assert np.array_equal(TokenFile(tmp_path / "t.bin", np.uint16)[90:95], np.full(5, 7))
