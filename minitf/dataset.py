@@ -455,7 +455,7 @@ def _sha256_file(path: Path) -> str:
 
 def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fraction: float = 0.1,
             separator: str = "\n\n", glob: str = "**/*.txt", dtype: str = "auto",
-            bpe_max_chars: int = 100_000_000, progress: bool = False, stdin: BinaryIO | None = None,
+            bpe_max_chars: int = 5_000_000, progress: bool = False, stdin: BinaryIO | None = None,
             block_bytes: int = BLOCK_BYTES, piece_chars: int = PIECE_CHARS) -> dict:
     """Tokenize a corpus into the dataset folder `out` (see the module docstring).
 

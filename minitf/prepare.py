@@ -34,7 +34,7 @@ def build_parser() -> Parser:
     p.add_argument("--separator", default="\n\n", help="text between documents within a split (default: two newlines)")
     p.add_argument("--glob", default="**/*.txt", help="which files of a folder to read (hidden ones are skipped)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="token id type; auto: uint16 when the vocabulary fits")
-    p.add_argument("--bpe-max-chars", type=positive_int, default=100_000_000,
+    p.add_argument("--bpe-max-chars", type=positive_int, default=5_000_000,
                    help="train BPE on at most this many characters (the training split's first)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
