@@ -44,7 +44,7 @@ import numpy as np
 import safetensors.numpy
 
 from minitf.config import GPTConfig, param_shapes
-from minitf.fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
+from minitf.fileio import fsync_dir, read_json, save_json_atomic, swap_directory, write_bytes_atomic  # noqa: F401 (re-exported)
 from minitf.tokenizer import TokenizerError, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -265,18 +265,10 @@ def save_checkpoint(
             save_json_atomic(tmp / META_FILE, meta)
         _carry_over_extra_files(directory if directory.exists() else old, tmp)
         fsync_dir(tmp)
-        # The swap: at every instant DIR or .DIR.minitf-old is a complete checkpoint.
-        if directory.exists():
-            if old.exists():
-                shutil.rmtree(old)  # stale: DIR is the good one
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        fsync_dir(directory.parent)
+        swap_directory(tmp, directory, old)  # at every instant DIR or .DIR.minitf-old is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old.exists():
-        shutil.rmtree(old)
     return directory
 
 

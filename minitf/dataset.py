@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from minitf import __version__
 from minitf.data import CorpusError, TokenFile, load_corpus, split_point, split_text
-from minitf.fileio import fsync_dir, read_json, save_json_atomic
+from minitf.fileio import fsync_dir, read_json, save_json_atomic, swap_directory
 from minitf.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
 FORMAT = "minitf-dataset"
@@ -432,19 +432,6 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`; at every instant `target` or its `_previous` is complete."""
-    old = _previous(target)
-    if target.exists():
-        if old.exists():
-            shutil.rmtree(old)  # stale: target is the good one
-        os.replace(target, old)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -548,7 +535,7 @@ def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fracti
         save_json_atomic(tmp / DATASET_FILE, record)
         (tmp / "stdin.txt").unlink(missing_ok=True)
         fsync_dir(tmp)
-        _swap_in(tmp, target)
+        swap_directory(tmp, target, _previous(target))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
