@@ -29,9 +29,10 @@ Training a tokenizer uses the training split only, as `train` does: a char vocab
 distinct characters of the training split (plus the separator's, when it joins parts); BPE is
 trained on the training split's text, at most its first `bpe_max_chars` characters.
 
-Memory. Files are read in blocks (1 MiB), twice: a scan (size, SHA-256, UTF-8 check,
-character count and, for a char tokenizer, the characters of the training split), then
-tokenizing. Text is encoded in pieces of about a million characters, each cut just before a
+Memory. Files are read in blocks (1 MiB): a scan (size, SHA-256, UTF-8 check, character
+count and, for a char tokenizer, the characters of the training split), for BPE a read of
+its training sample, then tokenizing (the SHA-256 is checked again: a file that changed in
+between is refused). Text is encoded in pieces of about a million characters, each cut just before a
 space or newline that follows a non-space: byte-level BPE's pre-tokenizer splits there
 whatever surrounds it, so the pieces encode exactly as the whole part would. Memory is
 therefore bounded by the block size, plus the longest stretch of text with no such place,
