@@ -46,7 +46,7 @@ import safetensors.numpy
 
 from . import hf
 from .config import GPTConfig
-from .fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
+from .fileio import fsync_dir, read_json, save_json_atomic, swap_directory, write_bytes_atomic  # noqa: F401 (re-exported)
 from .tensors import Layout, check_tensors, optimizer_layout, tensor_layout
 from .tokenizer import TokenizerError, load_tokenizer
 
@@ -242,18 +242,10 @@ def save_checkpoint(
             save_json_atomic(tmp / META_FILE, meta)
         _carry_over_extra_files(directory if directory.exists() else old, tmp)
         fsync_dir(tmp)
-        # The swap: at every instant DIR or .DIR.minitf-old is a complete checkpoint.
-        if directory.exists():
-            if old.exists():
-                shutil.rmtree(old)  # stale: DIR is the good one
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        fsync_dir(directory.parent)
+        swap_directory(tmp, directory, old)  # at every instant DIR or .DIR.minitf-old is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old.exists():
-        shutil.rmtree(old)
     return directory
 
 

@@ -52,8 +52,9 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
     """--data: the corpus, as minitf.data.load_corpus resolves it."""
     parser.add_argument(
         "--data", default=None,
-        help="corpus text file (default: $MINITF_DATA, else ~/.cache/minitf, else a verified "
-             "download)",
+        help="corpus text file, or a dataset folder from python -m minitf.prepare (whose "
+             "tokenizer is then used) (default: $MINITF_DATA, else ~/.cache/minitf, else a "
+             "verified download)",
     )
 
 

@@ -15,7 +15,11 @@ point is also what makes bits per character comparable across tokenizers: both s
 validation text. For the char tokenizer the two orders give identical arrays
 (`train_val_split(encode(text))` == `encode` of each part), as in nanoGPT's shakespeare_char.
 
-Token ids are int32 everywhere (encode, get_batch, eval_windows).
+A split is either an in-memory int array or a `TokenFile`: the ids of a prepared dataset
+(minitf.dataset) in a raw .bin file, read window by window through np.memmap, so a corpus larger
+than memory trains with memory bounded by the batch.
+
+Token ids are int32 everywhere (encode, get_batch, eval_windows, TokenFile slices).
 """
 
 from __future__ import annotations
@@ -128,10 +132,20 @@ def _decode(data: bytes, path: Path) -> str:
 # Train / validation split
 
 
-def _split_point(n: int, val_fraction: float) -> int:
+def split_point(n: int, val_fraction: float = 0.1) -> int:
+    """Where `n` items (characters, tokens) split: items [0, cut) train, [cut, n) validate.
+
+    cut = int(n * (1 - val_fraction)), nanoGPT's `int(0.9 * len(data))`; either part may be
+    empty here (a tiny document); `split_text` and `train_val_split` refuse that.
+    Raises ValueError if val_fraction is not in (0, 1).
+    """
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
         raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1)")
-    cut = int(n * (1 - val_fraction))  # nanoGPT: n = int(0.9 * len(data))
+    return int(n * (1 - val_fraction))
+
+
+def _split_point(n: int, val_fraction: float) -> int:
+    cut = split_point(n, val_fraction)
     if cut == 0 or cut == n:
         raise ValueError(
             f"cannot split {n} items with val_fraction={val_fraction}: a part would be empty"
@@ -156,10 +170,95 @@ def train_val_split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.n
 
 
 # ----------------------------------------------------------------------------------------
+# Token files: a split on disk, read slice by slice
+
+
+class TokenFile:
+    """The token ids of one split, stored as raw little-endian uint16 or uint32 in a file.
+
+    `len(tokens)` is the number of ids; `tokens[a:b]` returns ids a..b-1 as an int32 array
+    (b - a,). Each slice maps only its own bytes of the file with np.memmap and copies them
+    out, and the mapping is closed at once: resident memory and address space stay the size
+    of the windows being read, whatever the size of the file (a whole-file mapping would
+    count the whole file against an address-space limit, and every page it ever touched
+    against the resident set). The kernel's page cache still keeps hot pages in memory.
+    The file stays open, so a dataset replaced on disk during a run does not change the ids
+    that run reads.
+
+    With `vocab_size`, every slice is checked to hold ids below it (a damaged file then
+    gives a ValueError naming the file, not an IndexError deep in the model).
+
+    Raises ValueError if the file's size is not a whole number of ids, or differs from
+    `n_tokens` when that is given; FileNotFoundError if it is missing.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype, n_tokens: int | None = None,
+                 vocab_size: int | None = None):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.vocab_size = vocab_size
+        if self.dtype.kind != "u" or self.dtype.itemsize not in (2, 4):
+            raise ValueError(f"token file dtype {np.dtype(dtype)} must be uint16 or uint32")
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path}: token file not found") from None
+        size = os.fstat(self._file.fileno()).st_size
+        n, extra = divmod(size, self.dtype.itemsize)
+        problem = None
+        if extra:
+            problem = f"{size} bytes is not a whole number of {self.dtype.name} ids (truncated or damaged)"
+        elif n_tokens is not None and n != n_tokens:
+            problem = f"holds {n} {self.dtype.name} ids ({size} bytes), its record says {n_tokens} (truncated or replaced)"
+        if problem:
+            self._file.close()
+            raise ValueError(f"{self.path}: {problem}")
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError(f"a TokenFile is read by slices (tokens[a:b]), not {type(key).__name__}")
+        start, stop, step = key.indices(self._n)
+        if step != 1:
+            raise ValueError("a TokenFile slice must have step 1")
+        if stop <= start:
+            return np.zeros(0, dtype=np.int32)
+        mapped = np.memmap(self._file, dtype=self.dtype, mode="r", offset=start * self.dtype.itemsize,
+                           shape=(stop - start,))
+        ids = mapped.astype(np.int32)  # (stop - start,) a copy, so the mapping can close
+        del mapped
+        if self.vocab_size is not None and ids.max() >= self.vocab_size:
+            i = int(np.argmax(ids >= self.vocab_size))
+            raise ValueError(f"{self.path}: token id {int(ids[i])} at position {start + i} is not below "
+                             f"the vocabulary size {self.vocab_size} (damaged file)")
+        return ids
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """All ids at once (reads the whole file into memory)."""
+        ids = self[:]
+        return ids if dtype is None else ids.astype(dtype)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __del__(self):
+        if hasattr(self, "_file"):
+            self._file.close()
+
+    def __repr__(self) -> str:
+        return f"TokenFile({str(self.path)!r}, {self.dtype.name}, {self._n:,} ids)"
+
+
+# ----------------------------------------------------------------------------------------
 # Windows of block_size + 1 tokens: x = window[:-1], y = window[1:]
 
 
-def _check_tokens(tokens) -> np.ndarray:
+def _check_tokens(tokens) -> np.ndarray | TokenFile:
+    if isinstance(tokens, TokenFile):
+        return tokens  # checked when opened; np.asarray would read the whole file
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
@@ -172,7 +271,7 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name}={v!r} must be a positive integer")
 
 
-def _check_length(tokens: np.ndarray, block_size: int) -> None:
+def _check_length(tokens, block_size: int) -> None:
     if len(tokens) < block_size + 1:
         raise ValueError(
             f"this split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1} "
@@ -180,20 +279,39 @@ def _check_length(tokens: np.ndarray, block_size: int) -> None:
         )
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    idx = starts[:, None] + np.arange(block_size + 1)  # (B, T+1)
-    w = tokens[idx].astype(np.int32)  # (B, T+1)
+def _windows(tokens, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    # one slice per window: a TokenFile reads only these bytes, an array gives views
+    w = np.zeros((len(starts), block_size + 1), dtype=np.int32)  # (B, T+1)
+    for row, s in enumerate(starts):
+        w[row] = tokens[s : s + block_size + 1]
     return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])  # (B, T), (B, T)
 
 
+def batch_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """The rows of a global batch that process `rank` of `world_size` computes.
+
+    Contiguous, sizes differing by at most one, in rank order: concatenating every rank's
+    rows gives the whole batch, so `get_batch(..., rows=batch_rows(B, r, N))` over r = 0..N-1
+    is the single-process batch for the same rng (data-parallel training).
+    """
+    _check_positive(batch_size=batch_size, world_size=world_size)
+    if not (isinstance(rank, (int, np.integer)) and 0 <= rank < world_size):
+        raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size})")
+    return slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+
+
 def get_batch(
-    tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator
+    tokens, batch_size: int, block_size: int, rng: np.random.Generator, rows: slice | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A random batch of windows from one split.
+    """A random batch of windows from one split (an int array or a TokenFile).
 
     Returns x, y: int32 (B, T) with B = batch_size, T = block_size and y[:, t] = x[:, t+1]
     (y[:, -1] is the token after the window). Window starts are uniform over every start
     that fits, drawn from `rng` (a numpy Generator), so a seeded rng repeats the batches.
+
+    `rows` (see `batch_rows`) keeps only those rows of the batch: all batch_size starts are
+    still drawn, so the rng advances the same whatever the rows, and only the kept windows
+    are read.
 
     Raises ValueError if the split is shorter than block_size + 1 tokens.
     """
@@ -203,11 +321,13 @@ def get_batch(
     _check_positive(batch_size=batch_size, block_size=block_size)
     _check_length(tokens, block_size)
     starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # (B,) last: len-T-1
+    if rows is not None:
+        starts = starts[rows]
     return _windows(tokens, starts, block_size)
 
 
 def eval_windows(
-    tokens: np.ndarray, block_size: int, n_windows: int | None = None, stride: int | None = None
+    tokens, block_size: int, n_windows: int | None = None, stride: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fixed windows for validation loss, the same on every call (float32 vs int8, runs).
 

@@ -12,9 +12,9 @@ import math
 import sys
 
 from .cli import Parser, add_backend_argument, add_data_argument, fail
-from .data import load_corpus
+from .dataset import load_data
 from .engine import load_engine
-from .metrics import engine_logits, evaluate, validation_tokens
+from .metrics import engine_logits, evaluate
 from .threads import set_threads
 
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     try:
         set_threads(args.threads)
         engine, tokenizer, _ = load_engine(args.model, args.backend)
-        tokens = validation_tokens(load_corpus(args.data), tokenizer)
+        tokens = load_data(args.data, tokenizer, with_train=False).val
         result = evaluate(engine_logits(engine), tokens, tokenizer, engine.config.block_size,
                           args.max_windows)
     except (ValueError, OSError) as e:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,24 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def swap_directory(tmp: Path, directory: Path, previous: Path) -> None:
+    """Put the complete folder `tmp` in the place of `directory`, atomically for readers.
+
+    Rename `directory` to `previous`, `tmp` to `directory`, then delete `previous`: at every
+    instant one of the two names holds a complete folder, so a crash between the renames
+    leaves only `previous`, for the reader to recover. A `previous` found while `directory`
+    exists is a stale leftover and is deleted first. One writer per `directory` at a time.
+    """
+    if directory.exists():
+        if previous.exists():
+            shutil.rmtree(previous)  # stale: `directory` is the good one
+        os.replace(directory, previous)
+    os.replace(tmp, directory)
+    fsync_dir(directory.parent)
+    if previous.exists():
+        shutil.rmtree(previous)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

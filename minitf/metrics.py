@@ -4,7 +4,7 @@ Bits per character = total nats over the scored tokens / ln 2 / number of charac
 tokens spell. It does not depend on the tokenizer, so a character-level and a BPE model can be
 compared with each other and with published TinyShakespeare results.
 
-    tokens = validation_tokens(text, tokenizer)
+    tokens = load_data("input.txt", tokenizer, with_train=False).val   # minitf.dataset
     result = evaluate(engine_logits(engine), tokens, tokenizer, config.block_size)
 
 `python -m minitf.evaluate` is the command line over these functions.
@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 
-from .data import split_text
 from .kernels.numpy_ref import cross_entropy
 
 
@@ -33,10 +32,10 @@ def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None) 
     if n < 1:
         raise ValueError(f"the split has {n_tokens} tokens; evaluation needs at least "
                          f"block_size + 1 = {block_size + 1}")
-    starts = np.arange(n) * block_size
     if max_windows is not None and max_windows < n:
-        starts = starts[np.linspace(0, n - 1, max_windows).round().astype(int)]
-    return starts
+        # window numbers picked from 0..n-1, never all n of them: a split may be a huge file
+        return np.linspace(0, n - 1, max_windows).round().astype(np.int64) * block_size
+    return np.arange(n) * block_size
 
 
 def evaluate(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, tokenizer,
@@ -83,9 +82,3 @@ def engine_logits(engine) -> Callable[[np.ndarray], np.ndarray]:
     """A `logits_fn` for `evaluate` from an inference engine: a full forward pass (no cache
     reuse) of each window, ids (B, T) -> logits (B, T, V) float32."""
     return lambda x: np.stack([engine.forward(row) for row in x])  # (B, T, V)
-
-
-def validation_tokens(text: str, tokenizer, val_fraction: float = 0.1) -> np.ndarray:
-    """Token ids of the validation split: the last `val_fraction` of the text's characters."""
-    _, val_text = split_text(text, val_fraction)
-    return np.asarray(tokenizer.encode(val_text))

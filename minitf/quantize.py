@@ -17,10 +17,10 @@ from pathlib import Path
 
 from .checkpoint import is_checkpoint, load_checkpoint, load_json, save_json_atomic
 from .cli import Parser, add_backend_argument, add_data_argument, fail, positive_int
-from .data import load_corpus
+from .dataset import load_data
 from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
 from .hf import is_hf_directory
-from .metrics import engine_logits, eval_starts, evaluate, validation_tokens
+from .metrics import engine_logits, eval_starts, evaluate
 from .plots import plot_quant_error
 from .quant_report import evaluation, format_report, measure_files, roundtrip_error_in_scales
 from .quantization import quantize_model, save_quantized
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--out {out} holds a float model; choose another directory, "
                              "quantize never overwrites a model it did not write")
         float_engine = Engine(ckpt.config, ckpt.params, args.backend)
-        tokens = validation_tokens(load_corpus(args.data), ckpt.tokenizer)
+        tokens = load_data(args.data, ckpt.tokenizer, with_train=False).val
         eval_starts(len(tokens), ckpt.config.block_size, args.max_windows)  # enough text? now
         qparams, report = quantize_model(ckpt.params, ckpt.config, args.scope)
         command = "python -m minitf.quantize " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -24,7 +24,6 @@ import sys
 from .cli import (Parser, add_data_argument, add_threads_argument, fail, nonneg_int,
                   positive_int)
 from .config import PRESETS, GPTConfig
-from .data import load_corpus
 from .threads import set_threads
 from .trainer import Diverged, Trainer, TrainSettings
 
@@ -130,14 +129,13 @@ def run(args, log=print) -> dict:
             ValueError).
     """
     set_threads(args.threads)
-    text = load_corpus(args.data)
     # meta.json records the command line and every flag
     command = "python -m minitf.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     meta = {"command": command, "record": vars(args)}
     if args.resume:
-        trainer = Trainer.resume(args.out, text, settings(args), **meta)
+        trainer = Trainer.resume(args.out, args.data, settings(args), **meta)
     else:
-        trainer = Trainer.start(args.out, text, settings(args), model_config(args),
+        trainer = Trainer.start(args.out, args.data, settings(args), model_config(args),
                                 args.tokenizer, args.vocab_size, **meta)
     return trainer.train(progress=not args.quiet, plot=not args.no_plot, log=log)
 

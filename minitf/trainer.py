@@ -1,10 +1,9 @@
 """Training a GPT with the hand-written backward pass: a run in a checkpoint directory.
 
     from minitf.trainer import Trainer, TrainSettings
-    text = open("input.txt").read()
-    trainer = Trainer.start("runs/char", text, TrainSettings(steps=500))
+    trainer = Trainer.start("runs/char", "input.txt", TrainSettings(steps=500))
     result = trainer.train()                      # validation metrics at the last step
-    trainer = Trainer.resume("runs/char", text, TrainSettings(steps=1000))
+    trainer = Trainer.resume("runs/char", "input.txt", TrainSettings(steps=1000))
     trainer.train()                               # continues exactly where the run stopped
 
 Each step (`train_step`): a random batch of windows from the training split, forward,
@@ -31,14 +30,13 @@ import numpy as np
 from .checkpoint import (CheckpointError, check_writable, is_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .config import PRESETS, GPTConfig, num_params
-from .data import get_batch, split_text
+from .data import get_batch
+from .dataset import Data, load_data
 from .metrics import evaluate
 from .model import GPT, init_params
 from .optim import AdamW, CosineSchedule, clip_grad_norm
 from .plots import plot_loss_curve
-from .tokenizer import train_tokenizer
 
-VAL_FRACTION = 0.1  # the last 10% of the characters is the validation split
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
@@ -101,15 +99,13 @@ class Trainer:
     """
 
     def __init__(self, out, config: GPTConfig, tokenizer, params: dict[str, np.ndarray],
-                 text: str, settings: TrainSettings, *, state: dict | None = None,
+                 data: Data, settings: TrainSettings, *, state: dict | None = None,
                  history: dict | None = None, command: str | None = None,
                  record: dict | None = None):
         self.out = Path(out)
         self.config, self.tokenizer, self.params = config, tokenizer, params
         self.settings = settings
-        train_text, val_text = split_text(text, VAL_FRACTION)
-        self.train_tokens = np.asarray(tokenizer.encode(train_text))
-        self.val_tokens = np.asarray(tokenizer.encode(val_text))
+        self.train_tokens, self.val_tokens = data.train, data.val  # arrays or TokenFiles
         self.model = GPT(config, params)
         s = settings
         self.optimizer = AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2),
@@ -129,11 +125,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, out, text: str, settings: TrainSettings = TrainSettings(),
+    def start(cls, out, data=None, settings: TrainSettings = TrainSettings(),
               config: GPTConfig = PRESETS["default"], tokenizer: str = "char",
               vocab_size: int = 1024, **kwargs) -> "Trainer":
-        """A new run: train a `tokenizer` ("char" or "bpe" with `vocab_size`) on the training
-        split of `text`, and a model of `config`'s sizes (its vocab_size replaced by the
+        """A new run on `data` (a text file, a dataset folder from `minitf.prepare`, or None
+        for the default corpus; see minitf.dataset.load_data): for a text file, a `tokenizer`
+        ("char" or "bpe" with `vocab_size`) trained on its training split, for a dataset
+        folder its own tokenizer; and a model of `config`'s sizes (its vocab_size replaced by the
         tokenizer's), initialised with settings.seed. `kwargs`: command, record (meta.json).
 
         Raises:
@@ -145,17 +143,17 @@ class Trainer:
             raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with "
                                   "--resume, or choose another --out")
         check_writable(out)  # now, not after the first eval_interval steps
-        train_text, _ = split_text(text, VAL_FRACTION)
-        tok = train_tokenizer(tokenizer, train_text, vocab_size)
-        config = dataclasses.replace(config, vocab_size=tok.vocab_size)
+        splits = load_data(data, kind=tokenizer, vocab_size=vocab_size)
+        config = dataclasses.replace(config, vocab_size=splits.tokenizer.vocab_size)
         params = init_params(config, seed=settings.seed, dtype=np.dtype(settings.dtype).type)
-        return cls(out, config, tok, params, text, settings, **kwargs)
+        return cls(out, config, splits.tokenizer, params, splits, settings, **kwargs)
 
     @classmethod
-    def resume(cls, out, text: str, settings: TrainSettings = TrainSettings(),
+    def resume(cls, out, data=None, settings: TrainSettings = TrainSettings(),
                **kwargs) -> "Trainer":
         """Continue the run in `out` from its checkpoint: model, tokenizer, optimizer state,
-        data RNG, history. With settings.decay_steps None, the schedule is the first run's.
+        data RNG, history; `data` as for `start`, encoded with the checkpoint's tokenizer (a
+        dataset folder must hold that tokenizer). With settings.decay_steps None, the schedule is the first run's.
         `kwargs`: command, record (meta.json).
 
         Raises:
@@ -172,7 +170,8 @@ class Trainer:
             decay_steps = first.get("decay_steps") or first.get("steps")
             settings = dataclasses.replace(settings, decay_steps=decay_steps)
         history = ckpt.meta.get("history", {"train": [], "val": []})
-        return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, text, settings,
+        splits = load_data(data, ckpt.tokenizer)
+        return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, splits, settings,
                    state=ckpt.optimizer_state, history=history, **kwargs)
 
     def _load_state(self, state: dict) -> None:

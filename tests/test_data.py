@@ -12,9 +12,12 @@ from minitf import data
 from minitf.data import (
     CORPUS_SHA256,
     CorpusError,
+    TokenFile,
+    batch_rows,
     eval_windows,
     get_batch,
     load_corpus,
+    split_point,
     split_text,
     train_val_split,
 )
@@ -171,6 +174,13 @@ def test_split_bad_fraction(bad):
         split_text("abcdefghij", bad)
 
 
+def test_split_point_allows_empty_parts():
+    assert [split_point(n) for n in (0, 1, 9, 10, 11, 1_115_394)] == [0, 0, 8, 9, 9, 1_003_854]
+    assert split_point(10, 0.25) == 7  # int(10 * 0.75)
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_point(10, 1.0)
+
+
 def test_split_too_short():
     with pytest.raises(ValueError, match="empty"):
         train_val_split(np.arange(1), 0.1)  # int(0.9) = 0 training tokens
@@ -255,3 +265,71 @@ def test_eval_windows_n_windows_and_stride():
         eval_windows(tokens, 16, n_windows=2, stride=4)
     with pytest.raises(ValueError, match="block_size"):
         eval_windows(tokens[:10], 16)
+
+
+# ---------------------------------------------------------------------------- token files
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 1000, size=5000).astype("<u2")  # (N,)
+    ids.tofile(tmp_path / "t.bin")
+    return ids, TokenFile(tmp_path / "t.bin", np.uint16, n_tokens=5000, vocab_size=1000)
+
+
+def test_token_file_slices_are_the_file_s_ids(token_file):
+    ids, tokens = token_file
+    assert len(tokens) == 5000
+    for a, b in [(0, 1), (0, 5000), (4000, 4017), (4999, 5000), (-20, None), (3, 3)]:
+        got = tokens[a:b]
+        assert got.dtype == np.int32 and np.array_equal(got, ids[a:b].astype(np.int32)), (a, b)
+    assert np.array_equal(np.asarray(tokens), ids)
+    with pytest.raises(TypeError, match="slices"):
+        tokens[3]
+    with pytest.raises(ValueError, match="step 1"):
+        tokens[::2]
+
+
+def test_get_batch_and_eval_windows_from_a_token_file_equal_the_array(token_file):
+    ids, tokens = token_file
+    for seed in range(3):
+        a = get_batch(tokens, 16, 32, np.random.default_rng(seed))
+        b = get_batch(ids, 16, 32, np.random.default_rng(seed))
+        assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert all(np.array_equal(p, q) for p, q in zip(eval_windows(tokens, 64, n_windows=7), eval_windows(ids, 64, n_windows=7)))
+
+
+def test_token_file_size_and_range_checks(tmp_path):
+    np.arange(10, dtype="<u2").tofile(tmp_path / "t.bin")
+    with pytest.raises(ValueError, match=r"holds 10 uint16 ids \(20 bytes\), its record says 11"):
+        TokenFile(tmp_path / "t.bin", np.uint16, n_tokens=11)
+    assert len(TokenFile(tmp_path / "t.bin", np.uint32)) == 5  # the same 20 bytes
+    (tmp_path / "odd.bin").write_bytes(b"\0" * 7)
+    with pytest.raises(ValueError, match="7 bytes is not a whole number of uint16 ids"):
+        TokenFile(tmp_path / "odd.bin", np.uint16)
+    with pytest.raises(ValueError, match="token id 9 at position 9 is not below the vocabulary size 9"):
+        TokenFile(tmp_path / "t.bin", np.uint16, vocab_size=9)[5:10]
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        TokenFile(tmp_path / "nope.bin", np.uint16)
+
+
+def test_ranks_rows_make_up_the_single_process_batch():
+    tokens = np.arange(10_000, dtype=np.int32)
+    for batch_size, world_size in [(8, 2), (7, 3), (2, 4)]:
+        whole = get_batch(tokens, batch_size, 16, np.random.default_rng(5))
+        parts = [get_batch(tokens, batch_size, 16, np.random.default_rng(5), rows=batch_rows(batch_size, r, world_size))
+                 for r in range(world_size)]
+        for i in range(2):  # x, then y
+            assert np.array_equal(np.concatenate([part[i] for part in parts]), whole[i])
+    assert [batch_rows(7, r, 3) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    with pytest.raises(ValueError, match="rank=3"):
+        batch_rows(8, 3, 3)
+
+
+def test_a_token_file_replaced_on_disk_keeps_reading_the_open_one(tmp_path):
+    np.arange(100, dtype="<u2").tofile(tmp_path / "t.bin")
+    tokens = TokenFile(tmp_path / "t.bin", np.uint16)
+    np.full(100, 7, dtype="<u2").tofile(tmp_path / "new.bin")
+    os.replace(tmp_path / "new.bin", tmp_path / "t.bin")  # as prepare replaces a dataset
+    assert np.array_equal(tokens[90:95], np.arange(90, 95))
+    assert np.array_equal(TokenFile(tmp_path / "t.bin", np.uint16)[90:95], np.full(5, 7))

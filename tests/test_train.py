@@ -42,13 +42,12 @@ def test_the_python_api_trains_as_the_command_does(corpus_path, tmp_path):
     run_train(corpus_path, tmp_path / "cli", "--steps", "4", "--eval-interval", "4")
     settings = TrainSettings(steps=4, batch_size=4, eval_windows=4, final_eval_windows=8,
                              warmup=2, decay_steps=8, lr=3e-3, eval_interval=4)
-    text = corpus_path.read_text(encoding="utf-8")
-    trainer = Trainer.start(tmp_path / "api", text, settings, PRESETS["tiny"])
+    trainer = Trainer.start(tmp_path / "api", corpus_path, settings, PRESETS["tiny"])
     trainer.train(progress=False, plot=False, log=lambda *a: None)
     cli, api = load_checkpoint(tmp_path / "cli"), load_checkpoint(tmp_path / "api")
     for name, p in cli.params.items():
         np.testing.assert_array_equal(p, api.params[name], err_msg=name)
-    more = Trainer.resume(tmp_path / "api", text, dataclasses.replace(settings, steps=6))
+    more = Trainer.resume(tmp_path / "api", corpus_path, dataclasses.replace(settings, steps=6))
     assert more.step == 4 and more.schedule.decay_steps == 8
     more.train(progress=False, plot=False, log=lambda *a: None)
     assert load_checkpoint(tmp_path / "api").optimizer_state["step"] == 6
