@@ -141,6 +141,8 @@ def _parse_header(f, size: int, path) -> tuple[dict, int]:
                               f"format's limit of {MAX_HEADER_BYTES}")
     try:
         header = json.loads(f.read(n))
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):

@@ -91,3 +91,5 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, what
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{path}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{path}: invalid JSON: nested too deeply") from None
