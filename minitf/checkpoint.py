@@ -473,11 +473,6 @@ def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:
             f"{directory / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens but "
             f"{config_path} says vocab_size={config.vocab_size}"
         )
-    # what was read is what was saved (a changed character of the tokenizer, a config that
-    # is valid but not this model's): checked once it is known to parse, so damage is
-    # reported as what it is, and before the large files are read
-    files.check(CONFIG_FILE, META_FILE, TOKENIZER_FILE, *files.extras())
-
     if layout is None:
         layout = tensor_layout(config)
     elif callable(layout):
@@ -485,6 +480,10 @@ def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:
             layout = layout(config, meta)
         except ValueError as e:
             raise CheckpointError(f"{meta_path}: {e}") from None
+    # what was read is what was saved (a changed character of the tokenizer, a config that
+    # is valid but not this model's): checked once it is known to parse, so that damage is
+    # reported as what it is, and before the large files are read
+    files.check(CONFIG_FILE, META_FILE, TOKENIZER_FILE, *files.extras())
     tensors, metadata = load_safetensors(model_path)
     _check_format(model_path, metadata)
     stored_dtype = check_tensors(tensors, layout, str(model_path), error=CheckpointError)

@@ -223,8 +223,8 @@ def guarded(main: Callable[..., int]) -> Callable[..., int]:
     standard error and the exit status of the module docstring. Its own messages (argparse,
     `fail`) and statuses pass through.
 
-    SystemExit carries the status; the wrapper returns the status for the others, so
-    `sys.exit(main())` and tests calling `main([...])` both see it.
+    Errors raise SystemExit with their status, as `fail` and argparse do; a finished,
+    interrupted or quietly ended run returns its status (`sys.exit(main())`).
     """
 
     @functools.wraps(main)
@@ -248,19 +248,19 @@ def guarded(main: Callable[..., int]) -> Callable[..., int]:
         except MemoryError:
             print(f"{prog}: error: out of memory; choose a smaller model, batch or input",
                   file=sys.stderr)
-            return 2
+            sys.exit(2)
         except (ValueError, OSError) as e:  # bad input, a damaged file, a failed write
             if isinstance(e, OutputError):
                 _silence(real_stdout)
             print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
-            return 2
+            sys.exit(2)  # as `fail` and argparse do
         except Exception as e:  # noqa: BLE001 - a bug: say so on one line
             if os.environ.get("MINITF_DEBUG"):
                 raise
             print(f"{prog}: internal error: {type(e).__name__}: {error_line(e)} (a bug in "
                   f"minitf; please report it with the command; MINITF_DEBUG=1 shows the "
                   f"traceback)", file=sys.stderr)
-            return 1
+            sys.exit(1)
         finally:
             sys.stdout, warnings.showwarning = real_stdout, real_showwarning
 
