@@ -500,16 +500,17 @@ def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:
     optimizer_state = None
     opt_path = directory / OPTIMIZER_FILE
     if optimizer and files.exists(OPTIMIZER_FILE):
-        files.check(OPTIMIZER_FILE, TRAIN_STATE_FILE)
         moments, opt_meta = load_safetensors(opt_path)
         _check_format(opt_path, opt_meta)
         check_tensors(moments, optimizer_layout(layout), str(opt_path), error=CheckpointError)
         state_path = directory / TRAIN_STATE_FILE
+        files.exists(TRAIN_STATE_FILE)
         train_state = load_json(state_path)
         if not isinstance(train_state, dict) or not _is_int(train_state.get("step")) \
                 or train_state["step"] < 0:
             raise CheckpointError(f'{state_path}: must be a JSON object with an integer "step" '
                                   f'>= 0')
+        files.check(OPTIMIZER_FILE, TRAIN_STATE_FILE)
         optimizer_state = {
             **train_state,
             "m": {name: moments["m." + name] for name in params},

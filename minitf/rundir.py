@@ -38,6 +38,7 @@ its place.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -175,13 +176,20 @@ class DirectoryLock:
 
     def _lock_file(self) -> int:
         where = f"cannot lock {self.directory}"
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            blocked = next((p for p in (parent, *parent.parents) if p.exists()), parent)
+            if not blocked.is_dir():
+                raise OSError(errno.ENOTDIR, f"{where}: {blocked} is a file, not a directory") from None
+            raise OSError(e.errno, f"{where}: cannot create {parent} ({e.strerror})") from None
         while True:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as e:
-                raise OSError(e.errno, f"{where}: cannot create {self.path.name} in "
-                                       f"{self.path.parent} ({e.strerror})") from None
+                raise OSError(e.errno, f"{where}: cannot create {self.path.name} in {parent} "
+                                       f"({e.strerror})") from None
             try:
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -201,9 +209,12 @@ class DirectoryLock:
             os.close(fd)  # locked a file its last holder had just deleted: again
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
+        try:  # only for the message a second writer gets: a full disk must not stop the run
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
+        except OSError:
+            pass
         return fd
 
     def _still_linked(self, fd: int) -> bool:

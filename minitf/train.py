@@ -25,7 +25,7 @@ from .cli import (Parser, add_data_argument, add_threads_argument, fail, guarded
                   positive_int)
 from .config import PRESETS, GPTConfig
 from .threads import set_threads
-from .trainer import MODEL_FIELDS, REQUIRABLE, Diverged, Interrupted, Trainer, TrainSettings
+from .trainer import REQUIRABLE, Diverged, Interrupted, Trainer, TrainSettings
 
 DEFAULTS = TrainSettings()
 # what a new run takes for the flags that a checkpoint fixes (see build_parser)
@@ -134,14 +134,8 @@ def settings(args) -> TrainSettings:
 
 def required(args) -> dict:
     """What --resume must find in the checkpoint: every flag given that a checkpoint fixes
-    (model sizes, tokenizer, vocabulary, dtype, seed), the preset's sizes included."""
-    require = {}
-    if args.preset is not None:
-        require.update({f: getattr(PRESETS[args.preset], f) for f in MODEL_FIELDS})
-    for name in REQUIRABLE:
-        if getattr(args, name, None) is not None:
-            require[name] = getattr(args, name)
-    return require
+    (preset, model sizes, tokenizer, vocabulary, dtype, seed)."""
+    return {name: getattr(args, name) for name in REQUIRABLE if getattr(args, name) is not None}
 
 
 def resume_command(argv: list[str]) -> str:

@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ LOSS_CURVE_FILE = "loss_curve.png"
 
 MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size")
 # what `resume(require=...)` can check against the checkpoint, besides the model's sizes
-REQUIRABLE = (*MODEL_FIELDS, "tokenizer", "vocab_size", "dtype", "seed")
+REQUIRABLE = ("preset", *MODEL_FIELDS, "tokenizer", "vocab_size", "dtype", "seed")
 # bytes of meta.json per training step (its loss history), for the free-space check
 HISTORY_BYTES_PER_STEP = 64
 # JSON, tokenizer and loss curve beside the tensors
@@ -66,6 +67,10 @@ SIDE_FILES_BYTES = 4 << 20
 
 class Diverged(RuntimeError):
     """The loss, the gradient norm or the weights became NaN or inf."""
+
+
+class Stopping(UserWarning):
+    """SIGINT was received: the run stops at the end of its step."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -138,7 +143,6 @@ class Trainer:
                  history: dict | None = None, command: str | None = None,
                  record: dict | None = None):
         self.out = Path(out)
-        self._lock = DirectoryLock(self.out).acquire()  # the run's, until train() ends
         self.config, self.tokenizer, self.params = config, tokenizer, params
         self.settings = settings
         self.train_tokens, self.val_tokens = data.train, data.val  # arrays or TokenFiles
@@ -161,6 +165,7 @@ class Trainer:
             self._load_state(state)
             self.saved_step = self.step
         self._stop_requested = False
+        self._lock = DirectoryLock(self.out).acquire()  # the run's, until train() ends
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -207,9 +212,9 @@ class Trainer:
 
         Args:
             require: what the caller asked for that the checkpoint fixes, {name: value} with
-                names from REQUIRABLE (model sizes, "tokenizer" kind, "vocab_size" of a BPE
-                tokenizer, "dtype", "seed"); a different value in the checkpoint is refused,
-                naming both.
+                names from REQUIRABLE (a "preset" name or model sizes, the "tokenizer" kind,
+                the "vocab_size" of a BPE tokenizer, "dtype", "seed"); a different value in
+                the checkpoint is refused, naming both.
             kwargs: command, record (meta.json).
         Raises:
             minitf.rundir.LockedError: another process is writing `out`.
@@ -420,8 +425,9 @@ def _sigint_stops_at_step_end(trainer: Trainer):
         if trainer._stop_requested:
             raise KeyboardInterrupt
         trainer._stop_requested = True
-        print(f"\nstopping after step {trainer.step + 1} to checkpoint it; Ctrl-C again stops at "
-              f"once (the checkpoint in {trainer.out} then stays as it is)", file=sys.stderr)
+        warnings.warn(f"stopping after step {trainer.step + 1} to checkpoint it; Ctrl-C again "
+                      f"stops at once (the checkpoint in {trainer.out} then stays as it is)",
+                      Stopping, stacklevel=2)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -458,11 +464,11 @@ def _resume_meta(ckpt) -> tuple[dict, dict]:
         isinstance(rows, list) and all(
             isinstance(r, list) and len(r) == 2 and isinstance(r[0], int)
             and not isinstance(r[0], bool) and isinstance(r[1], (int, float))
-            and not isinstance(r[1], bool) for r in rows)
+            and not isinstance(r[1], bool) and math.isfinite(r[1]) for r in rows)
         for rows in history.values())
     if not ok:
         raise CheckpointError(f'{where}: "history" must be {{"train": [[step, loss], ...], '
-                              f'"val": [[step, loss], ...]}}')
+                              f'"val": [[step, loss], ...]}} with integer steps and finite losses')
     return args, history
 
 
@@ -477,10 +483,14 @@ def _check_required(out: Path, ckpt, first: dict, dtype: str, require: dict) -> 
               "dtype": dtype, "seed": first.get("seed"),
               "vocab_size": first.get("vocab_size") if kind == "bpe" else None}
     for name, value in require.items():
-        if value is None or stored[name] is None or value == stored[name]:
-            continue
-        raise CheckpointError(
-            f"--{name.replace('_', '-')} {value} conflicts with the checkpoint in {out}, which "
-            f"has {name}={stored[name]}; resume without the flag, or start a new run with "
-            f"another --out")
+        asked = {f: getattr(PRESETS[value], f) for f in MODEL_FIELDS} if name == "preset" \
+            else {name: value}
+        for field, wanted in asked.items():
+            if wanted is None or stored[field] is None or wanted == stored[field]:
+                continue
+            flag = f"--preset {value} ({field}={wanted})" if name == "preset" else \
+                f"--{name.replace('_', '-')} {value}"
+            raise CheckpointError(
+                f"{flag} conflicts with the checkpoint in {out}, which has {field}="
+                f"{stored[field]}; resume without the flag, or start a new run with another --out")
     return stored
