@@ -226,12 +226,6 @@ class DirectoryLock:
         return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def holds_lock(directory: str | os.PathLike) -> bool:
-    """True if this process (this thread) holds the lock of `directory`."""
-    held = _held.get(sibling(Path(directory).resolve(), LOCK_SUFFIX))
-    return held is not None and held.thread == threading.get_ident()
-
-
 # ----------------------------------------------------------------------------------------
 # The swap and its recovery
 
