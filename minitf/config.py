@@ -52,6 +52,8 @@ class GPTConfig:
     Raises:
         ValueError: a size is not a positive integer, `d_model` is not divisible by
             `n_head`, or `dropout` is outside [0, 1).
+        SizeError (a ValueError): more than MAX_PARAMS parameters, or a vocab_size beyond
+            the int32 token ids.
     """
 
     vocab_size: int = 65  # tokens; 65 = TinyShakespeare's characters
@@ -162,10 +164,14 @@ def _largest_field(config: GPTConfig) -> str:
 # Memory: what a run may allocate
 
 
-def memory_limit() -> int:
+def memory_limit() -> int | None:
     """Bytes of memory this process may use: the machine's physical memory, or the memory
-    limit of its control group (a container) when that is lower."""
-    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit of its control group (a container) when that is lower; None where the system
+    does not say (then only MAX_PARAMS bounds a model)."""
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             text = Path(path).read_text().strip()
@@ -187,7 +193,7 @@ def check_memory(parts: dict[str, int], what: str, advice: str) -> None:
         SizeError: one line with the total, its largest part and the limit.
     """
     total, limit = sum(parts.values()), memory_limit()
-    if total > limit:
+    if limit is not None and total > limit:
         shown = ", ".join(f"{name} {format_bytes(n)}" for name, n in
                           sorted(parts.items(), key=lambda kv: -kv[1]))
         raise SizeError(f"{what} needs at least {format_bytes(total)} ({total:,} bytes: {shown}), "

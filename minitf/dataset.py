@@ -694,6 +694,8 @@ def load_data(data: str | os.PathLike | None = None, tokenizer=None, *, kind: st
     Raises DatasetError (dataset problems, a tokenizer mismatch), FileNotFoundError and
     CorpusError (text problems), TokenizerError (text the tokenizer cannot encode).
     """
+    if data is not None and not Path(data).is_file():
+        recover_dataset(data)  # what an interrupted prepare left, before it is read
     if data is not None and (Path(data).is_dir() or previous(Path(data).resolve()).is_dir()):
         ds = load_dataset(data)
         if tokenizer is not None and not same_tokenizer(tokenizer, ds.tokenizer):

@@ -272,15 +272,12 @@ def recover(directory: str | os.PathLike, complete: Callable[[Path], bool], what
         for p in temporaries:
             if p not in news[:1]:
                 shutil.rmtree(p)  # partial, never loadable; or older than news[0]
-        if news:
+        if news:  # newer than DIR and .DIR.minitf-old, which it replaces
             if news[0] != tmp:
                 os.replace(news[0], tmp)
-            replaced = "replaced the previous one" if directory.exists() or old.exists() else ""
             swap_in(tmp, directory)
-            if old.exists():
-                shutil.rmtree(old)
             _say(f"{directory}: a save was interrupted after its new {what} was complete; "
-                 f"restored that {what}{' (it ' + replaced + ')' if replaced else ''}")
+                 f"restored that {what}")
         elif old.exists():
             if not directory.exists():
                 if complete(old):
