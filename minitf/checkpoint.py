@@ -142,7 +142,8 @@ def _parse_header(f, size: int, path) -> tuple[dict, int]:
     try:
         header = json.loads(f.read(n))
     except RecursionError:
-        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too "
+                              f"deeply)") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
@@ -354,7 +355,8 @@ def _carry_over_extra_files(source: Path, dest: Path) -> dict[str, str]:
         old_seal = {}
     sealed = {}
     for entry in source.iterdir():
-        if entry.name in CHECKPOINT_FILES or entry.name.endswith(".tmp") or (dest / entry.name).exists():
+        if entry.name in CHECKPOINT_FILES or entry.name.endswith(".tmp") \
+                or (dest / entry.name).exists():  # written by this save
             continue
         if entry.is_dir():
             shutil.copytree(entry, dest / entry.name)
@@ -422,24 +424,27 @@ def load_checkpoint(
     checkpoint's seal, missing/unexpected tensors, wrong shapes or dtypes, NaN/inf values,
     a model file larger than this machine's memory.
     """
-    directory = readable(recover_checkpoint(directory), "checkpoint")
+    requested = directory
     for attempt in range(3):
+        directory = readable(recover_checkpoint(requested), "checkpoint")
         before = _identity(directory)
         try:
             return _load(directory, dtype, layout, optimizer)
         except CheckpointError:
-            # a save that swapped the directory while it was read: read the new one
+            # a save swapped the directory while it was read: read the new one
             if attempt == 2 or _identity(directory) == before:
                 raise
     raise AssertionError("unreachable")
 
 
 def _identity(directory: Path):
+    """Which directory is under this name: a swap puts another one there (its inode number
+    may be a reused one, its change time is new)."""
     try:
         st = os.stat(directory)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:

@@ -41,6 +41,9 @@ plus a BPE training sample. Standard input is first copied into the output's tem
 Writes are atomic: everything goes into a hidden temporary folder beside the output, which
 then replaces it (an existing dataset is swapped out, as checkpoints are). A folder that is
 not a dataset is never replaced; a failed or interrupted run leaves nothing in its place.
+The output is locked from the start (one `prepare` per folder; minitf.rundir), and what an
+interrupted run left is recovered first, by `prepare` and by every reader
+(`recover_dataset`): the newest complete dataset, whose dataset.json is written last.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ from tqdm import tqdm
 from minitf import __version__
 from minitf.data import CorpusError, TokenFile, load_corpus, split_point, split_text
 from minitf.fileio import fsync_dir, read_json, save_json_atomic
-from minitf.rundir import DirectoryLock, previous, probe_write, readable, recover, swap_in, temporary
+from minitf.rundir import (DirectoryLock, previous, probe_write, readable, recover, swap_in,
+                           temporary)
 from minitf.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
 FORMAT = "minitf-dataset"
@@ -541,7 +545,8 @@ def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fracti
                 "dtype": token_dtype.name,
                 "byte_order": "little",
                 "vocab_size": tokenizer.vocab_size,
-                "tokenizer": {"file": TOKENIZER_FILE, **info, "sha256": _sha256_file(tmp / TOKENIZER_FILE)},
+                "tokenizer": {"file": TOKENIZER_FILE, **info,
+                              "sha256": _sha256_file(tmp / TOKENIZER_FILE)},
                 "split": {"rule": SPLIT_RULE, "val_fraction": val_fraction, "separator": separator,
                           **({"glob": glob} if not from_stdin and Path(source).is_dir() else {})},
                 "sources": [{"path": d.name, "bytes": d.bytes, "sha256": d.sha256, "chars": d.chars,

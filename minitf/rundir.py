@@ -182,7 +182,8 @@ class DirectoryLock:
         except OSError as e:
             blocked = next((p for p in (parent, *parent.parents) if p.exists()), parent)
             if not blocked.is_dir():
-                raise OSError(errno.ENOTDIR, f"{where}: {blocked} is a file, not a directory") from None
+                raise OSError(errno.ENOTDIR,
+                              f"{where}: {blocked} is a file, not a directory") from None
             raise OSError(e.errno, f"{where}: cannot create {parent} ({e.strerror})") from None
         while True:
             try:

@@ -238,7 +238,8 @@ def training_bytes(config: GPTConfig, batch_size: int, itemsize: int = 4) -> dic
     B, T, C, NH, V = batch_size, config.block_size, config.d_model, config.n_head, config.vocab_size
     activations = config.n_layer * (16 * B * T * C + B * NH * T * T) + 2 * B * T * V
     return {"parameters": P * itemsize, "gradients": P * itemsize,
-            "AdamW moments": 2 * P * itemsize, f"activations of {B} x {T} tokens": activations * itemsize}
+            "AdamW moments": 2 * P * itemsize,
+            f"activations of {B} x {T} tokens": activations * itemsize}
 
 
 def inference_bytes(config: GPTConfig, quant: Quantization | None = None) -> dict[str, int]:

@@ -27,14 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from minitf import convert, evaluate, generate, prepare, quantize, train
-from minitf.checkpoint import (CheckpointError, is_checkpoint, load_checkpoint,
-                               read_safetensors_header, save_checkpoint)
+from minitf import convert, generate, prepare, quantize, train
+from minitf.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
 from minitf.config import GPTConfig, SizeError
-from minitf.engine import DEFAULT_MODEL_DIR, Engine
+from minitf.engine import Engine
 from minitf.rundir import DirectoryLock, LockedError
 from minitf.tokenizer import BPETokenizer
 
@@ -229,6 +227,34 @@ def test_another_thread_is_refused_like_another_process(tmp_path):
         with DirectoryLock(tmp_path / "d"):  # the same thread again: re-entrant
             pass
     assert "another thread" in str(errors[0].value)
+
+
+@FORK
+def test_a_reader_during_saves_always_gets_a_complete_checkpoint(run_dir):
+    """generate and evaluate take no lock: while a writer saves again and again, every load
+    returns one of the versions written, whole."""
+    ckpt = load_checkpoint(run_dir)
+    versions = [{k: v + i for k, v in ckpt.params.items()} for i in range(2)]
+    stop = run_dir.with_name("stop")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            i = 0
+            while not stop.exists():
+                save_checkpoint(run_dir, versions[i % 2], ckpt.config, ckpt.tokenizer,
+                                meta={"i": i})
+                i += 1
+        finally:
+            os._exit(0)
+    try:
+        seen = set()
+        for _ in range(200):
+            got = load_checkpoint(run_dir, optimizer=False).params["wte"]
+            seen.update(i for i, v in enumerate(versions) if (got == v["wte"]).all())
+        assert seen == {0, 1}
+    finally:
+        stop.touch()
+        os.waitpid(pid, 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -718,6 +744,22 @@ def test_too_little_free_space_is_refused_before_the_first_step(corpus, tmp_path
     line = error_of(capsys, "train")
     assert "1.0 kB free on its filesystem" in line and "needs 4.3 MB" in line, line
     assert leftovers(tmp_path) == []
+
+
+def test_the_parameter_count_is_exact_without_building_the_shapes():
+    """The closed form the limit uses equals the shapes summed, and GPT-2 small's published
+    124,439,808 (tied head); a billion layers are counted at once."""
+    from math import prod
+
+    from minitf.config import PRESETS, num_params, param_shapes
+
+    for config in (*PRESETS.values(), GPTConfig(vocab_size=7, block_size=3, n_layer=5, n_head=3,
+                                                d_model=9)):
+        assert num_params(config) == sum(prod(s) for s in param_shapes(config).values())
+    gpt2 = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768)
+    assert num_params(gpt2) == 124_439_808
+    with pytest.raises(SizeError, match="3,280,000,001,328 parameters"):
+        GPTConfig(n_layer=10**9, d_model=16, n_head=2, block_size=16)
 
 
 @pytest.mark.parametrize("flags, fragment", [
