@@ -301,9 +301,9 @@ def readable(directory: Path, what: str) -> Path:
     restore it: `directory`, else its previous version (with a one-line warning)."""
     old = previous(directory)
     if not directory.exists() and old.is_dir():
-        _say(f"{directory} is missing but {old.name} exists: a save was interrupted and could "
-             f"not be recovered here (another process is writing, or the folder is read-only); "
-             f"reading the previous {what}")
+        _say(f"{directory} is missing but {old.name} exists: another process is saving it, or "
+             f"a save was interrupted in a folder this one cannot write; reading the previous "
+             f"{what}")
         return old
     return directory
 

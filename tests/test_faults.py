@@ -230,6 +230,7 @@ def test_another_thread_is_refused_like_another_process(tmp_path):
 
 
 @FORK
+@pytest.mark.filterwarnings("ignore:.*another process is saving it")  # between the renames
 def test_a_reader_during_saves_always_gets_a_complete_checkpoint(run_dir):
     """generate and evaluate take no lock: while a writer saves again and again, every load
     returns one of the versions written, whole."""
