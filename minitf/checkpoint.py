@@ -2,25 +2,39 @@
 
 A checkpoint is a directory:
 
-    model.safetensors      the parameters by GPT-2 name, exactly the keys of
-                           `param_shapes(config)` (the tied head is `wte`, stored once);
-                           metadata {"format": "minitf", "format_version": "1",
-                           "dtype": "float32", "sha256": <checksum of the tensor data>}
     config.json            GPTConfig.to_dict(), the model configuration only
     tokenizer.json         see minitf.tokenizer
     optimizer.safetensors  optional: AdamW moments "m.<name>", "v.<name>" per parameter
     train_state.json       with it: {"step": int, ...} (e.g. "rng_state", the learning rate)
     meta.json              optional, free-form: command line, seed, losses, quantization...
+    (pictures, reports)    optional files the writer adds in the same save (loss_curve.png,
+                           quant_report.json, ...)
+    model.safetensors      the parameters by GPT-2 name, exactly the keys of
+                           `param_shapes(config)` (the tied head is `wte`, stored once);
+                           metadata {"format": "minitf", "format_version": "1",
+                           "dtype": "float32", "sha256": <checksum of the tensor data>,
+                           "files": <the seal>}
 
-`save_checkpoint` writes all of it into a sibling `.<DIR>.minitf-tmp` directory, then swaps it
-in: rename DIR -> .DIR.minitf-old, rename the new one -> DIR, delete .DIR.minitf-old. A crash at any moment
-leaves either the old or the new checkpoint complete; if it struck between the two renames,
-only .DIR.minitf-old exists and `load_checkpoint(DIR)` loads it (with a warning), and the next save
-completes the swap. Only one process may write a given DIR at a time.
+The seal, "files", is a JSON object {file name: SHA-256 of its bytes} of every other file
+the save wrote: model.safetensors is written last and seals the directory. Loading verifies
+each file it reads against the seal and refuses, naming the file, one that differs, that is
+missing, or that the seal does not list (a meta.json added later, say). A checkpoint
+written before the seal existed (no "files") loads with the tensor checksum alone, and a
+directory written by transformers (minitf.hf) has no checksum of its own; the next save
+of either writes a sealed one. minitf versions that do not know the seal ignore it.
 
-Loading checks names, shapes, dtypes, finiteness, the data checksum and the config, and turns
-any damaged, truncated or missing file into a one-line `CheckpointError` naming the file.
-Only safetensors and JSON are read, so loading cannot run code.
+`save_checkpoint` holds the directory's lock (minitf.rundir: one writer at a time, a second
+one is refused naming the first), writes everything into a sibling `.DIR.minitf-tmp`, then
+swaps it in (DIR -> .DIR.minitf-old, .DIR.minitf-tmp -> DIR, delete .DIR.minitf-old). Every
+save and every load first recovers what an interrupted save left (`recover_checkpoint`):
+the newest complete checkpoint among the three names becomes DIR, so a crash at any
+moment loses nothing that was loadable, and no command ever deletes a loadable checkpoint
+except by replacing it with a newer complete one.
+
+Loading checks names, shapes, dtypes, finiteness, the checksums and the config, and turns
+any damaged, truncated, tampered or missing file into a one-line `CheckpointError` naming
+the file. Only safetensors and JSON are read, so loading cannot run code; a file larger
+than this machine's memory is refused before it is read.
 
 Which tensors a checkpoint holds is a layout, {name: (shape, dtype)} (minitf.tensors): by
 default `tensor_layout(config)`, every parameter in the checkpoint's float dtype. A quantized
@@ -37,7 +51,6 @@ import io
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -45,8 +58,9 @@ import numpy as np
 import safetensors.numpy
 
 from . import hf
-from .config import GPTConfig
-from .fileio import fsync_dir, read_json, save_json_atomic, swap_directory, write_bytes_atomic  # noqa: F401 (re-exported)
+from .config import GPTConfig, SizeError, check_memory
+from .fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
+from .rundir import TMP_SUFFIX, DirectoryLock, probe_write, readable, recover, swap_in, temporary
 from .tensors import Layout, check_tensors, optimizer_layout, tensor_layout
 from .tokenizer import TokenizerError, load_tokenizer
 
@@ -58,6 +72,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 TRAIN_STATE_FILE = "train_state.json"
 META_FILE = "meta.json"
 CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, META_FILE)
+SEAL_KEY = "files"  # model.safetensors metadata: {file name: SHA-256} of the other files
 # safetensors' own bound on the JSON header; a larger length field means a damaged file
 MAX_HEADER_BYTES = 100_000_000
 
@@ -69,6 +84,15 @@ class CheckpointError(ValueError):
 def load_json(path: str | os.PathLike):
     """Read a JSON file; CheckpointError naming the file if it is missing or invalid."""
     return read_json(path, CheckpointError, "file")
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _tensor_checksum(tensors: dict[str, np.ndarray]) -> str:
@@ -117,6 +141,9 @@ def _parse_header(f, size: int, path) -> tuple[dict, int]:
                               f"format's limit of {MAX_HEADER_BYTES}")
     try:
         header = json.loads(f.read(n))
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too "
+                              f"deeply)") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
@@ -144,7 +171,13 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        # the file's bytes and the arrays made from them, before either is allocated
+        check_memory({"the file": size, "its arrays": size}, f"reading {path}",
+                     "it is larger than this machine can load")
         data = path.read_bytes()
+    except SizeError as e:
+        raise CheckpointError(str(e)) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except OSError as e:
@@ -185,6 +218,7 @@ def save_checkpoint(
     meta: dict | None = None,
     *,
     layout: Layout | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (see the module docstring). Returns its path.
 
@@ -196,11 +230,15 @@ def save_checkpoint(
             moments go to optimizer.safetensors, every other (JSON-able) entry, e.g.
             "rng_state" = `rng.bit_generator.state`, to train_state.json.
         meta: free-form JSON-able dict -> meta.json.
+        extra: writes further files (pictures, reports) into the new checkpoint, given its
+            directory, before it is sealed; they are swapped in and sealed with the rest.
 
     Raises CheckpointError (nothing is written) for mismatched names/shapes/dtypes, NaN/inf
     weights or moments, a tokenizer/config vocabulary mismatch, or a DIR that exists and is
-    not a checkpoint. Files in an existing checkpoint DIR that are not checkpoint files
-    (plots, notes) are carried over into the new one.
+    not a checkpoint; minitf.rundir.LockedError if another process is writing DIR; OSError
+    naming the file for a failed write (a full disk), which leaves DIR as it was. Files in
+    an existing checkpoint DIR that are not checkpoint files (plots, notes) are carried over
+    into the new one.
     """
     # a symlinked DIR: replace the directory it points to, keep the link
     directory = Path(directory).resolve()
@@ -218,34 +256,38 @@ def save_checkpoint(
         moments, train_state = _split_optimizer_state(optimizer_state, layout, where)
     if meta is not None and not isinstance(meta, dict):
         raise CheckpointError(f"{where}: meta must be a dict, got {type(meta).__name__}")
-    _check_replaceable(directory)
-
-    tmp = directory.with_name(f".{directory.name}.minitf-tmp")
-    old = _previous(directory)
-    if tmp.exists():  # left by an earlier save that crashed
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        save_safetensors_atomic(
-            tmp / MODEL_FILE,
-            params,
-            {"format": "minitf", "format_version": str(FORMAT_VERSION), "dtype": dtype_name},
-        )
-        save_json_atomic(tmp / CONFIG_FILE, config.to_dict())
-        tokenizer.save(tmp / TOKENIZER_FILE)
-        if optimizer_state is not None:
-            save_safetensors_atomic(
-                tmp / OPTIMIZER_FILE, moments, {"format": "minitf", "format_version": str(FORMAT_VERSION)}
+    with DirectoryLock(directory):
+        recover_checkpoint(directory)
+        _check_replaceable(directory)
+        tmp = temporary(directory)
+        tmp.mkdir(parents=True)
+        swapping = False
+        try:
+            save_json_atomic(tmp / CONFIG_FILE, config.to_dict())
+            tokenizer.save(tmp / TOKENIZER_FILE)
+            if optimizer_state is not None:
+                save_safetensors_atomic(tmp / OPTIMIZER_FILE, moments,
+                                        {"format": "minitf", "format_version": str(FORMAT_VERSION)})
+                save_json_atomic(tmp / TRAIN_STATE_FILE, train_state)
+            if meta is not None:
+                save_json_atomic(tmp / META_FILE, meta)
+            if extra is not None:
+                extra(tmp)
+            seal = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            seal.update(_carry_over_extra_files(directory, tmp))
+            save_safetensors_atomic(  # last: a complete model file seals a complete directory
+                tmp / MODEL_FILE,
+                params,
+                {"format": "minitf", "format_version": str(FORMAT_VERSION), "dtype": dtype_name,
+                 SEAL_KEY: json.dumps(seal, sort_keys=True)},
             )
-            save_json_atomic(tmp / TRAIN_STATE_FILE, train_state)
-        if meta is not None:
-            save_json_atomic(tmp / META_FILE, meta)
-        _carry_over_extra_files(directory if directory.exists() else old, tmp)
-        fsync_dir(tmp)
-        swap_directory(tmp, directory, old)  # at every instant DIR or .DIR.minitf-old is complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            fsync_dir(tmp)
+            swapping = True
+            swap_in(tmp, directory)  # at every instant DIR, or a complete leftover, is loadable
+        except BaseException:
+            if not swapping:  # once swapping, the complete tmp is the newest: recovery keeps it
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return directory
 
 
@@ -278,9 +320,13 @@ def _check_replaceable(directory: Path) -> None:
         )
 
 
-def check_writable(directory: str | os.PathLike) -> None:
-    """Raise CheckpointError now if a later `save_checkpoint(directory, ...)` would refuse it."""
-    _check_replaceable(Path(directory).resolve())
+def check_writable(directory: str | os.PathLike, need_bytes: int = 0) -> None:
+    """Raise now what a later `save_checkpoint(directory, ...)` would meet: CheckpointError
+    for a directory it refuses to replace, OSError (one line) if a test write beside it
+    fails or fewer than `need_bytes` are free there (minitf.rundir.probe_write)."""
+    directory = Path(directory).resolve()
+    _check_replaceable(directory)
+    probe_write(directory, need_bytes, "checkpoint directory")
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
@@ -296,17 +342,46 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
     return isinstance(metadata, dict) and metadata.get("format") == "minitf"
 
 
-def _carry_over_extra_files(source: Path, dest: Path) -> None:
+def _carry_over_extra_files(source: Path, dest: Path) -> dict[str, str]:
+    """Copy the files of `source` that are not checkpoint files and not already in `dest`
+    (pictures, notes) into `dest`; returns the seal entries of those that the seal of
+    `source` lists unchanged (minitf wrote them; a user's own files stay unsealed)."""
     # Copy, not move: until the swap, the old checkpoint must stay complete.
     if not source.is_dir():
-        return
+        return {}
+    try:
+        old_seal = _seal(read_safetensors_header(source / MODEL_FILE), source / MODEL_FILE) or {}
+    except CheckpointError:
+        old_seal = {}
+    sealed = {}
     for entry in source.iterdir():
-        if entry.name in CHECKPOINT_FILES or entry.name.endswith(".tmp"):
+        if entry.name in CHECKPOINT_FILES or entry.name.endswith(".tmp") \
+                or (dest / entry.name).exists():  # written by this save
             continue
         if entry.is_dir():
             shutil.copytree(entry, dest / entry.name)
         else:
             shutil.copy2(entry, dest / entry.name)
+            if entry.name in old_seal and file_sha256(dest / entry.name) == old_seal[entry.name]:
+                sealed[entry.name] = old_seal[entry.name]
+    return sealed
+
+
+def _seal(header: dict, model_path: Path) -> dict[str, str] | None:
+    """The seal {file name: SHA-256} in a model.safetensors header; None if it has none (a
+    checkpoint from before the seal). CheckpointError if it is malformed."""
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or SEAL_KEY not in metadata:
+        return None
+    try:
+        seal = json.loads(metadata[SEAL_KEY])
+    except (TypeError, ValueError):
+        seal = None
+    if not (isinstance(seal, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in seal.items())):
+        raise CheckpointError(f'{model_path}: corrupt metadata: "{SEAL_KEY}" is not an object of '
+                              f'file checksums')
+    return seal
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,7 +407,7 @@ def load_checkpoint(
     layout: Layout | Callable[[GPTConfig, dict], Layout] | None = None,
     optimizer: bool = True,
 ) -> Checkpoint:
-    """Load and verify a checkpoint directory.
+    """Load and verify a checkpoint directory, after recovering an interrupted save.
 
     Args:
         dtype: float dtype to return the parameters in (None: as stored). Tensors that the
@@ -344,14 +419,45 @@ def load_checkpoint(
             needs only the weights).
 
     Raises CheckpointError with a one-line message naming the file for: a missing directory
-    or file, invalid JSON, a bad config, a damaged tokenizer, a truncated or corrupt
-    safetensors file, missing/unexpected tensors, wrong shapes or dtypes, NaN/inf values.
+    or file, invalid JSON, a bad config (minitf.config.SizeError: absurd sizes), a damaged
+    tokenizer, a truncated or corrupt safetensors file, a file that does not match the
+    checkpoint's seal, missing/unexpected tensors, wrong shapes or dtypes, NaN/inf values,
+    a model file larger than this machine's memory.
     """
-    directory = _resolve_directory(Path(directory))
+    requested = directory
+    for attempt in range(3):
+        directory = readable(recover_checkpoint(requested), "checkpoint")
+        before = _identity(directory)
+        try:
+            return _load(directory, dtype, layout, optimizer)
+        except CheckpointError:
+            # a save swapped the directory while it was read: read the new one
+            if attempt == 2 or _identity(directory) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _identity(directory: Path):
+    """Which directory is under this name: a swap puts another one there (its inode number
+    may be a reused one, its change time is new)."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:
+    if not directory.is_dir():
+        if directory.exists():
+            raise CheckpointError(f"{directory}: not a checkpoint directory (it is a file)")
+        raise CheckpointError(f"{directory}: no checkpoint here (directory not found)")
     if hf.is_hf_directory(directory):  # written by transformers' save_pretrained: see minitf.hf
         params, config, tokenizer, meta = hf.read_hf_directory(directory, dtype)
         check_tensors(params, tensor_layout(config), str(directory), error=CheckpointError)
         return Checkpoint(params, config, tokenizer, None, meta, directory)
+    model_path = directory / MODEL_FILE
+    files = _SealedFiles(directory, _seal(read_safetensors_header(model_path), model_path))
     config_path = directory / CONFIG_FILE
     try:
         config = GPTConfig.from_dict(load_json(config_path))
@@ -360,7 +466,7 @@ def load_checkpoint(
             raise
         raise CheckpointError(f"{config_path}: invalid config: {e}") from None
     meta_path = directory / META_FILE
-    meta = load_json(meta_path) if meta_path.exists() else {}
+    meta = load_json(meta_path) if files.exists(META_FILE) else {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: must be a JSON object, got {type(meta).__name__}")
     try:
@@ -372,7 +478,6 @@ def load_checkpoint(
             f"{directory / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens but "
             f"{config_path} says vocab_size={config.vocab_size}"
         )
-
     if layout is None:
         layout = tensor_layout(config)
     elif callable(layout):
@@ -380,7 +485,10 @@ def load_checkpoint(
             layout = layout(config, meta)
         except ValueError as e:
             raise CheckpointError(f"{meta_path}: {e}") from None
-    model_path = directory / MODEL_FILE
+    # what was read is what was saved (a changed character of the tokenizer, a config that
+    # is valid but not this model's): checked once it is known to parse, so that damage is
+    # reported as what it is, and before the large files are read
+    files.check(CONFIG_FILE, META_FILE, TOKENIZER_FILE, *files.extras())
     tensors, metadata = load_safetensors(model_path)
     _check_format(model_path, metadata)
     stored_dtype = check_tensors(tensors, layout, str(model_path), error=CheckpointError)
@@ -396,14 +504,18 @@ def load_checkpoint(
 
     optimizer_state = None
     opt_path = directory / OPTIMIZER_FILE
-    if optimizer and opt_path.exists():
+    if optimizer and files.exists(OPTIMIZER_FILE):
         moments, opt_meta = load_safetensors(opt_path)
         _check_format(opt_path, opt_meta)
         check_tensors(moments, optimizer_layout(layout), str(opt_path), error=CheckpointError)
         state_path = directory / TRAIN_STATE_FILE
+        files.exists(TRAIN_STATE_FILE)
         train_state = load_json(state_path)
-        if not isinstance(train_state, dict) or not isinstance(train_state.get("step"), int):
-            raise CheckpointError(f'{state_path}: must be a JSON object with an integer "step"')
+        if not isinstance(train_state, dict) or not _is_int(train_state.get("step")) \
+                or train_state["step"] < 0:
+            raise CheckpointError(f'{state_path}: must be a JSON object with an integer "step" '
+                                  f'>= 0')
+        files.check(OPTIMIZER_FILE, TRAIN_STATE_FILE)
         optimizer_state = {
             **train_state,
             "m": {name: moments["m." + name] for name in params},
@@ -412,26 +524,71 @@ def load_checkpoint(
     return Checkpoint(params, config, tokenizer, optimizer_state, meta, directory)
 
 
-def _previous(directory: Path) -> Path:
-    """Where the previous checkpoint waits during a save: a hidden name only minitf uses,
-    so a user's own `DIR.old` is never touched."""
-    return directory.with_name(f".{directory.name}.minitf-old")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _resolve_directory(directory: Path) -> Path:
-    if directory.is_dir():
-        return directory
-    old = _previous(directory)
-    if not directory.exists() and old.is_dir():
-        warnings.warn(
-            f"checkpoint {directory} is missing but {old} exists: a save was interrupted; "
-            f"loading the previous checkpoint from {old}",
-            stacklevel=3,
-        )
-        return old
-    if directory.exists():
-        raise CheckpointError(f"{directory}: not a checkpoint directory (it is a file)")
-    raise CheckpointError(f"{directory}: no checkpoint here (directory not found)")
+class _SealedFiles:
+    """The files of a checkpoint directory and its seal (None: a checkpoint from before the
+    seal, whose files are not checked)."""
+
+    def __init__(self, directory: Path, seal: dict[str, str] | None):
+        self.directory, self.seal = directory, seal
+        self.model = directory / MODEL_FILE
+
+    def exists(self, name: str) -> bool:
+        """Is `name` part of the checkpoint? With a seal, a checkpoint file it lists must
+        exist and a file it does not list must not. CheckpointError otherwise."""
+        path = self.directory / name
+        present = path.is_file()
+        if self.seal is None or present == (name in self.seal) or name not in CHECKPOINT_FILES:
+            return present
+        if present:
+            raise CheckpointError(f"{path}: not part of the checkpoint as it was saved (the seal "
+                                  f"in {self.model} does not list it)")
+        raise CheckpointError(f"{path}: file not found (the seal in {self.model} lists it)")
+
+    def extras(self) -> list[str]:
+        """The sealed files that are not checkpoint files (pictures, reports)."""
+        return [name for name in self.seal or {} if name not in CHECKPOINT_FILES]
+
+    def check(self, *names: str) -> None:
+        """Each of `names` that is part of the checkpoint matches its SHA-256 in the seal."""
+        for name in names:
+            if self.seal is None or not self.exists(name) or name not in self.seal:
+                continue
+            path = self.directory / name
+            try:
+                digest = file_sha256(path)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot read: {e}") from None
+            if digest != self.seal[name]:
+                raise CheckpointError(f"{path}: does not match the SHA-256 recorded in "
+                                      f"{self.model} (changed or damaged since it was saved)")
+
+
+def recover_checkpoint(directory: str | os.PathLike) -> Path:
+    """Restore the newest complete checkpoint after an interrupted save (minitf.rundir
+    `recover`), saying so in one line (a minitf.rundir.Recovered warning). Returns the
+    directory, resolved. Every command that opens or writes a checkpoint calls it first."""
+    return recover(directory, _complete, "checkpoint")
+
+
+def _complete(directory: Path) -> bool:
+    """A loadable checkpoint: sealed, its model data matching its checksum and every sealed
+    file its SHA-256; or, from before the seal, a minitf model file beside a config (never a
+    temporary one of those, which may lack the files written after the model)."""
+    model = directory / MODEL_FILE
+    try:
+        seal = _seal(read_safetensors_header(model), model)
+        if seal is None:
+            return not directory.name.endswith(TMP_SUFFIX) and is_checkpoint(directory)
+        load_safetensors(model)
+        files = _SealedFiles(directory, seal)
+        files.check(*seal)
+        return all(files.exists(name) for name in seal if name in CHECKPOINT_FILES)
+    except (CheckpointError, OSError):
+        return False
 
 
 def _check_format(path: Path, metadata: dict) -> None:

@@ -1,11 +1,32 @@
-"""What every minitf command line shares: one-line errors, the --backend and --threads flags."""
+"""What every minitf command line shares: one-line errors and exit statuses, the --backend
+and --threads flags.
+
+Every command's `main` runs under `guarded`, so whatever goes wrong ends in one line on
+standard error and a defined exit status, never a traceback:
+
+    0    done; also when the reader of standard output went away (`| head`)
+    2    bad input or a failed write: a bad flag or value, a missing, damaged or locked
+         checkpoint, a size beyond the limits, a full disk, a closed or full standard
+         output, text its encoding cannot hold
+    130  interrupted (SIGINT, Ctrl-C)
+    1    an internal error (a bug): the line says so, and MINITF_DEBUG=1 shows the traceback
+
+Warnings (e.g. the recovery of an interrupted save) are one line too. Free-text arguments
+(--prompt, --stop, --separator) that arrive as bytes that are not the locale's encoding but
+are UTF-8 (a UTF-8 terminal under LC_ALL=C with PYTHONUTF8=0) are read as UTF-8; paths are
+left as the system gave them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
+import io
 import os
 import sys
-from typing import NoReturn
+import warnings
+from typing import Callable, NoReturn
 
 BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
 
@@ -19,6 +40,10 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# free text, never a path: read as UTF-8 when the locale could not decode it
+TEXT_ARGUMENTS = ("prompt", "stop", "separator")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with every default shown in --help and errors on one line, exit status 2."""
 
@@ -29,6 +54,33 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for name in TEXT_ARGUMENTS:
+            value = getattr(namespace, name, None)
+            if isinstance(value, str):
+                setattr(namespace, name, text_argument(value))
+            elif isinstance(value, list):
+                setattr(namespace, name, [text_argument(v) if isinstance(v, str) else v
+                                          for v in value])
+        return namespace, extras
+
+
+def text_argument(value: str) -> str:
+    """A free-text argument as the user typed it: Python decodes the command line with the
+    locale's encoding and keeps undecodable bytes as lone surrogates (surrogateescape); if
+    those bytes are UTF-8 (a UTF-8 terminal under a C locale), decode them as UTF-8. Bytes
+    that are not UTF-8 stay surrogates, for the tokenizer to refuse by name."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(value).decode("utf-8")
+    except (UnicodeError, ValueError):
+        return value
 
 
 def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
@@ -83,3 +135,149 @@ def int_at_least(low: int):
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+
+
+# ----------------------------------------------------------------------------------------
+# One line and an exit status for whatever goes wrong
+
+
+class OutputError(OSError):
+    """Standard output cannot be written: closed, full, or its encoding lacks a character."""
+
+
+class _Stdout(io.TextIOBase):
+    """sys.stdout as seen by a command: its writes raise OutputError with one clear line
+    (BrokenPipeError stays itself: the reader went away)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if self._stream is None:
+            raise OutputError(errno.EBADF, "cannot write standard output: it is closed")
+        try:
+            return self._stream.write(text)
+        except UnicodeEncodeError as e:
+            c = e.object[e.start]
+            raise OutputError(errno.EILSEQ, (
+                f"cannot print {c!r} (U+{ord(c):04X}): standard output's encoding "
+                f"({e.encoding}, from the locale) has no such character; use a UTF-8 locale "
+                f"(LC_ALL=C.UTF-8) or set PYTHONUTF8=1")) from None
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(e.errno, f"cannot write standard output: {e.strerror or e}") from None
+
+    def flush(self) -> None:
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(e.errno, f"cannot write standard output: {e.strerror or e}") from None
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self._stream is not None and self._stream.isatty()
+
+    def fileno(self) -> int:
+        if self._stream is None:
+            raise OutputError(errno.EBADF, "cannot write standard output: it is closed")
+        return self._stream.fileno()
+
+    def __getattr__(self, name):  # encoding, errors, buffer, ...
+        return getattr(self._stream, name)
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line: an OSError as "file: reason", anything else its message
+    with line breaks folded."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, OSError) and e.strerror and not e.filename:
+        text = e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split("\n")).strip()
+
+
+def _fill_closed_std_fds() -> bool:
+    """Give a closed fd 0, 1 or 2 /dev/null, so that no file minitf opens gets one of their
+    numbers (and some library's print lands in a checkpoint). True if stdout was closed."""
+    closed_stdout = False
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this fd
+            closed_stdout |= fd == 1
+    return closed_stdout
+
+
+def guarded(main: Callable[..., int]) -> Callable[..., int]:
+    """Run a command's `main(argv=None) -> int` so that everything ends in one line on
+    standard error and the exit status of the module docstring. Its own messages (argparse,
+    `fail`) and statuses pass through.
+
+    Errors raise SystemExit with their status, as `fail` and argparse do; a finished,
+    interrupted or quietly ended run returns its status (`sys.exit(main())`).
+    """
+
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        spec = getattr(sys.modules.get(main.__module__), "__spec__", None)  # __main__ under -m
+        prog = "python -m " + (spec.name if spec is not None else main.__module__)
+        stdout_closed = _fill_closed_std_fds()
+        real_stdout, real_showwarning = sys.stdout, warnings.showwarning
+        sys.stdout = _Stdout(None if stdout_closed or real_stdout is None else real_stdout)
+        warnings.showwarning = functools.partial(_one_line_warning, prog)
+        try:
+            status = main(argv)
+            sys.stdout.flush()  # a full or closed output shows here, not at interpreter exit
+            return status
+        except BrokenPipeError:  # the reader went away (| head): stop quietly
+            _silence(real_stdout)
+            return 0
+        except KeyboardInterrupt:
+            print(f"\n{prog}: interrupted", file=sys.stderr)
+            return 130
+        except MemoryError:
+            print(f"{prog}: error: out of memory; choose a smaller model, batch or input",
+                  file=sys.stderr)
+            sys.exit(2)
+        except (ValueError, OSError) as e:  # bad input, a damaged file, a failed write
+            if isinstance(e, OutputError):
+                _silence(real_stdout)
+            print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
+            sys.exit(2)  # as `fail` and argparse do
+        except Exception as e:  # noqa: BLE001 - a bug: say so on one line
+            if os.environ.get("MINITF_DEBUG"):
+                raise
+            print(f"{prog}: internal error: {type(e).__name__}: {error_line(e)} (a bug in "
+                  f"minitf; please report it with the command; MINITF_DEBUG=1 shows the "
+                  f"traceback)", file=sys.stderr)
+            sys.exit(1)
+        finally:
+            sys.stdout, warnings.showwarning = real_stdout, real_showwarning
+
+    return run
+
+
+def _one_line_warning(prog, message, category, filename, lineno, file=None, line=None):
+    print(f"{prog}: warning: {error_line(Warning(str(message)))}", file=file or sys.stderr)
+
+
+def _silence(stream) -> None:
+    """Point a broken standard output at /dev/null, so that the interpreter's last flush at
+    exit has nothing to complain about."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

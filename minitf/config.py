@@ -4,12 +4,45 @@
 optimizer, gradient checks and quantization all iterate over it, so a tensor is named once.
 Names and the `(in, out)` weight layout follow GPT-2 (and nanoGPT / HF transformers), so a
 GPT-2-family checkpoint maps onto minitf name by name.
+
+Limits. A size is refused before anything is allocated: `GPTConfig` itself refuses a model
+of more than MAX_PARAMS parameters (counted in integers, `num_params`) or a vocabulary whose
+ids do not fit int32, naming the field that makes it too large; `check_memory` refuses what
+a run would allocate (minitf.tensors counts the bytes: training, inference, a checkpoint)
+when it exceeds this machine's memory (`memory_limit`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+# The largest model minitf builds: 2**33 (8.6 billion) parameters, 34 GB of float32 weights,
+# five times GPT-2 XL. Far beyond what a CPU trains, and it keeps every size computed from
+# a config well inside int64.
+MAX_PARAMS = 2**33
+# Token ids are int32 (tokenizers, datasets, kernels).
+MAX_VOCAB_SIZE = 2**31 - 1
+SIZE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model")
+
+
+class SizeError(ValueError):
+    """A size that minitf refuses before allocating anything."""
+
+
+def num_params(config: GPTConfig) -> int:
+    """Number of scalar parameters (the tied head counted once): `param_shapes` summed in
+    closed form, in Python integers, exact for any size without building the shapes."""
+    return _count_params(config.vocab_size, config.block_size, config.n_layer, config.d_model)
+
+
+def _count_params(vocab_size: int, block_size: int, n_layer: int, d_model: int) -> int:
+    C = d_model
+    # c_attn 3C^2 + 3C, attn.c_proj C^2 + C, c_fc 4C^2 + 4C, mlp.c_proj 4C^2 + C, ln_1/ln_2 4C
+    per_block = 12 * C * C + 13 * C
+    return (vocab_size + block_size) * C + n_layer * per_block + 2 * C  # + wte, wpe, ln_f
 
 
 @dataclass(frozen=True)
@@ -19,6 +52,8 @@ class GPTConfig:
     Raises:
         ValueError: a size is not a positive integer, `d_model` is not divisible by
             `n_head`, or `dropout` is outside [0, 1).
+        SizeError (a ValueError): more than MAX_PARAMS parameters, or a vocab_size beyond
+            the int32 token ids.
     """
 
     vocab_size: int = 65  # tokens; 65 = TinyShakespeare's characters
@@ -29,10 +64,20 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5  # GPT-2's LayerNorm epsilon
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+        for name in SIZE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"config {name}={value!r} must be a positive integer")
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise SizeError(f"config vocab_size={self.vocab_size} is more than {MAX_VOCAB_SIZE}: "
+                            f"token ids are int32")
+        n = num_params(self)
+        if n > MAX_PARAMS:
+            field = _largest_field(self)
+            raise SizeError(
+                f"config {field}={getattr(self, field)}: the model would have {n:,} parameters "
+                f"({format_bytes(4 * n)} as float32), more than minitf's limit of "
+                f"{MAX_PARAMS:,} (minitf.config.MAX_PARAMS)")
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"config d_model={self.d_model} is not divisible by n_head={self.n_head}; "
@@ -107,12 +152,58 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def num_params(config: GPTConfig) -> int:
-    """Number of scalar parameters (the tied head counted once)."""
-    total = 0
-    for shape in param_shapes(config).values():
-        n = 1
-        for s in shape:
-            n *= s
-        total += n
-    return total
+def _largest_field(config: GPTConfig) -> str:
+    """The size that makes the model large: the field whose default value would shrink the
+    parameter count the most (n_head changes no count)."""
+    sizes = {k: getattr(config, k) for k in ("vocab_size", "block_size", "n_layer", "d_model")}
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    return min(sizes, key=lambda k: _count_params(**{**sizes, k: min(sizes[k], defaults[k])}))
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: what a run may allocate
+
+
+def memory_limit() -> int | None:
+    """Bytes of memory this process may use: the machine's physical memory, or the memory
+    limit of its control group (a container) when that is lower; None where the system
+    does not say (then only MAX_PARAMS bounds a model)."""
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
+
+
+def check_memory(parts: dict[str, int], what: str, advice: str) -> None:
+    """Refuse, before allocating, what needs more than `memory_limit()`.
+
+    Args:
+        parts: {what is counted: bytes}, e.g. {"parameters": ..., "activations": ...}.
+        what: what would need it ("training", "the Engine").
+        advice: which flag or field to lower.
+    Raises:
+        SizeError: one line with the total, its largest part and the limit.
+    """
+    total, limit = sum(parts.values()), memory_limit()
+    if limit is not None and total > limit:
+        shown = ", ".join(f"{name} {format_bytes(n)}" for name, n in
+                          sorted(parts.items(), key=lambda kv: -kv[1]))
+        raise SizeError(f"{what} needs at least {format_bytes(total)} ({total:,} bytes: {shown}), "
+                        f"more than this machine's memory of {format_bytes(limit)}; {advice}")
+
+
+def format_bytes(n: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units), exact below 1 kB."""
+    for unit, size in (("EB", 10**18), ("PB", 10**15), ("TB", 10**12), ("GB", 10**9),
+                       ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n} bytes"

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import is_checkpoint, load_checkpoint, load_json, save_checkpoint
-from .cli import Parser, fail
+from .checkpoint import (check_writable, is_checkpoint, load_checkpoint, load_json,
+                         recover_checkpoint, save_checkpoint)
+from .cli import Parser, fail, guarded
 from .engine import DEFAULT_MODEL_DIR
 from .hf import HFError, is_hf_directory, save_hf_directory
 from .quantization import dequantize
+from .rundir import DirectoryLock
 from .tensors import checkpoint_layout
 
 
@@ -54,6 +56,7 @@ def build_parser() -> Parser:
     return p
 
 
+@guarded
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,36 +67,44 @@ def main(argv=None) -> int:
     if args.from_hf is not None and not args.out:
         fail(parser, "--from-hf needs --out DIR, the minitf checkpoint to write")
     command = "python -m minitf.convert " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.from_hf is not None:
-            path = from_hf(Path(args.from_hf), Path(args.out), command)
-        else:
-            path = to_hf(Path(args.model) if args.model else DEFAULT_MODEL_DIR, Path(args.to_hf),
-                         args.dequantize)
-    except (ValueError, OSError) as e:
-        fail(parser, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if args.from_hf is not None:
+        path = from_hf(Path(args.from_hf), Path(args.out), command)
+    else:
+        path = to_hf(Path(args.model) if args.model else DEFAULT_MODEL_DIR, Path(args.to_hf),
+                     args.dequantize)
     print(f"wrote {path}")
     return 0
 
 
 def from_hf(source: Path, out: Path, command: str) -> Path:
-    """transformers directory `source` -> minitf checkpoint `out`. Raises ValueError (HFError,
-    CheckpointError) for a source minitf cannot run or an `out` holding a model convert did
-    not write."""
-    if not is_hf_directory(source):
-        raise HFError(f"{source}: not a transformers directory (no config.json with a model_type)")
-    if is_checkpoint(out) and "converted_from" not in (
-            load_json(out / "meta.json") if (out / "meta.json").is_file() else {}):
-        raise HFError(f"--out {out} holds a minitf model that convert did not write; choose "
-                      f"another directory")
-    ckpt = load_checkpoint(source, dtype=None)  # tensors as stored
-    return save_checkpoint(out, ckpt.params, ckpt.config, ckpt.tokenizer,
-                           meta={**ckpt.meta, "command": command})
+    """transformers directory `source` -> minitf checkpoint `out`, holding the lock of `out`
+    from the start. Raises ValueError (HFError, CheckpointError) for a source minitf cannot
+    run or an `out` holding a model convert did not write; OSError (LockedError) for an
+    `out` that another process writes or that has no room for the model."""
+    with DirectoryLock(out):
+        recover_checkpoint(out)
+        if not is_hf_directory(source):
+            raise HFError(f"{source}: not a transformers directory (no config.json with a "
+                          f"model_type)")
+        if is_checkpoint(out) and "converted_from" not in (
+                load_json(out / "meta.json") if (out / "meta.json").is_file() else {}):
+            raise HFError(f"--out {out} holds a minitf model that convert did not write; choose "
+                          f"another directory")
+        ckpt = load_checkpoint(source, dtype=None)  # tensors as stored
+        check_writable(out, sum(a.nbytes for a in ckpt.params.values()) + (1 << 20))
+        return save_checkpoint(out, ckpt.params, ckpt.config, ckpt.tokenizer,
+                               meta={**ckpt.meta, "command": command})
 
 
 def to_hf(model: Path, out: Path, dequantize_int8: bool) -> Path:
-    """minitf model `model` -> transformers directory `out`. Raises ValueError for an int8
-    model without `dequantize_int8`, or an `out` that is not new or empty."""
+    """minitf model `model` -> transformers directory `out`, holding the lock of `out`.
+    Raises ValueError for an int8 model without `dequantize_int8`, or an `out` that is not
+    new or empty; OSError (LockedError) for an `out` another process writes."""
+    with DirectoryLock(out):
+        return _to_hf(model, out, dequantize_int8)
+
+
+def _to_hf(model: Path, out: Path, dequantize_int8: bool) -> Path:
     ckpt = load_checkpoint(model, layout=checkpoint_layout, optimizer=False)
     params = ckpt.params
     quant = ckpt.meta.get("quantization")

@@ -41,11 +41,15 @@ plus a BPE training sample. Standard input is first copied into the output's tem
 Writes are atomic: everything goes into a hidden temporary folder beside the output, which
 then replaces it (an existing dataset is swapped out, as checkpoints are). A folder that is
 not a dataset is never replaced; a failed or interrupted run leaves nothing in its place.
+The output is locked from the start (one `prepare` per folder; minitf.rundir), and what an
+interrupted run left is recovered first, by `prepare` and by every reader
+(`recover_dataset`): the newest complete dataset, whose dataset.json is written last.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -53,7 +57,7 @@ import re
 import shutil
 import sys
 import tempfile
-import warnings
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import BinaryIO, Iterator, NamedTuple
 
@@ -62,7 +66,9 @@ from tqdm import tqdm
 
 from minitf import __version__
 from minitf.data import CorpusError, TokenFile, load_corpus, split_point, split_text
-from minitf.fileio import fsync_dir, read_json, save_json_atomic, swap_directory
+from minitf.fileio import fsync_dir, read_json, save_json_atomic
+from minitf.rundir import (DirectoryLock, previous, probe_write, readable, recover, swap_in,
+                           temporary)
 from minitf.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
 FORMAT = "minitf-dataset"
@@ -267,10 +273,11 @@ def _cut_point(text: str, start: int = 0) -> int:
 class _SplitWriter:
     """Tokenizes the documents of one split piece by piece and appends the ids to its file."""
 
-    def __init__(self, path: Path, tokenizer, dtype: np.dtype, separator: str, hint: str,
-                 piece_chars: int = PIECE_CHARS):
+    def __init__(self, path: Path, target: Path, tokenizer, dtype: np.dtype, separator: str,
+                 hint: str, piece_chars: int = PIECE_CHARS):
         self.file = open(path, "xb")
         self.path, self.tokenizer, self.dtype = path, tokenizer, dtype
+        self.target = target / path.name  # where the file ends up once the folder is swapped in
         self.separator, self.hint, self.piece_chars = separator, hint, piece_chars
         self.digest = hashlib.sha256()
         self.tokens = self.chars = self.documents = 0
@@ -310,9 +317,14 @@ class _SplitWriter:
             self._text, self._uncut = "", 0
 
     def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {self.target}: {e.strerror or e}") from None
+        finally:
+            with contextlib.suppress(OSError):  # what the failed flush left is discarded
+                self.file.close()
 
     def record(self) -> dict:
         return {"file": self.path.name, "tokens": self.tokens, "chars": self.chars,
@@ -327,7 +339,10 @@ class _SplitWriter:
 
     def _write(self, ids, chars: int) -> None:
         out = np.asarray(ids).astype(self.dtype)  # (n,) fits: vocab_size was checked
-        self.file.write(out)
+        try:
+            self.file.write(out)
+        except OSError as e:  # a full disk: name the file it was for
+            raise OSError(e.errno, f"cannot write {self.target}: {e.strerror or e}") from None
         self.digest.update(out)
         self.tokens += len(out)
         self.chars += chars
@@ -405,31 +420,28 @@ def _check_output(out) -> Path:
     return target
 
 
-def _previous(target: Path) -> Path:
-    """Where a replaced dataset waits during the swap (a hidden name only minitf uses)."""
-    return target.with_name(f".{target.name}.minitf-old")
+def _legacy_temporaries(target: Path) -> list[Path]:
+    """Temporary folders of minitf versions before the lock, `.DIR.minitf-prepare-<pid>`."""
+    if not target.parent.is_dir():
+        return []
+    return sorted(target.parent.glob(f".{glob_escape(target.name)}.minitf-prepare-*"))
 
 
-def _temporary_dir(target: Path) -> Path:
-    """A fresh hidden folder beside `target`; removes those of earlier runs that died."""
-    prefix = f".{target.name}.minitf-prepare-"
-    if target.parent.is_dir():
-        for entry in target.parent.iterdir():
-            pid = entry.name[len(prefix):]
-            if entry.name.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
-    tmp = target.with_name(f"{prefix}{os.getpid()}")
-    tmp.mkdir(parents=True)
-    return tmp
+def recover_dataset(path: str | os.PathLike) -> Path:
+    """Restore the newest complete dataset after an interrupted `prepare` (minitf.rundir
+    `recover`; a complete one has its dataset.json, written last, and its files), saying so
+    in one line. Returns the folder, resolved."""
+    target = Path(path).resolve()
+    return recover(target, _complete, "dataset", _legacy_temporaries(target))
 
 
-def _running(pid: int) -> bool:
+def _complete(path: Path) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        ds = _open_dataset(path)
+    except (ValueError, OSError):
         return False
-    except OSError:  # e.g. another user's process
-        return True
+    ds.train.close()
+    ds.val.close()
     return True
 
 
@@ -485,61 +497,72 @@ def prepare(source, out, tokenizer="char", *, vocab_size: int = 1024, val_fracti
         tokenizer = load_tokenizer(tokenizer)  # before any reading: a bad path fails at once
     elif not (isinstance(tokenizer, str) or hasattr(tokenizer, "encode")):
         raise DatasetError(f"tokenizer {tokenizer!r} is not 'char', 'bpe', a path or a tokenizer")
+    if str(source) != "-" and not Path(source).exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
     from_stdin = str(source) == "-"
     shown = "standard input" if from_stdin else str(source)
-    if not from_stdin and not Path(source).exists():
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    target = _check_output(out)
-    tmp = _temporary_dir(target)
-    try:
-        docs = _documents(source, glob, tmp, stdin, progress)
-        vocab = _CharSet() if tokenizer == "char" else None
-        with _bar(sum(d.path.stat().st_size for d in docs), "scan", progress) as bar:
-            for doc in docs:
-                _scan(doc, val_fraction, block_bytes, bar, vocab)
-        chars, train_chars = sum(d.chars for d in docs), sum(d.cut for d in docs)
-        if chars == 0:
-            raise DatasetError(f"{shown}: the corpus is empty (0 characters in {len(docs)} "
-                               f"{'file' if len(docs) == 1 else 'files'})")
-        if train_chars == 0 or train_chars == chars:
-            raise DatasetError(f"{shown}: {chars} characters are too few to split with "
-                               f"val_fraction={val_fraction}: a split would be empty")
-
-        tokenizer, info, hint = _tokenizer_for(tokenizer, given, docs, vocab, separator,
-                                               vocab_size, bpe_max_chars, block_bytes, progress)
-        token_dtype = _token_dtype(dtype, tokenizer.vocab_size)
-        writers = [_SplitWriter(tmp / name, tokenizer, token_dtype, separator, hint, piece_chars)
-                   for name in (TRAIN_FILE, VAL_FILE)]
+    target = Path(out).resolve()
+    with DirectoryLock(target):  # one writer; then what an interrupted run left, then work
+        recover_dataset(target)
+        _check_output(out)
+        probe_write(target, 0, "dataset folder")
+        tmp = temporary(target)
+        tmp.mkdir(parents=True)
+        swapping = False
         try:
-            with _bar(sum(d.bytes for d in docs), "tokenize", progress) as bar:
+            docs = _documents(source, glob, tmp, stdin, progress)
+            vocab = _CharSet() if tokenizer == "char" else None
+            with _bar(sum(d.path.stat().st_size for d in docs), "scan", progress) as bar:
                 for doc in docs:
-                    _tokenize(doc, *writers, block_bytes, bar)
-        finally:
-            for w in writers:
-                w.close()
-        tokenizer.save(tmp / TOKENIZER_FILE)
-        record = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "minitf_version": __version__,
-            "dtype": token_dtype.name,
-            "byte_order": "little",
-            "vocab_size": tokenizer.vocab_size,
-            "tokenizer": {"file": TOKENIZER_FILE, **info, "sha256": _sha256_file(tmp / TOKENIZER_FILE)},
-            "split": {"rule": SPLIT_RULE, "val_fraction": val_fraction, "separator": separator,
-                      **({"glob": glob} if not from_stdin and Path(source).is_dir() else {})},
-            "sources": [{"path": d.name, "bytes": d.bytes, "sha256": d.sha256, "chars": d.chars,
-                         "train_chars": d.cut, "val_chars": d.chars - d.cut} for d in docs],
-            "train": writers[0].record(),
-            "val": writers[1].record(),
-        }
-        save_json_atomic(tmp / DATASET_FILE, record)
-        (tmp / "stdin.txt").unlink(missing_ok=True)
-        fsync_dir(tmp)
-        swap_directory(tmp, target, _previous(target))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    _scan(doc, val_fraction, block_bytes, bar, vocab)
+            chars, train_chars = sum(d.chars for d in docs), sum(d.cut for d in docs)
+            if chars == 0:
+                raise DatasetError(f"{shown}: the corpus is empty (0 characters in {len(docs)} "
+                                   f"{'file' if len(docs) == 1 else 'files'})")
+            if train_chars == 0 or train_chars == chars:
+                raise DatasetError(f"{shown}: {chars} characters are too few to split with "
+                                   f"val_fraction={val_fraction}: a split would be empty")
+
+            tokenizer, info, hint = _tokenizer_for(tokenizer, given, docs, vocab, separator,
+                                                   vocab_size, bpe_max_chars, block_bytes, progress)
+            token_dtype = _token_dtype(dtype, tokenizer.vocab_size)
+            # at most one token per byte of text (a char is at least one byte, so is a BPE token)
+            probe_write(target, sum(d.bytes for d in docs) * token_dtype.itemsize, "dataset folder")
+            writers = [_SplitWriter(tmp / name, target, tokenizer, token_dtype, separator, hint,
+                                    piece_chars) for name in (TRAIN_FILE, VAL_FILE)]
+            try:
+                with _bar(sum(d.bytes for d in docs), "tokenize", progress) as bar:
+                    for doc in docs:
+                        _tokenize(doc, *writers, block_bytes, bar)
+            finally:
+                for w in writers:
+                    w.close()
+            tokenizer.save(tmp / TOKENIZER_FILE)
+            record = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "minitf_version": __version__,
+                "dtype": token_dtype.name,
+                "byte_order": "little",
+                "vocab_size": tokenizer.vocab_size,
+                "tokenizer": {"file": TOKENIZER_FILE, **info,
+                              "sha256": _sha256_file(tmp / TOKENIZER_FILE)},
+                "split": {"rule": SPLIT_RULE, "val_fraction": val_fraction, "separator": separator,
+                          **({"glob": glob} if not from_stdin and Path(source).is_dir() else {})},
+                "sources": [{"path": d.name, "bytes": d.bytes, "sha256": d.sha256, "chars": d.chars,
+                             "train_chars": d.cut, "val_chars": d.chars - d.cut} for d in docs],
+                "train": writers[0].record(),
+                "val": writers[1].record(),
+            }
+            save_json_atomic(tmp / DATASET_FILE, record)
+            (tmp / "stdin.txt").unlink(missing_ok=True)
+            fsync_dir(tmp)
+            swapping = True
+            swap_in(tmp, target)
+        except BaseException:
+            if not swapping:  # once swapping, the complete tmp is the newest: recovery keeps it
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return record
 
 
@@ -602,11 +625,10 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     Raises DatasetError with one line naming the file for a missing folder or file, invalid
     JSON, an unknown format or dtype, a replaced tokenizer, or a truncated .bin file.
     """
-    path = Path(path)
-    if not path.exists() and _previous(path).is_dir():
-        warnings.warn(f"dataset {path} is missing but {_previous(path)} exists: a replacement "
-                      f"was interrupted; reading the previous dataset", stacklevel=2)
-        path = _previous(path)
+    return _open_dataset(readable(recover_dataset(path), "dataset"))
+
+
+def _open_dataset(path: Path) -> Dataset:
     if not path.is_dir():
         raise DatasetError(f"{path}: not a dataset folder ({'a file' if path.exists() else 'not found'})")
     record_path = path / DATASET_FILE
@@ -677,7 +699,9 @@ def load_data(data: str | os.PathLike | None = None, tokenizer=None, *, kind: st
     Raises DatasetError (dataset problems, a tokenizer mismatch), FileNotFoundError and
     CorpusError (text problems), TokenizerError (text the tokenizer cannot encode).
     """
-    if data is not None and (Path(data).is_dir() or (not Path(data).exists() and _previous(Path(data)).is_dir())):
+    if data is not None and not Path(data).is_file():
+        recover_dataset(data)  # what an interrupted prepare left, before it is read
+    if data is not None and (Path(data).is_dir() or previous(Path(data).resolve()).is_dir()):
         ds = load_dataset(data)
         if tokenizer is not None and not same_tokenizer(tokenizer, ds.tokenizer):
             raise DatasetError(

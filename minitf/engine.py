@@ -37,10 +37,10 @@ import numpy as np
 
 from . import kernels
 from .checkpoint import load_checkpoint
-from .config import GPTConfig
+from .config import GPTConfig, check_memory
 from .kernels import get_backend, layout
 from .tensors import (INT8_MODES, LINEARS, check_tensors, checkpoint_layout, infer_quantization,
-                      tensor_layout)
+                      inference_bytes, tensor_layout)
 
 # The small pretrained TinyShakespeare model that ships inside the package.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "pretrained"
@@ -90,9 +90,12 @@ def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weig
 
 def check_engine_params(params: dict[str, np.ndarray], config: GPTConfig) -> None:
     """Raise ValueError unless params are exactly the tensors of a float or a quantized model
-    of `config` (minitf.tensors: int8 weights of one scope, each with its `<name>_scale`)."""
-    layout = tensor_layout(config, infer_quantization(params, config))
-    check_tensors(params, layout, "Engine", noun="parameter", finite=False)
+    of `config` (minitf.tensors: int8 weights of one scope, each with its `<name>_scale`),
+    and what the engine allocates fits in memory (minitf.config.SizeError)."""
+    quant = infer_quantization(params, config)
+    check_tensors(params, tensor_layout(config, quant), "Engine", noun="parameter", finite=False)
+    check_memory(inference_bytes(config, quant), "an Engine for this model",
+                 "choose a smaller model or block_size")
 
 
 class Engine:

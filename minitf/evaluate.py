@@ -11,7 +11,7 @@ import json
 import math
 import sys
 
-from .cli import Parser, add_backend_argument, add_data_argument, fail
+from .cli import Parser, add_backend_argument, add_data_argument, fail, guarded
 from .dataset import load_data
 from .engine import load_engine
 from .metrics import engine_logits, evaluate
@@ -33,6 +33,7 @@ def build_parser() -> Parser:
     return parser
 
 
+@guarded
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

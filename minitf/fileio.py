@@ -1,8 +1,10 @@
 """Files written atomically and JSON read with one-line errors: what every module that
-touches disk shares (checkpoints, tokenizers, the corpus cache, reports).
+touches disk shares (checkpoints, tokenizers, the corpus cache, reports, pictures).
 
 A write goes to a temporary file beside its target, is fsynced, then renamed onto it, so a
-reader sees either the old file or the whole new one, never a part.
+reader sees either the old file or the whole new one, never a part. A failed write (a full
+disk, a read-only folder) removes its temporary file and raises an OSError that names the
+target, not the temporary file. Whole directories are replaced by minitf.rundir.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,15 @@ def atomic_target(path: str | os.PathLike):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -44,24 +50,6 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def swap_directory(tmp: Path, directory: Path, previous: Path) -> None:
-    """Put the complete folder `tmp` in the place of `directory`, atomically for readers.
-
-    Rename `directory` to `previous`, `tmp` to `directory`, then delete `previous`: at every
-    instant one of the two names holds a complete folder, so a crash between the renames
-    leaves only `previous`, for the reader to recover. A `previous` found while `directory`
-    exists is a stale leftover and is deleted first. One writer per `directory` at a time.
-    """
-    if directory.exists():
-        if previous.exists():
-            shutil.rmtree(previous)  # stale: `directory` is the good one
-        os.replace(directory, previous)
-    os.replace(tmp, directory)
-    fsync_dir(directory.parent)
-    if previous.exists():
-        shutil.rmtree(previous)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -103,3 +91,5 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, what
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{path}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{path}: invalid JSON: nested too deeply") from None

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import Parser, add_backend_argument, fail, nonneg_int
+from .cli import Parser, add_backend_argument, fail, guarded, nonneg_int
 from .engine import load_engine
 from .sampling import Sampler, validate_sampling
 from .threads import set_threads
@@ -37,6 +37,7 @@ def build_parser() -> Parser:
     return p
 
 
+@guarded
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, fail, positive_int
+from .cli import Parser, fail, guarded, positive_int
 from .dataset import DTYPES, prepare
 
 
@@ -40,6 +40,7 @@ def build_parser() -> Parser:
     return p
 
 
+@guarded
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,8 +50,6 @@ def main(argv=None) -> int:
         record = prepare(args.source, args.out, args.tokenizer, vocab_size=args.vocab_size,
                          val_fraction=args.val_fraction, separator=args.separator, glob=args.glob,
                          dtype=args.dtype, bpe_max_chars=args.bpe_max_chars, progress=not args.quiet)
-    except (ValueError, OSError) as e:
-        fail(parser, str(e))
     except MemoryError:
         fail(parser, "out of memory: for BPE, lower --bpe-max-chars")
     except KeyboardInterrupt:

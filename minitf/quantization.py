@@ -148,10 +148,11 @@ def quantized_meta(quant: Quantization, source: Checkpoint, command: str | None 
 
 
 def save_quantized(out: str | os.PathLike, qparams: dict[str, np.ndarray], source: Checkpoint,
-                   quant: Quantization, command: str | None = None) -> Path:
+                   quant: Quantization, command: str | None = None, extra=None) -> Path:
     """Write the quantized model `qparams` (from `quantize_model`) of the checkpoint `source`
     as a checkpoint directory `out` (atomically, see minitf.checkpoint) with its config,
-    tokenizer and `quantized_meta`. Returns the directory.
+    tokenizer and `quantized_meta`; `extra` as for `save_checkpoint` (reports, pictures).
+    Returns the directory.
 
     Raises:
         CheckpointError: qparams do not match the quantized layout, or `out` cannot be
@@ -159,4 +160,4 @@ def save_quantized(out: str | os.PathLike, qparams: dict[str, np.ndarray], sourc
     """
     meta = quantized_meta(quant, source, command)
     return save_checkpoint(out, qparams, source.config, source.tokenizer, meta=meta,
-                           layout=tensor_layout(source.config, quant))
+                           layout=tensor_layout(source.config, quant), extra=extra)

@@ -5,7 +5,9 @@
 
 Writes the int8 model (minitf.quantization) to --out with quant_report.json (bytes per
 tensor and in total, round-trip errors, file sizes, validation loss float32 vs int8:
-minitf.quant_report) and quant_error.png (minitf.plots), and prints the report as a table.
+minitf.quant_report) and quant_error.png (minitf.plots), all in one sealed checkpoint, and
+prints the report as a table. --out is locked for the whole run (minitf.rundir), and its
+free space is checked before anything is quantized.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from .checkpoint import is_checkpoint, load_checkpoint, load_json, save_json_atomic
-from .cli import Parser, add_backend_argument, add_data_argument, fail, positive_int
+from .checkpoint import (check_writable, is_checkpoint, load_checkpoint, load_json,
+                         recover_checkpoint, save_json_atomic)
+from .cli import Parser, add_backend_argument, add_data_argument, guarded, positive_int
 from .dataset import load_data
 from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
 from .hf import is_hf_directory
@@ -24,7 +27,9 @@ from .metrics import engine_logits, eval_starts, evaluate
 from .plots import plot_quant_error
 from .quant_report import evaluation, format_report, measure_files, roundtrip_error_in_scales
 from .quantization import quantize_model, save_quantized
-from .tensors import INT8_MODES, SCOPES, Quantization, checkpoint_layout, scale_name
+from .rundir import DirectoryLock
+from .tensors import (INT8_MODES, SCOPES, Quantization, checkpoint_layout, layout_bytes,
+                      scale_name, tensor_layout)
 from .threads import set_threads
 
 REPORT_FILE = "quant_report.json"
@@ -56,14 +61,16 @@ def build_parser() -> Parser:
     return p
 
 
+@guarded
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     out = Path(args.out) if args.out else Path.cwd() / f"{model_dir.resolve().name}-int8"
     quant = Quantization(args.scope, args.mode)
-    try:
-        set_threads(args.threads)
+    set_threads(args.threads)
+    with DirectoryLock(out):  # before any work: one writer of --out
+        recover_checkpoint(out)
         if is_hf_directory(model_dir):  # the size report reads minitf's model.safetensors
             raise ValueError(f"{model_dir} is a transformers directory; convert it first: "
                              f"python -m minitf.convert --from-hf {model_dir} --out DIR")
@@ -80,31 +87,34 @@ def main(argv=None) -> int:
         float_engine = Engine(ckpt.config, ckpt.params, args.backend)
         tokens = load_data(args.data, ckpt.tokenizer, with_train=False).val
         eval_starts(len(tokens), ckpt.config.block_size, args.max_windows)  # enough text? now
+        check_writable(out, layout_bytes(tensor_layout(ckpt.config, quant)) + (1 << 20))
         qparams, report = quantize_model(ckpt.params, ckpt.config, args.scope)
+        report = {"scope": args.scope, "mode": args.mode, **report}
+        errors = {t["name"]: roundtrip_error_in_scales(ckpt.params[t["name"]], qparams[t["name"]],
+                                                       qparams[scale_name(t["name"])])
+                  for t in report["tensors"]}
+        title = (f"{model_dir.resolve().name}: int8 round-trip error per weight, in units of "
+                 f"its channel's scale (scope {args.scope})")
         command = "python -m minitf.quantize " + shlex.join(sys.argv[1:] if argv is None else argv)
-        save_quantized(out, qparams, ckpt, quant, command)
-        int8_engine, _, qckpt = load_engine(out, args.backend)  # what users will load
-    except (ValueError, OSError) as e:
-        fail(parser, str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except KeyboardInterrupt:
-        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
-        return 130
 
-    report = {"scope": args.scope, "mode": args.mode, **report}
-    report["files"] = measure_files(ckpt.path / "model.safetensors",
-                                    qckpt.path / "model.safetensors", ckpt.config)
-    bs = ckpt.config.block_size
-    f, q = (evaluate(engine_logits(engine), tokens, ckpt.tokenizer, bs, args.max_windows)
-            for engine in (float_engine, int8_engine))
-    data = str(args.data or os.environ.get("MINITF_DATA") or "default corpus")
-    report["evaluation"] = evaluation(f, q, float_engine.backend, data)
-    save_json_atomic(qckpt.path / REPORT_FILE, report)
-    errors = {t["name"]: roundtrip_error_in_scales(ckpt.params[t["name"]], qparams[t["name"]],
-                                                   qparams[scale_name(t["name"])])
-              for t in report["tensors"]}
-    plot_quant_error(errors, qckpt.path / PLOT_FILE,
-                     f"{model_dir.resolve().name}: int8 round-trip error per weight, in units of "
-                     f"its channel's scale (scope {args.scope})")
+        def report_and_plot(directory: Path) -> None:
+            save_json_atomic(directory / REPORT_FILE, report)
+            plot_quant_error(errors, directory / PLOT_FILE, title)
+
+        # Saved twice: the report describes the saved model as users load it, so it is
+        # measured and evaluated from the first save, and the second adds it (same file
+        # names, hence the same model file size: the seal holds one SHA-256 per name).
+        save_quantized(out, qparams, ckpt, quant, command, extra=report_and_plot)
+        int8_engine, _, qckpt = load_engine(out, args.backend)  # what users will load
+        report["files"] = measure_files(ckpt.path / "model.safetensors",
+                                        qckpt.path / "model.safetensors", ckpt.config)
+        bs = ckpt.config.block_size
+        f, q = (evaluate(engine_logits(engine), tokens, ckpt.tokenizer, bs, args.max_windows)
+                for engine in (float_engine, int8_engine))
+        data = str(args.data or os.environ.get("MINITF_DATA") or "default corpus")
+        report["evaluation"] = evaluation(f, q, float_engine.backend, data)
+        save_quantized(out, qparams, ckpt, quant, command,
+                       extra=lambda directory: save_json_atomic(directory / REPORT_FILE, report))
     print(format_report(report))
     print(f"\nwrote {qckpt.path} ({REPORT_FILE}, {PLOT_FILE})")
     return 0

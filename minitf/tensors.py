@@ -13,6 +13,10 @@ of its scope (K, M) by int8 and adds its per-output-channel float32 scale
 Everything that holds a model goes through these two functions: the training model
 (`minitf.model.GPT`), the inference engine, checkpoints (save and load) and quantization. A
 new kind of tensor (int4, an int8 head) is a change here, not in each of them.
+
+The byte counts of the limits (minitf.config.check_memory) are here too, computed in
+integers from a config before anything is allocated: `layout_bytes`, `training_bytes`,
+`inference_bytes`, `checkpoint_bytes`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import GPTConfig, param_shapes
+from .config import GPTConfig, num_params, param_shapes
 from .kernels.numpy_ref import INT8_MODES
 
 # The linear layers of a block, in the order they run.
@@ -206,3 +210,50 @@ def check_tensors(
 def _names(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ----------------------------------------------------------------------------------------
+# Byte counts for the limits: integers from the config, nothing allocated
+
+
+def layout_bytes(layout: Layout, float_itemsize: int = 4) -> int:
+    """Bytes of the tensors of `layout`, its dtype-None tensors `float_itemsize` bytes each."""
+    total = 0
+    for shape, dtype in layout.values():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * (np.dtype(dtype).itemsize if dtype is not None else float_itemsize)
+    return total
+
+
+def training_bytes(config: GPTConfig, batch_size: int, itemsize: int = 4) -> dict[str, int]:
+    """A lower bound of what training holds, {part: bytes}, values of `itemsize` bytes:
+    the parameters, their gradients and AdamW's two moments (P values each), and the
+    activations the backward pass keeps for a batch of B windows of T = block_size tokens:
+    per block the inputs of its two LayerNorms and four linear layers, q/k/v and the MLP's
+    GELU input (16 B T C values) and the attention weights (B NH T^2), and the head's logits
+    and their gradient (2 B T V)."""
+    P = num_params(config)
+    B, T, C, NH, V = batch_size, config.block_size, config.d_model, config.n_head, config.vocab_size
+    activations = config.n_layer * (16 * B * T * C + B * NH * T * T) + 2 * B * T * V
+    return {"parameters": P * itemsize, "gradients": P * itemsize,
+            "AdamW moments": 2 * P * itemsize,
+            f"activations of {B} x {T} tokens": activations * itemsize}
+
+
+def inference_bytes(config: GPTConfig, quant: Quantization | None = None) -> dict[str, int]:
+    """A lower bound of what an Engine allocates, {part: bytes}: a copy of the weights (the
+    fused path packs them), the KV cache and its transposed copy (2 x 2 L T C float32), and
+    a full-context prefill: attention weights (NH T^2), the activations of a block
+    (10 T C) and the logits (T V), float32."""
+    L, T, C, NH, V = (config.n_layer, config.block_size, config.d_model, config.n_head,
+                      config.vocab_size)
+    return {"weights": layout_bytes(tensor_layout(config, quant)),
+            "KV cache": 2 * 2 * L * T * C * 4,
+            f"a prefill of {T} tokens": (NH * T * T + 10 * T * C + T * V) * 4}
+
+
+def checkpoint_bytes(config: GPTConfig, itemsize: int = 4, optimizer: bool = True) -> int:
+    """Bytes of a checkpoint's tensors: the weights, and with `optimizer` AdamW's moments."""
+    return num_params(config) * itemsize * (3 if optimizer else 1)

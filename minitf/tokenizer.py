@@ -207,7 +207,7 @@ class CharTokenizer(_Tokenizer):
         seen: dict[str, None] = {}  # distinct, in order of first appearance
         for i in positions:
             seen.setdefault(text[i], None)
-        shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in list(seen)[:10])
+        shown = ", ".join(_describe(c) for c in list(seen)[:10])
         more = f" and {len(seen) - 10} more" if len(seen) > 10 else ""
         known = repr("".join(self.chars))
         if len(known) > 200:
@@ -259,6 +259,24 @@ class CharTokenizer(_Tokenizer):
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+def _describe(c: str) -> str:
+    """A character for a message: "'é' (U+00E9)"; a lone surrogate that stands for a byte
+    which was not UTF-8 (Python's surrogateescape: the command line, file names) says so."""
+    if 0xDC80 <= ord(c) <= 0xDCFF:
+        return f"U+{ord(c):04X} (the byte 0x{ord(c) - 0xDC00:02X}, which is not UTF-8)"
+    return f"{c!r} (U+{ord(c):04X})"
+
+
+def _check_unicode(text: str) -> None:
+    """TokenizerError unless `text` is valid Unicode (no lone surrogates, which UTF-8 and
+    `tokenizers` cannot hold: they come from bytes that were not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"cannot encode {_describe(text[e.start])} at position {e.start}: "
+                             f"the text is not valid UTF-8; give UTF-8 text") from None
 
 
 def _codepoints(text: str) -> np.ndarray:
@@ -344,9 +362,11 @@ class BPETokenizer(_Tokenizer):
         return cls(tk)
 
     def encode(self, text: str) -> np.ndarray:
-        """Token ids of `text`, int32 (T,)."""
+        """Token ids of `text`, int32 (T,). Raises TokenizerError for text that is not valid
+        Unicode (a lone surrogate: bytes that were not UTF-8)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_unicode(text)
         return np.array(self._tk.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def decode(self, ids) -> str:
@@ -394,8 +414,11 @@ def _adds_no_tokens(post_processor) -> bool:
 def _tokenizers_from_json(d: dict) -> Tokenizer:
     try:
         return Tokenizer.from_str(json.dumps(d))
-    except Exception as e:  # the Rust side raises a bare Exception for any bad field
-        raise TokenizerError(f"tokenizers library rejects it: {e}") from e
+    except BaseException as e:  # a bare Exception for a bad field; a Rust panic is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerError(f"tokenizers library rejects it: {message}") from None
 
 
 # ----------------------------------------------------------------------------------------

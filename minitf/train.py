@@ -21,13 +21,16 @@ import math
 import shlex
 import sys
 
-from .cli import (Parser, add_data_argument, add_threads_argument, fail, nonneg_int,
+from .cli import (Parser, add_data_argument, add_threads_argument, fail, guarded, nonneg_int,
                   positive_int)
 from .config import PRESETS, GPTConfig
 from .threads import set_threads
-from .trainer import Diverged, Trainer, TrainSettings
+from .trainer import REQUIRABLE, Diverged, Interrupted, Trainer, TrainSettings
 
 DEFAULTS = TrainSettings()
+# what a new run takes for the flags that a checkpoint fixes (see build_parser)
+NEW_RUN = {"tokenizer": "char", "vocab_size": 1024, "preset": "default", "seed": DEFAULTS.seed,
+           "dtype": DEFAULTS.dtype}
 
 
 def build_parser() -> Parser:
@@ -42,12 +45,16 @@ def build_parser() -> Parser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (model, optimizer, data "
                         "RNG)")
-    p.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
-                   help="character-level or byte-level BPE")
-    p.add_argument("--vocab-size", type=positive_int, default=1024,
-                   help="BPE vocabulary size (ignored for char)")
+    # flags that a checkpoint fixes default to None: on --resume, a flag given is checked
+    # against the checkpoint, one not given takes the checkpoint's value
+    p.add_argument("--tokenizer", default=None, choices=("char", "bpe"),
+                   help="character-level or byte-level BPE (default: char; on --resume, the "
+                        "checkpoint's)")
+    p.add_argument("--vocab-size", type=positive_int, default=None,
+                   help=f"BPE vocabulary size, ignored for char (default: {NEW_RUN['vocab_size']})")
     g = p.add_argument_group("model (a preset, then single fields overridden)")
-    g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model size preset")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="model size preset (default: default)")
     for field in ("n_layer", "n_head", "d_model", "block_size"):
         g.add_argument("--" + field.replace("_", "-"), type=positive_int, default=None,
                        help=f"override the preset's {field} "
@@ -76,9 +83,11 @@ def build_parser() -> Parser:
                    help="validation windows during training")
     g.add_argument("--final-eval-windows", type=positive_int, default=d.final_eval_windows,
                    help="validation windows at the last step (default: the whole split)")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and batches")
-    g.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"),
-                   help="training precision")
+    g.add_argument("--seed", type=int, default=None,
+                   help=f"seed for initialisation and batches (default: {d.seed}; on --resume, "
+                        f"the checkpoint's random state continues)")
+    g.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                   help=f"training precision (default: {d.dtype}; on --resume, the checkpoint's)")
     g.add_argument("--no-plot", action="store_true", help="do not write loss_curve.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     # training runs the numpy reference ops (BLAS matmuls); --backend is for generation and
@@ -107,7 +116,7 @@ def validate(parser: Parser, args) -> None:
 
 def model_config(args) -> GPTConfig:
     """The preset with the fields the flags override (vocab_size: the tokenizer's, later)."""
-    fields = PRESETS[args.preset].to_dict()
+    fields = PRESETS[args.preset or NEW_RUN["preset"]].to_dict()
     for field in ("n_layer", "n_head", "d_model", "block_size"):
         if getattr(args, field) is not None:
             fields[field] = getattr(args, field)
@@ -115,9 +124,24 @@ def model_config(args) -> GPTConfig:
 
 
 def settings(args) -> TrainSettings:
-    """The TrainSettings the flags give (their names are the settings' fields)."""
+    """The TrainSettings the flags give (their names are the settings' fields); a flag not
+    given takes its new-run default (on --resume, Trainer.resume then uses the checkpoint's)."""
     names = [f.name for f in dataclasses.fields(TrainSettings)]
-    return TrainSettings(**{name: getattr(args, name) for name in names})
+    values = {name: getattr(args, name) for name in names}
+    return TrainSettings(**{k: NEW_RUN[k] if v is None and k in NEW_RUN else v
+                            for k, v in values.items()})
+
+
+def required(args) -> dict:
+    """What --resume must find in the checkpoint: every flag given that a checkpoint fixes
+    (preset, model sizes, tokenizer, vocabulary, dtype, seed)."""
+    return {name: getattr(args, name) for name in REQUIRABLE if getattr(args, name) is not None}
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run: the same flags, with --resume."""
+    flags = list(argv) + ([] if "--resume" in argv else ["--resume"])
+    return "python -m minitf.train " + shlex.join(flags)
 
 
 def run(args, log=print) -> dict:
@@ -131,15 +155,18 @@ def run(args, log=print) -> dict:
     set_threads(args.threads)
     # meta.json records the command line and every flag
     command = "python -m minitf.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    meta = {"command": command, "record": vars(args)}
     if args.resume:
-        trainer = Trainer.resume(args.out, args.data, settings(args), **meta)
+        meta = {"command": command, "record": vars(args)}
+        trainer = Trainer.resume(args.out, args.data, settings(args), required(args), **meta)
     else:
+        record = {**vars(args), **{k: NEW_RUN[k] for k in NEW_RUN if getattr(args, k) is None}}
+        meta = {"command": command, "record": record}
         trainer = Trainer.start(args.out, args.data, settings(args), model_config(args),
-                                args.tokenizer, args.vocab_size, **meta)
+                                record["tokenizer"], record["vocab_size"], **meta)
     return trainer.train(progress=not args.quiet, plot=not args.no_plot, log=log)
 
 
+@guarded
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -149,12 +176,15 @@ def main(argv=None) -> int:
     except Diverged as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
-        fail(parser, str(e))
     except MemoryError:
         fail(parser, "out of memory: choose a smaller model (--d-model, --n-layer) or --batch-size")
-    except KeyboardInterrupt:
-        print(f"\n{parser.prog}: interrupted; the last checkpoint in {args.out} is intact",
+    except Interrupted as e:
+        again = resume_command(sys.argv[1:] if argv is None else argv)
+        print(f"\n{parser.prog}: {e}; continue with: {again}" if e.saved is not None else
+              f"\n{parser.prog}: {e}; start again with the same command", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before training began
+        print(f"\n{parser.prog}: interrupted before training began; {args.out} is as it was",
               file=sys.stderr)
         return 130
     return 0

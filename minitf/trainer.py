@@ -12,36 +12,76 @@ steps: validation loss (nats/token, perplexity, bits/char) and an atomic checkpo
 optimizer state and the data RNG, so a resumed run continues exactly. A NaN or inf loss
 stops the run (Diverged) and leaves the last good checkpoint in place.
 
+The run directory. `start` and `resume` take the directory's lock before any work (a
+second writer is refused, naming the first; minitf.rundir) and hold it until `train` ends;
+they first restore what an interrupted save left (minitf.checkpoint.recover_checkpoint),
+then check everything that could fail later: a directory that is not a checkpoint, a test
+write and the free space for one checkpoint, the memory training needs
+(minitf.tensors.training_bytes), and on `resume` a tampered meta.json or train_state.json
+and settings that conflict with the checkpoint (`require`). SIGINT (Ctrl-C) stops the run
+at the end of the current step and checkpoints it there (`Interrupted`); a second one stops
+at once, leaving the last checkpoint as it was.
+
 `python -m minitf.train` is the command line over this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import (CheckpointError, check_writable, is_checkpoint, load_checkpoint,
-                         save_checkpoint)
-from .config import PRESETS, GPTConfig, num_params
+                         recover_checkpoint, save_checkpoint)
+from .config import PRESETS, GPTConfig, check_memory, num_params
 from .data import get_batch
 from .dataset import Data, load_data
 from .metrics import evaluate
 from .model import GPT, init_params
 from .optim import AdamW, CosineSchedule, clip_grad_norm
 from .plots import plot_loss_curve
+from .rundir import DirectoryLock
+from .tensors import checkpoint_bytes, training_bytes
 
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
+MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size")
+# what `resume(require=...)` can check against the checkpoint, besides the model's sizes
+REQUIRABLE = ("preset", *MODEL_FIELDS, "tokenizer", "vocab_size", "dtype", "seed")
+# bytes of meta.json per training step (its loss history), for the free-space check
+HISTORY_BYTES_PER_STEP = 64
+# JSON, tokenizer and loss curve beside the tensors
+SIDE_FILES_BYTES = 4 << 20
+
+
 class Diverged(RuntimeError):
     """The loss, the gradient norm or the weights became NaN or inf."""
+
+
+class Stopping(UserWarning):
+    """SIGINT was received: the run stops at the end of its step."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT at `step`; `saved` is the step of the checkpoint now in
+    `out` (None: there is none)."""
+
+    def __init__(self, out: Path, step: int, saved: int | None):
+        self.out, self.step, self.saved = out, step, saved
+        where = (f"the checkpoint of step {saved} is in {out}" if saved is not None
+                 else f"no checkpoint was written to {out}")
+        super().__init__(f"interrupted at step {step}; {where}")
 
 
 @dataclass(frozen=True)
@@ -120,8 +160,12 @@ class Trainer:
         # meta.json "args": what made the run (the command's flags), with decay_steps resolved
         self.record = {**(record if record is not None else dataclasses.asdict(s)),
                        "decay_steps": self.schedule.decay_steps}
+        self.saved_step: int | None = None  # the step of the checkpoint in `out`
         if state is not None:
             self._load_state(state)
+            self.saved_step = self.step
+        self._stop_requested = False
+        self._lock = DirectoryLock(self.out).acquire()  # the run's, until train() ends
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -135,44 +179,72 @@ class Trainer:
         tokenizer's), initialised with settings.seed. `kwargs`: command, record (meta.json).
 
         Raises:
-            CheckpointError: `out` already holds a checkpoint or cannot be written.
+            minitf.rundir.LockedError: another process is writing `out`.
+            CheckpointError: `out` already holds a checkpoint (after recovering an
+                interrupted save), or is a directory that is not a checkpoint.
+            OSError: `out` cannot be written, or has no room for one checkpoint.
+            minitf.config.SizeError: training would need more memory than the machine has.
             ValueError: a bad tokenizer kind or size.
         """
         out = Path(out)
-        if out.exists() and is_checkpoint(out):
-            raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with "
-                                  "--resume, or choose another --out")
-        check_writable(out)  # now, not after the first eval_interval steps
-        splits = load_data(data, kind=tokenizer, vocab_size=vocab_size)
-        config = dataclasses.replace(config, vocab_size=splits.tokenizer.vocab_size)
-        params = init_params(config, seed=settings.seed, dtype=np.dtype(settings.dtype).type)
-        return cls(out, config, splits.tokenizer, params, splits, settings, **kwargs)
+        lock = DirectoryLock(out).acquire()  # first: a second writer is refused before any work
+        try:
+            recover_checkpoint(out)  # an interrupted save's checkpoint is found, not overwritten
+            if is_checkpoint(out):
+                raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with "
+                                      "--resume, or choose another --out")
+            check_writable(out)  # a real write now, not after the first eval_interval steps
+            splits = load_data(data, kind=tokenizer, vocab_size=vocab_size)
+            config = dataclasses.replace(config, vocab_size=splits.tokenizer.vocab_size)
+            _check_resources(out, config, settings)
+            params = init_params(config, seed=settings.seed, dtype=np.dtype(settings.dtype).type)
+            return cls(out, config, splits.tokenizer, params, splits, settings, **kwargs)
+        finally:
+            lock.release()  # the Trainer has taken its own
 
     @classmethod
     def resume(cls, out, data=None, settings: TrainSettings = TrainSettings(),
-               **kwargs) -> "Trainer":
+               require: dict | None = None, **kwargs) -> "Trainer":
         """Continue the run in `out` from its checkpoint: model, tokenizer, optimizer state,
-        data RNG, history; `data` as for `start`, encoded with the checkpoint's tokenizer (a
-        dataset folder must hold that tokenizer). With settings.decay_steps None, the schedule is the first run's.
-        `kwargs`: command, record (meta.json).
+        data RNG, history, in the checkpoint's dtype; `data` as for `start`, encoded with the
+        checkpoint's tokenizer (a dataset folder must hold that tokenizer). With
+        settings.decay_steps None, the schedule is the first run's.
 
+        Args:
+            require: what the caller asked for that the checkpoint fixes, {name: value} with
+                names from REQUIRABLE (a "preset" name or model sizes, the "tokenizer" kind,
+                the "vocab_size" of a BPE tokenizer, "dtype", "seed"); a different value in
+                the checkpoint is refused, naming both.
+            kwargs: command, record (meta.json).
         Raises:
-            CheckpointError: no checkpoint, no optimizer state, or a state that cannot be
-                resumed from.
+            minitf.rundir.LockedError: another process is writing `out`.
+            CheckpointError: no checkpoint, no optimizer state, a meta.json or
+                train_state.json that cannot be resumed from, or a `require` conflict.
+            OSError, minitf.config.SizeError: as for `start`.
         """
         out = Path(out)
-        ckpt = load_checkpoint(out, dtype=np.dtype(settings.dtype).type)
-        if ckpt.optimizer_state is None:
-            raise CheckpointError(f"{out} has no optimizer state to resume from")
-        if settings.decay_steps is None:
-            # continue the first run's schedule: its cosine ended where that run's steps did
-            first = ckpt.meta.get("args", {})
-            decay_steps = first.get("decay_steps") or first.get("steps")
-            settings = dataclasses.replace(settings, decay_steps=decay_steps)
-        history = ckpt.meta.get("history", {"train": [], "val": []})
-        splits = load_data(data, ckpt.tokenizer)
-        return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, splits, settings,
-                   state=ckpt.optimizer_state, history=history, **kwargs)
+        lock = DirectoryLock(out).acquire()
+        try:
+            ckpt = load_checkpoint(out, dtype=None)  # recovers an interrupted save first
+            if ckpt.optimizer_state is None:
+                raise CheckpointError(f"{out} has no optimizer state to resume from")
+            first, history = _resume_meta(ckpt)
+            stored_dtype = ckpt.params["wte"].dtype.name
+            stored = _check_required(out, ckpt, first, stored_dtype, require or {})
+            if kwargs.get("record") is not None:  # meta.json records what the run is, not None
+                kwargs["record"] = {**kwargs["record"], **{
+                    k: v for k, v in stored.items() if kwargs["record"].get(k, 0) is None}}
+            settings = dataclasses.replace(settings, dtype=stored_dtype)
+            if settings.decay_steps is None:
+                # continue the first run's schedule: its cosine ended where that run's steps did
+                decay_steps = first.get("decay_steps") or first.get("steps")
+                settings = dataclasses.replace(settings, decay_steps=decay_steps)
+            _check_resources(out, ckpt.config, settings)
+            splits = load_data(data, ckpt.tokenizer)
+            return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, splits, settings,
+                       state=ckpt.optimizer_state, history=history, **kwargs)
+        finally:
+            lock.release()
 
     def _load_state(self, state: dict) -> None:
         try:
@@ -199,8 +271,14 @@ class Trainer:
             return evaluate(lambda x: self.model.forward(x)[0], tokens, self.tokenizer,
                             self.config.block_size, max_windows)
 
-    def save(self, val: dict | None, result: dict | None = None) -> None:
-        """Checkpoint the run at its current step (see minitf.checkpoint), atomically."""
+    def save(self, val: dict | None, result: dict | None = None, plot: bool = False) -> None:
+        """Checkpoint the run at its current step (see minitf.checkpoint), atomically; with
+        `plot`, loss_curve.png is drawn into the same checkpoint.
+
+        Raises:
+            OSError: the checkpoint could not be written (a full disk); one line that says
+                which checkpoint is still in `out`.
+        """
         meta = {
             "command": self.command,
             "args": self.record,
@@ -211,27 +289,69 @@ class Trainer:
         }
         state = {**self.optimizer.state_dict(), "step": self.step,
                  "rng_state": self.rng.bit_generator.state}
-        save_checkpoint(self.out, self.params, self.config, self.tokenizer,
-                        optimizer_state=state, meta=meta)
+        title = f"minitf {self.out.name}: {num_params(self.config):,} parameters"
+        extra = (lambda d: plot_loss_curve(self.history, self.schedule, d / LOSS_CURVE_FILE,
+                                           title=title)) if plot else None
+        try:
+            save_checkpoint(self.out, self.params, self.config, self.tokenizer,
+                            optimizer_state=state, meta=meta, extra=extra)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot save the checkpoint of step {self.step}: "
+                                   f"{e.strerror or e}; {self._kept()}") from None
+        self.saved_step = self.step
+
+    def _kept(self) -> str:
+        """What a failure leaves in `out`, for its message."""
+        if self.saved_step is None:
+            return f"no checkpoint was written to {self.out}"
+        return f"the checkpoint of step {self.saved_step} in {self.out} is intact"
 
     def _diverged(self, what: str) -> Diverged:
-        return Diverged(f"training diverged at step {self.step}: {what}; the last good "
-                        f"checkpoint is kept in {self.out} (try a lower --lr than "
-                        f"{self.settings.lr})")
+        kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}"
+                if self.saved_step is not None else f"no checkpoint was written to {self.out}")
+        return Diverged(f"training diverged at step {self.step}: {what}; {kept} (try a lower "
+                        f"--lr than {self.settings.lr})")
 
     def train(self, *, progress: bool = True, plot: bool = True, log=print) -> dict:
         """Train up to settings.steps, validating and checkpointing every eval_interval
         steps and at the end; returns {"step", "wall_seconds", "val", "train"} (metrics of
-        the last step).
+        the last step). Holds the lock of `out` until it returns or raises.
 
         Args:
             progress: show a progress bar (tqdm) on stderr.
-            plot: write loss_curve.png beside the checkpoint at every validation.
+            plot: write loss_curve.png into the checkpoint at every validation.
             log: where the summary, validation lines and result go (without a bar).
         Raises:
             Diverged: NaN or inf in the loss, the gradient norm, the weights or the
                 validation loss; the last good checkpoint stays.
+            Interrupted: SIGINT. The first one (in the main thread) stops the run at the end
+                of its step, which is checkpointed; a second stops at once, and the last
+                checkpoint stays as it was.
+            OSError: a checkpoint could not be written (the previous one stays).
         """
+        self._lock.acquire()
+        try:
+            with _sigint_stops_at_step_end(self):
+                return self._train(progress, plot, log)
+        except KeyboardInterrupt as e:
+            if isinstance(e, Interrupted):
+                raise
+            raise Interrupted(self.out, self.step, self.saved_step) from None
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Let go of the run directory's lock before the Trainer is dropped (start and
+        resume take it; train releases it when it ends)."""
+        self._lock.release()
+
+    def _stop(self, plot: bool) -> None:
+        """SIGINT was received: checkpoint the step reached, unless it just was; stop."""
+        if self.saved_step != self.step:
+            self.save(None, plot=plot)
+        raise Interrupted(self.out, self.step, self.saved_step)
+
+    def _train(self, progress: bool, plot: bool, log) -> dict:
         s, cfg = self.settings, self.config
         log(self.summary())
         bar = None
@@ -259,6 +379,8 @@ class Trainer:
                 bar.update(1)
             if self.step % s.eval_interval == 0 or self.step == s.steps:
                 result = self._validate(loss, bar, log, t_start, plot)
+            if self._stop_requested:
+                self._stop(plot)
         if bar is not None:
             bar.close()
         if result is None:  # nothing left to train (resumed at the last step): still report
@@ -286,8 +408,89 @@ class Trainer:
         if final:
             result = {"step": self.step, "wall_seconds": round(time.perf_counter() - t_start, 1),
                       "val": val, "train": self.evaluate(self.train_tokens, s.eval_windows)}
-        self.save(val, result)
-        if plot:
-            plot_loss_curve(self.history, self.schedule, self.out / LOSS_CURVE_FILE,
-                            title=f"minitf {self.out.name}: {num_params(self.config):,} parameters")
+        self.save(val, result, plot=plot)
         return result
+
+
+@contextlib.contextmanager
+def _sigint_stops_at_step_end(trainer: Trainer):
+    """While training: a first SIGINT asks `trainer` to stop at the end of its step, a
+    second raises KeyboardInterrupt at once. Only the main thread can catch signals; in
+    another, SIGINT keeps Python's default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer._stop_requested:
+            raise KeyboardInterrupt
+        trainer._stop_requested = True
+        warnings.warn(f"stopping after step {trainer.step + 1} to checkpoint it; Ctrl-C again "
+                      f"stops at once (the checkpoint in {trainer.out} then stays as it is)",
+                      Stopping, stacklevel=2)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_resources(out: Path, config: GPTConfig, settings: TrainSettings) -> None:
+    """Before anything is allocated: training fits in memory, and `out` has room for one
+    more checkpoint (tensors, optimizer moments, history, side files)."""
+    itemsize = np.dtype(settings.dtype).itemsize
+    check_memory(training_bytes(config, settings.batch_size, itemsize), "training",
+                 "lower --batch-size, or the model's sizes (--d-model, --n-layer, --block-size)")
+    check_writable(out, checkpoint_bytes(config, itemsize) + SIDE_FILES_BYTES
+                   + HISTORY_BYTES_PER_STEP * settings.steps)
+
+
+def _resume_meta(ckpt) -> tuple[dict, dict]:
+    """(the first run's "args", the loss "history") of a checkpoint's meta.json, checked:
+    CheckpointError naming the file and the entry for a type that cannot be resumed from."""
+    where = ckpt.path / "meta.json"
+    args = ckpt.meta.get("args", {})
+    if not isinstance(args, dict):
+        raise CheckpointError(f'{where}: "args" must be an object, got {type(args).__name__}')
+    for key in ("steps", "decay_steps", "seed", "vocab_size"):
+        value = args.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and value >= 0):
+            raise CheckpointError(f'{where}: "args"."{key}" must be an integer >= 0 or null, '
+                                  f'got {value!r}')
+    history = ckpt.meta.get("history", {"train": [], "val": []})
+    ok = isinstance(history, dict) and set(history) == {"train", "val"} and all(
+        isinstance(rows, list) and all(
+            isinstance(r, list) and len(r) == 2 and isinstance(r[0], int)
+            and not isinstance(r[0], bool) and isinstance(r[1], (int, float))
+            and not isinstance(r[1], bool) and math.isfinite(r[1]) for r in rows)
+        for rows in history.values())
+    if not ok:
+        raise CheckpointError(f'{where}: "history" must be {{"train": [[step, loss], ...], '
+                              f'"val": [[step, loss], ...]}} with integer steps and finite losses')
+    return args, history
+
+
+def _check_required(out: Path, ckpt, first: dict, dtype: str, require: dict) -> dict:
+    """What the checkpoint fixes, {name in REQUIRABLE: value or None if unknown}; raises
+    CheckpointError naming both values for the first of `require` that it contradicts."""
+    unknown = sorted(set(require) - set(REQUIRABLE))
+    if unknown:
+        raise ValueError(f"resume: cannot require {unknown}; allowed: {', '.join(REQUIRABLE)}")
+    kind = {"CharTokenizer": "char", "BPETokenizer": "bpe"}.get(type(ckpt.tokenizer).__name__)
+    stored = {**{f: getattr(ckpt.config, f) for f in MODEL_FIELDS}, "tokenizer": kind,
+              "dtype": dtype, "seed": first.get("seed"),
+              "vocab_size": first.get("vocab_size") if kind == "bpe" else None}
+    for name, value in require.items():
+        asked = {f: getattr(PRESETS[value], f) for f in MODEL_FIELDS} if name == "preset" \
+            else {name: value}
+        for field, wanted in asked.items():
+            if wanted is None or stored[field] is None or wanted == stored[field]:
+                continue
+            flag = f"--preset {value} ({field}={wanted})" if name == "preset" else \
+                f"--{name.replace('_', '-')} {value}"
+            raise CheckpointError(
+                f"{flag} conflicts with the checkpoint in {out}, which has {field}="
+                f"{stored[field]}; resume without the flag, or start a new run with another --out")
+    return stored

@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import csv
 import gc
-import os
+import io
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
+from .fileio import write_bytes_atomic
 from .plots import plot_attention, plot_memory_log
 
 CSV_COLUMNS = ("index", "phase", "step", "op", "weights_bytes", "kv_cache_bytes",
@@ -245,10 +246,9 @@ class Recorder:
 
     def write_csv(self, path) -> Path:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(CSV_COLUMNS)
-            w.writerows(self.rows)
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(CSV_COLUMNS)
+        w.writerows(self.rows)
+        write_bytes_atomic(path, text.getvalue().encode("utf-8"))
         return path

@@ -3,6 +3,7 @@ atomic saves that survive a crash at any point."""
 
 import json
 import os
+import time
 import warnings
 
 import numpy as np
@@ -402,7 +403,10 @@ def test_crash_in_single_file_replace_keeps_old_file(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"step": 1} and os.listdir(tmp_path) == ["state.json"]
 
 
-def test_crash_between_directory_renames_recovers_from_old(saved, monkeypatch):
+def test_crash_between_directory_renames_recovers_the_newest(saved, monkeypatch):
+    """A save that fails between its two renames leaves the old checkpoint under
+    .DIR.minitf-old and the complete new one under .DIR.minitf-tmp; the next load restores
+    the newest complete one to DIR, says so, and leaves nothing else behind."""
     ckpt, params = saved
     real_replace = os.replace
 
@@ -420,12 +424,13 @@ def test_crash_between_directory_renames_recovers_from_old(saved, monkeypatch):
 
     with pytest.warns(UserWarning, match="interrupted"):
         ck = load_checkpoint(ckpt)
-    assert ck.path.name == ".ckpt.minitf-old" and np.array_equal(ck.params["wte"], params["wte"])
-    assert ck.meta == {"seed": 1337}
-
-    save_checkpoint(ckpt, new, CONFIG, char_tokenizer())  # the next save completes the swap
+    assert ck.path == ckpt and np.array_equal(ck.params["wte"], new["wte"])
+    assert ck.meta == {}
     assert sorted(os.listdir(ckpt.parent)) == ["ckpt"]
-    assert np.array_equal(load_checkpoint(ckpt).params["wte"], new["wte"])
+
+    save_checkpoint(ckpt, params, CONFIG, char_tokenizer())
+    assert sorted(os.listdir(ckpt.parent)) == ["ckpt"]
+    assert np.array_equal(load_checkpoint(ckpt).params["wte"], params["wte"])
 
 
 # ---------------------------------------------------------------------------- int8 hook
@@ -457,3 +462,117 @@ def test_layout_hook_for_quantized_tensors(tmp_path, saved):
     float_layout = {**layout(CONFIG, meta), name: ((16, 64), None)}  # int8 not declared
     with pytest.raises(CheckpointError, match="has dtype int8"):
         save_checkpoint(tmp_path / "r", params, CONFIG, char_tokenizer(), layout=float_layout)
+
+
+# ---------------------------------------------------------------------------- recovery
+
+
+def _version(path, seed, complete=True):
+    """A checkpoint of make_params(seed) at `path`; incomplete: as a save that died while
+    writing it leaves it (every file but the model, which is written last)."""
+    save_checkpoint(path, make_params(seed=seed), CONFIG, char_tokenizer(), meta={"seed": seed})
+    if not complete:
+        (path / "model.safetensors").unlink()
+
+
+@pytest.mark.parametrize("state, restored, message", [
+    # what a crash can leave: (which of .DIR.minitf-tmp, DIR, .DIR.minitf-old hold which version)
+    ({"tmp": (2, False), "dir": 1}, 1, "removed the unfinished checkpoint"),
+    ({"tmp": (2, True), "dir": 1}, 2, "restored that checkpoint"),  # killed before DIR -> old
+    ({"tmp": (2, True), "old": 1}, 2, "restored that checkpoint"),  # between the renames
+    ({"old": 1}, 1, "restored the previous checkpoint"),  # an earlier minitf deleted tmp
+    ({"dir": 2, "old": 1}, 2, None),  # killed while deleting old
+    ({"dir": 2, "old": (1, False)}, 2, None),  # ... half way through
+    ({"tmp": (2, False), "old": 1}, 1, "restored the previous checkpoint"),
+])
+def test_recovery_restores_the_newest_complete_checkpoint(tmp_path, state, restored, message):
+    ckpt = tmp_path / "ckpt"
+    names = {"tmp": tmp_path / ".ckpt.minitf-tmp", "dir": ckpt, "old": tmp_path / ".ckpt.minitf-old"}
+    for where, version in state.items():
+        seed, complete = version if isinstance(version, tuple) else (version, True)
+        _version(tmp_path / "making", seed, complete)
+        os.rename(tmp_path / "making", names[where])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ck = load_checkpoint(ckpt)
+    said = [str(w.message) for w in caught]
+    assert np.array_equal(ck.params["wte"], make_params(seed=restored)["wte"]) and ck.path == ckpt
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # every leftover resolved, no lock left
+    if message is None:
+        assert said == []
+    else:
+        assert any(message in m for m in said) and all("\n" not in m for m in said), said
+
+
+def test_recovery_without_the_lock_changes_nothing(tmp_path):
+    """While another process writes DIR (it holds the lock), a reader never moves its
+    files: between the renames it reads the previous checkpoint where it is."""
+    from minitf.rundir import DirectoryLock
+
+    _version(tmp_path / "making", 1)
+    os.rename(tmp_path / "making", tmp_path / ".ckpt.minitf-old")
+    pid = os.fork() if hasattr(os, "fork") else pytest.skip("needs os.fork")
+    if pid == 0:  # the writer: holds the lock until the reader is done
+        DirectoryLock(tmp_path / "ckpt").acquire()
+        (tmp_path / "locked").touch()
+        while not (tmp_path / "done").exists():
+            time.sleep(0.01)
+        os._exit(0)
+    while not (tmp_path / "locked").exists():
+        time.sleep(0.01)
+    try:
+        with pytest.warns(UserWarning, match="another process is saving it"):
+            ck = load_checkpoint(tmp_path / "ckpt")
+        assert ck.path.name == ".ckpt.minitf-old"
+        assert np.array_equal(ck.params["wte"], make_params(seed=1)["wte"])
+        assert (tmp_path / ".ckpt.minitf-old").is_dir() and not (tmp_path / "ckpt").exists()
+    finally:
+        (tmp_path / "done").touch()
+        os.waitpid(pid, 0)
+
+
+# ---------------------------------------------------------------------------- the seal
+
+
+def test_the_seal_lists_every_file_the_save_wrote(tmp_path):
+    from minitf.checkpoint import file_sha256, read_safetensors_header
+
+    params = make_params()
+    ckpt = tmp_path / "c"
+    save_checkpoint(ckpt, params, CONFIG, char_tokenizer(), optimizer_state(params), meta={"a": 1},
+                    extra=lambda d: (d / "report.txt").write_text("a report"))
+    (ckpt / "notes.txt").write_text("mine")  # a user's file: carried over, never sealed
+    save_checkpoint(ckpt, params, CONFIG, char_tokenizer(), optimizer_state(params), meta={"a": 2})
+    seal = json.loads(read_safetensors_header(ckpt / "model.safetensors")["__metadata__"]["files"])
+    assert sorted(seal) == ["config.json", "meta.json", "optimizer.safetensors", "report.txt",
+                            "tokenizer.json", "train_state.json"]
+    assert all(seal[name] == file_sha256(ckpt / name) for name in seal)
+    (ckpt / "notes.txt").write_text("changed: not minitf's business")
+    load_checkpoint(ckpt)
+    (ckpt / "report.txt").write_text("changed")
+    assert_error(ckpt, str(ckpt / "report.txt"), "does not match the SHA-256")
+
+
+def test_a_checkpoint_from_before_the_seal_still_loads_and_is_sealed_by_the_next_save(tmp_path):
+    """Written the way minitf wrote checkpoints before the seal: model metadata without
+    "files"; it loads as before (its tensor checksum checked), and a save seals it."""
+    ckpt = tmp_path / "old"
+    params = make_params()
+    save_checkpoint(ckpt, params, CONFIG, char_tokenizer(), meta={"seed": 1})
+    rewrite_model(ckpt, params)  # metadata without the seal
+    (ckpt / "meta.json").write_text('{"seed": 2}')  # unsealed: not checked
+    ck = load_checkpoint(ckpt)
+    assert ck.meta == {"seed": 2} and np.array_equal(ck.params["wte"], params["wte"])
+    save_checkpoint(ckpt, ck.params, ck.config, ck.tokenizer, meta=ck.meta)
+    (ckpt / "meta.json").write_text('{"seed": 3}')
+    assert_error(ckpt, "meta.json", "does not match the SHA-256")
+
+
+def test_the_shipped_model_is_sealed():
+    from minitf.checkpoint import file_sha256, read_safetensors_header
+    from minitf.engine import DEFAULT_MODEL_DIR
+
+    meta = read_safetensors_header(DEFAULT_MODEL_DIR / "model.safetensors")["__metadata__"]
+    seal = json.loads(meta["files"])
+    assert sorted(seal) == ["config.json", "meta.json", "tokenizer.json"]
+    assert all(seal[name] == file_sha256(DEFAULT_MODEL_DIR / name) for name in seal)

@@ -60,6 +60,17 @@ def test_char_unknown_characters_are_named(char_tok):
     assert msg.count("U+20AC") == 1  # each character named once
 
 
+def test_text_that_is_not_utf8_is_named_by_every_tokenizer(char_tok, bpe_tok):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (os.fsdecode of argv, a file
+    read with surrogateescape); both kinds refuse them naming the byte, never a traceback
+    from the tokenizers library."""
+    text = os.fsdecode(b"Thou art \xff")  # 'Thou art \udcff'
+    for tok in (char_tok, bpe_tok):
+        with pytest.raises(TokenizerError, match=r"U\+DCFF \(the byte 0xFF, which is not UTF-8\)"):
+            tok.encode(text)
+    assert bpe_tok.decode(bpe_tok.encode("Thou art ÿ")) == "Thou art ÿ"  # the character is fine
+
+
 def test_char_empty_and_types(char_tok):
     assert char_tok.encode("").dtype == np.int32 and char_tok.encode("").size == 0
     assert char_tok.decode([]) == ""
