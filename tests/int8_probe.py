@@ -23,7 +23,8 @@ PORTABLE_ARGS = ["-O3"] + (["-march=x86-64"] if platform.machine() in ("x86_64",
 
 def build_extension(build_dir: Path, source: Path, name: str, extra_compile_args: list[str]):
     """Compile the Cython file `source` as module `name` in build_dir (reused while the
-    source, the header and the flags are unchanged) and import it."""
+    source, the header and the flags are unchanged) and import it. kernels/ is on both
+    the C and the Cython include path."""
     import numpy
     from Cython.Build import cythonize
     from setuptools import Extension
@@ -38,7 +39,7 @@ def build_extension(build_dir: Path, source: Path, name: str, extra_compile_args
     ext = Extension(name, [str(pyx)], include_dirs=[str(KERNELS), numpy.get_include()],
                     depends=[str(KERNELS / "int8_tile.h")], extra_compile_args=extra_compile_args,
                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
-    dist = Distribution({"ext_modules": cythonize([ext], quiet=True, build_dir=str(build_dir),
+    dist = Distribution({"ext_modules": cythonize([ext], quiet=True, build_dir=str(build_dir), include_path=[str(KERNELS)],
                                                   compiler_directives={"language_level": "3"})})
     cmd = dist.get_command_obj("build_ext")
     flags = hashlib.sha1(" ".join(extra_compile_args).encode()).hexdigest()[:12]
