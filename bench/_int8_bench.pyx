@@ -11,17 +11,9 @@ The fused module's own loops are included as they are (`_matmul_row`,
 
 include "_cython_fused.pyx"
 
-from minitf.kernels import _isa
+include "int8_tile.pxi"
 
-cdef extern from "int8_tile.h":
-    ctypedef void (*minitf_int8_tile_fn)(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq,
-                                         Py_ssize_t x_stride, const int8_t* wp,
-                                         const int32_t* wsum, Py_ssize_t groups,
-                                         int rows) noexcept nogil
-    minitf_int8_tile_fn minitf_int8_tile_variant(int isa) noexcept nogil
-    int minitf_isa_status(int isa) noexcept nogil
-
-RUNS = {name: minitf_isa_status(i) == 0 for i, name in enumerate(_isa.VARIANTS)}
+RUNS = {name: why is None for name, why in int8_variant_status().items()}
 OLD_TILE_HAS_VNNI = HAS_VNNI  # today's minitf_int8_tile: VNNI if compiled for it, else loops
 
 

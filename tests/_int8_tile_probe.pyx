@@ -4,43 +4,15 @@
 tests/int8_probe.py (not by setup.py) until the fused modules include the header.
 
 It chooses its variant at import as a fused module would (`INT8_ISA`, from $MINITF_ISA
-through kernels/_isa.py), and runs any variant by name for the tests and bench/int8_tiles.py.
+through kernels/_isa.py), and runs any variant by name for the tests.
 """
 
-from libc.stdint cimport int8_t, int32_t
-
-from minitf.kernels import _isa
-
-cdef extern from "int8_tile.h":
-    ctypedef void (*minitf_int8_tile_fn)(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq,
-                                         Py_ssize_t x_stride, const int8_t* wp,
-                                         const int32_t* wsum, Py_ssize_t groups,
-                                         int rows) noexcept nogil
-    minitf_int8_tile_fn minitf_int8_tile_variant(int isa) noexcept nogil
-    int minitf_isa_status(int isa) noexcept nogil
-    int MINITF_ISA_OK, MINITF_ISA_NOT_BUILT, MINITF_TILE
+include "int8_tile.pxi"
 
 cdef enum:
     TILE = 64  # MINITF_TILE: outputs per tile
 
-
-
-def variant_status():
-    """{variant: None if it runs here, else why not}, for every name of _isa.VARIANTS."""
-    status = {}
-    for isa, name in enumerate(_isa.VARIANTS):
-        code = minitf_isa_status(isa)
-        if code == MINITF_ISA_OK:
-            status[name] = None
-        elif code == MINITF_ISA_NOT_BUILT:
-            status[name] = "not built for this architecture or compiler"
-        else:
-            status[name] = (f"this CPU (or its operating system) lacks "
-                            f"{' and '.join(_isa.NEEDS[name])}")
-    return status
-
-
-INT8_STATUS = variant_status()
+INT8_STATUS = int8_variant_status()
 INT8_ISA = _isa.choose_variant(INT8_STATUS, "cython")
 
 

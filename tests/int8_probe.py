@@ -37,7 +37,7 @@ def build_extension(build_dir: Path, source: Path, name: str, extra_compile_args
     if not pyx.is_file() or pyx.read_text() != text:
         pyx.write_text(text)
     ext = Extension(name, [str(pyx)], include_dirs=[str(KERNELS), numpy.get_include()],
-                    depends=[str(KERNELS / "int8_tile.h")], extra_compile_args=extra_compile_args,
+                    depends=[str(KERNELS / "int8_tile.h"), str(KERNELS / "int8_tile.pxi")], extra_compile_args=extra_compile_args,
                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
     dist = Distribution({"ext_modules": cythonize([ext], quiet=True, build_dir=str(build_dir), include_path=[str(KERNELS)],
                                                   compiler_directives={"language_level": "3"})})
