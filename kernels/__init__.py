@@ -177,3 +177,46 @@ def fused_kernels(name: str):
         raise BackendError(f"the fused kernels of backend {name!r} cannot load: "
                            f"{_why_not(name, exc)}. Fix: {_FIXES[name]}") from exc
     return module.FUSED if name == "cython" else module
+
+
+# ------------------------------------------------------------------ what runs here ------
+
+
+def _blas() -> str:
+    """The BLAS library numpy calls (threadpoolctl's view): name, version, kernel, threads."""
+    from threadpoolctl import threadpool_info  # a dependency; loaded only for the report
+
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} "
+                     f"kernels, {i.get('num_threads')} threads)" for i in libs) or "unknown"
+
+
+def describe(name: str) -> str:
+    """One line: what backend `name` runs on this CPU and why, or why it cannot load.
+
+    numpy: numpy's BLAS; numba: the CPU numba compiles for and its int8 tile variant; cython:
+    the build pair imported (and its flags) and its int8 tile variant. The choices are
+    kernels/_isa.py's (MINITF_ISA forces the int8 variant).
+    """
+    why_not = available_backends()[name]
+    if why_not is not None:
+        return f"{name}: cannot load: {why_not}"
+    if name == "numpy":
+        return f"numpy: the reference (numpy_ref); BLAS {_blas()}"
+    if name == "numba":
+        tile = _import("numba_int8_tile")
+        return (f"numba: loops compiled for {tile.CPU_NAME} by LLVM; int8 tile {tile.INT8_ISA} "
+                f"({_isa.why_chosen(tile.INT8_STATUS)})")
+    ck = _import("cython_kernels")
+    flags = build_info().get("builds", {}).get(ck.BUILD, {}).get("flags", "flags not recorded")
+    return (f"cython: build {ck.BUILD} ({ck.WHY}; {flags}); int8 tile {ck.FUSED.INT8_ISA} "
+            f"({_isa.why_chosen(ck.FUSED.INT8_STATUS)})")
+
+
+def report() -> str:
+    """Every backend's `describe` line, then what "auto" picks (python -m minitf.kernels)."""
+    lines = [describe(name) for name in BACKENDS]
+    status = available_backends()
+    auto = next((n for n in AUTO_ORDER if status[n] is None), None)
+    lines.append(f"auto: {auto} (the first of {', '.join(AUTO_ORDER)} that loads)")
+    return "\n".join(lines)

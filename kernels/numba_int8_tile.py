@@ -239,6 +239,7 @@ def _avx2_tile(acc, a_off, a_stride, xq, x_stride, wp, w_off, wsum, s_off, group
         _avx2_row(acc, a_off + r * a_stride, xq, r * x_stride, wp, w_off, groups)
 
 
+CPU_NAME = numba.config.CPU_NAME or binding.get_host_cpu_name()  # what numba compiles for
 TILES = {"portable": _portable_tile, "avx2": _avx2_tile, "avx512vnni": _vnni_tile}
 INT8_STATUS = variant_status()  # {variant: None, or why it cannot run here}
 INT8_ISA = _isa.choose_variant(INT8_STATUS, "numba")  # the variant int8_tile runs

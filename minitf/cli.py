@@ -61,7 +61,8 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None,
-        help="BLAS and numba threads (default: 1 for generate, the libraries' own default elsewhere)",
+        help="BLAS threads (minitf's own kernels are serial) (default: 1 for generate, the "
+             "BLAS library's own default elsewhere)",
     )
 
 
