@@ -97,6 +97,8 @@ def _load(name: str) -> Backend:
     """The Backend of `name`; raise BackendError with the reason and the fix."""
     module = _MODULES[name]
     try:
+        if name != "numpy":
+            _isa.requested()  # a bad MINITF_ISA fails here, before any kernel is chosen
         if module not in _instances:
             _instances[module] = Backend(name, _import(module).LOOPS)
         return _instances[module]
