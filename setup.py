@@ -175,6 +175,11 @@ except (CCompilerError, OSError) as exc:
           "`pip install .`", file=sys.stderr)
     BUILDS, INFO = {}, {"cython": f"not built at install: {exc}", "builds": {}}
 
-# Without a compiler, one placeholder keeps build_ext running, to write the record.
+# Without a compiler, one placeholder keeps build_ext running, to write the record. The
+# build directory and the egg-info are temporary (unless given on the command line), so a
+# build leaves nothing in the source tree.
+scratch = tempfile.mkdtemp(prefix="minitf-build-")
 setup(ext_modules=kernel_extensions(BUILDS) or [Extension("minitf.kernels._none", [])],
-      cmdclass={"build_ext": BuildKernels})
+      cmdclass={"build_ext": BuildKernels},
+      options={"build": {"build_base": os.path.join(scratch, "build")},
+               "egg_info": {"egg_base": scratch}})
