@@ -8,6 +8,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     full.update(env)
     full["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), full.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=tempfile.gettempdir())  # the installed minitf
 
 
 def test_minitf_isa_forces_the_portable_variant_in_both_backends():
