@@ -81,8 +81,8 @@ class Compiler:
             try:
                 self.cc.compile([str(src)], output_dir=tmp, extra_postargs=[*args, "-Werror"],
                                 include_dirs=[sysconfig.get_paths()["include"]])
-            except (CCompilerError, OSError):
-                return False
+            except Exception:  # a probe: any failure means no (distutils' own error classes
+                return False   # differ between setuptools versions)
         return True
 
     def target(self) -> str:

@@ -54,7 +54,8 @@ FUSED_MODULES = {"numba": "numba_fused", "cython": "cython_kernels"}
 _FIXES = {
     "numpy": "reinstall minitf and numpy with `pip install .`",
     "numba": "install numba with `pip install numba` (or reinstall with `pip install .`)",
-    "cython": "install a C compiler (e.g. `apt-get install gcc`) and reinstall with "
+    "cython": "install a C compiler and the Python headers (e.g. `apt-get install gcc "
+    "python3-dev`) and reinstall with "
     "`pip install .` to build the Cython extension (in a source checkout: `pip install -e .`)",
 }
 # what setup.py built, with which flags, or why it did not (written at install time)
