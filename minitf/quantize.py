@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path.cwd() / f"{model_dir.resolve().name}-int8"
     quant = Quantization(args.scope, args.mode)
     try:
-        set_threads(args.threads)
+        set_threads(args.threads if args.threads is not None else 1)  # as generate: see cli.py
         if is_hf_directory(model_dir):  # the size report reads minitf's model.safetensors
             raise ValueError(f"{model_dir} is a transformers directory; convert it first: "
                              f"python -m minitf.convert --from-hf {model_dir} --out DIR")
