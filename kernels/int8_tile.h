@@ -232,14 +232,19 @@ static inline int minitf_isa_status(int isa) {
 }
 
 /* 1 if this CPU (and its operating system) runs code built with -march=x86-64-v3: AVX2,
-   FMA, BMI1/2 and F16C (the names both gcc and clang check; every CPU that has these also
-   has v3's LZCNT and MOVBE). setup.py's second build of the Cython modules needs it. */
+   FMA, BMI1/2, and with gcc also F16C, MOVBE and LZCNT (clang 14 cannot ask for those three;
+   every CPU with AVX2, FMA and BMI2 has them). setup.py's second build of the Cython modules
+   needs it. */
 static inline int minitf_cpu_runs_x86_64_v3(void) {
 #if MINITF_X86
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
            && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")
-           && __builtin_cpu_supports("f16c");
+#if !defined(__clang__)
+           && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("movbe")
+           && __builtin_cpu_supports("lzcnt")
+#endif
+           ;
 #else
     return 0;
 #endif
