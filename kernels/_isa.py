@@ -32,7 +32,7 @@ ENV_VAR = "MINITF_ISA"
 VARIANTS = ("portable", "avx2", "avx512vnni")
 # the CPU features (LLVM's and gcc's names) each variant needs
 NEEDS = {"portable": (), "avx2": ("avx2",), "avx512vnni": ("avx512f", "avx512vnni")}
-# the Cython builds: module-name suffix -> what setup.py compiles it for
+# the module-name suffix of the Cython pair built for x86-64-v3 (setup.py X86_BUILDS)
 V3_SUFFIX = "_v3"
 
 
