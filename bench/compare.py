@@ -40,15 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # measure this checkout (build the extensions in place first)
-
-from minitf.config import GPTConfig  # noqa: E402
-from minitf.engine import DEFAULT_MODEL_DIR, Engine  # noqa: E402
-from minitf.hf import config_to_hf, params_to_hf  # noqa: E402
-from minitf.kernels import BACKENDS  # noqa: E402
-from minitf.quantization import quantize_model  # noqa: E402
-from minitf.threads import set_threads  # noqa: E402
+# measures the installed minitf (a checkout: `pip install -e .`); `python -m minitf.kernels`
+# and the header below say which build and int8 variant each backend runs
+from minitf.config import GPTConfig
+from minitf.engine import DEFAULT_MODEL_DIR, Engine
+from minitf.hf import config_to_hf, params_to_hf
+from minitf.kernels import BACKENDS, describe
+from minitf.quantization import quantize_model
+from minitf.threads import set_threads
 
 PROMPT, NEW, PREFILL = 16, 112, 128
 TRAIN_BATCH = 32
@@ -452,6 +451,7 @@ def main(argv=None) -> int:
     prompt_128 = [int(t) for t in rng.integers(0, config.vocab_size, size=PREFILL)]
     print(f"minitf side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}")
     print(f"{', '.join(versions)}; {args.threads} thread(s) for decode and prefill")
+    print("kernels:", *(describe(name) for name in BACKENDS), sep="\n  ")
     print(f"model: {source}: vocab {config.vocab_size}, d_model {config.d_model}, "
           f"{config.n_layer} layers, {config.n_head} heads, context {config.block_size}")
     print(f"workload: batch 1, {PROMPT}-token prompt + {NEW} new tokens; prefill {PREFILL} tokens; "

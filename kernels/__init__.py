@@ -16,14 +16,20 @@ softmax, layernorm, gelu, attention), over that backend's loops:
 numba and cython also have a fused path (`fused_kernels`): a whole decode step in one
 compiled call, on weights packed by `layout`. A backend that was asked for but cannot load
 raises BackendError; nothing falls back silently to another backend.
+
+Which compiled variant runs on this CPU (the Cython build, the int8 tile: kernels/_isa.py)
+is reported by `describe()`; `python -m minitf.kernels` prints it.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
+from pathlib import Path
 
+from . import _isa
 from ._checks import INT8_MODES  # noqa: F401 (re-exported: the modes of matmul_int8)
 from .backend import Backend
 
@@ -43,13 +49,17 @@ ENV_VAR = "MINITF_BACKEND"
 
 # the module holding each backend's loops (its LOOPS class), and its fused kernels
 _MODULES = {"numpy": "numpy_loops", "numba": "numba_kernels", "cython": "cython_kernels"}
-FUSED_MODULES = {"numba": "numba_fused", "cython": "_cython_fused"}
+# the module of each fused path (cython: the one cython_kernels picked, its FUSED)
+FUSED_MODULES = {"numba": "numba_fused", "cython": "cython_kernels"}
 _FIXES = {
     "numpy": "reinstall minitf and numpy with `pip install .`",
     "numba": "install numba with `pip install numba` (or reinstall with `pip install .`)",
-    "cython": "reinstall with `pip install .` to build the Cython extension "
-    "(in a source checkout: `python setup.py build_ext --inplace`)",
+    "cython": "install a C compiler and the Python headers (e.g. `apt-get install gcc "
+    "python3-dev`) and reinstall with "
+    "`pip install .` to build the Cython extension (in a source checkout: `pip install -e .`)",
 }
+# what setup.py built, with which flags, or why it did not (written at install time)
+BUILD_INFO = Path(__file__).with_name("_build.json")
 
 
 class BackendError(ValueError):
@@ -67,16 +77,37 @@ def _import(module: str):
     return importlib.import_module(f"{__name__}.{module}")
 
 
+def build_info() -> dict:
+    """setup.py's record of the Cython build: {"cython": None or why it was not built,
+    "builds": {name: {"modules": [...], "flags": "..."}}}; {} if there is none."""
+    try:
+        return json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _why_not(name: str, exc: Exception) -> str:
+    """The reason backend `name` cannot load: the install's record for an unbuilt Cython
+    extension, else the exception."""
+    if name == "cython" and isinstance(exc, ImportError) and build_info().get("cython"):
+        return f"the Cython extension was {build_info()['cython']}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _load(name: str) -> Backend:
     """The Backend of `name`; raise BackendError with the reason and the fix."""
     module = _MODULES[name]
     try:
+        if name != "numpy":
+            _isa.requested()  # a bad MINITF_ISA fails here, before any kernel is chosen
         if module not in _instances:
             _instances[module] = Backend(name, _import(module).LOOPS)
         return _instances[module]
+    except _isa.ISAError as exc:  # MINITF_ISA asks for what cannot run here
+        raise BackendError(f"kernel backend {name!r} cannot load: {exc}") from exc
     except ImportError as exc:  # a missing package or an unbuilt/broken extension
         raise BackendError(
-            f"kernel backend {name!r} cannot load: {type(exc).__name__}: {exc}. "
+            f"kernel backend {name!r} cannot load: {_why_not(name, exc)}. "
             f"Fix: {_FIXES[name]}. Allowed backends: {', '.join(BACKENDS)} or 'auto'; "
             f"available here: {_available_names()}"
         ) from exc
@@ -93,8 +124,8 @@ def available_backends() -> dict[str, str | None]:
         try:
             _import(_MODULES[name])
             status[name] = None
-        except ImportError as exc:
-            status[name] = f"{type(exc).__name__}: {exc}"
+        except (ImportError, _isa.ISAError) as exc:
+            status[name] = _why_not(name, exc)
     return status
 
 
@@ -144,7 +175,51 @@ def fused_kernels(name: str):
         raise BackendError(f"backend {name!r} has no fused path; backends with one: "
                            f"{', '.join(FUSED_MODULES)}")
     try:
-        return _import(FUSED_MODULES[name])
-    except ImportError as exc:
+        module = _import(FUSED_MODULES[name])
+    except (ImportError, _isa.ISAError) as exc:
         raise BackendError(f"the fused kernels of backend {name!r} cannot load: "
-                           f"{type(exc).__name__}: {exc}. Fix: {_FIXES[name]}") from exc
+                           f"{_why_not(name, exc)}. Fix: {_FIXES[name]}") from exc
+    return module.FUSED if name == "cython" else module
+
+
+# ------------------------------------------------------------------ what runs here ------
+
+
+def _blas() -> str:
+    """The BLAS library numpy calls (threadpoolctl's view): name, version, kernel, threads."""
+    from threadpoolctl import threadpool_info  # a dependency; loaded only for the report
+
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} "
+                     f"kernels, {i.get('num_threads')} threads)" for i in libs) or "unknown"
+
+
+def describe(name: str) -> str:
+    """One line: what backend `name` runs on this CPU and why, or why it cannot load.
+
+    numpy: numpy's BLAS; numba: the CPU numba compiles for and its int8 tile variant; cython:
+    the build pair imported (and its flags) and its int8 tile variant. The choices are
+    kernels/_isa.py's (MINITF_ISA forces the int8 variant).
+    """
+    why_not = available_backends()[name]
+    if why_not is not None:
+        return f"{name}: cannot load: {why_not}"
+    if name == "numpy":
+        return f"numpy: the reference (numpy_ref); BLAS {_blas()}"
+    if name == "numba":
+        tile = _import("numba_int8_tile")
+        return (f"numba: loops compiled for {tile.CPU_NAME} by LLVM; int8 tile {tile.INT8_ISA} "
+                f"({_isa.why_chosen(tile.INT8_STATUS)})")
+    ck = _import("cython_kernels")
+    flags = build_info().get("builds", {}).get(ck.BUILD, {}).get("flags", "flags not recorded")
+    return (f"cython: build {ck.BUILD} ({ck.WHY}; {flags}); int8 tile {ck.FUSED.INT8_ISA} "
+            f"({_isa.why_chosen(ck.FUSED.INT8_STATUS)})")
+
+
+def report() -> str:
+    """Every backend's `describe` line, then what "auto" picks (python -m minitf.kernels)."""
+    lines = [describe(name) for name in BACKENDS]
+    status = available_backends()
+    auto = next((n for n in AUTO_ORDER if status[n] is None), None)
+    lines.append(f"auto: {auto} (the first of {', '.join(AUTO_ORDER)} that loads)")
+    return "\n".join(lines)

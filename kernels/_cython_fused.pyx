@@ -16,16 +16,17 @@ Numerics, stage by stage:
   attention, GELU, float matmuls, the quantizer) are the loops of `_cython_loops.pxi`, the
   ones the unfused backend runs, compiled with the same flags (`exact`): a 1-ulp difference
   there can flip an int8 activation and move the logits by up to 0.05;
-- int8 x int8 sums run the int8 tile of int8_tile.h (AVX-512 VNNI `vpdpbusd` where the
-  build has it) on the tiles of `layout.pack_vnni`, exact in any order, then the unfused
-  epilogue;
+- int8 x int8 sums run the int8 tile of int8_tile.h on the tiles of `layout.pack_vnni`, in
+  the variant `INT8_ISA` chosen at import (AVX-512 VNNI, AVX2 or portable: the fastest this
+  CPU runs, unless $MINITF_ISA forces one; kernels/_isa.py), exact in any order, then the
+  unfused epilogue;
 - float32 and weight-only models run attention on a transposed copy of the KV cache
   (`_attention_t`) and GELU with a vectorized exp, within 1e-5 of the unfused path.
 """
 
 from libc.stdint cimport int64_t
 
-from minitf.kernels import layout as _layout
+from minitf.kernels import _isa, layout as _layout
 
 include "_cython_loops.pxi"  # the unfused backend's loops
 
@@ -54,25 +55,82 @@ cdef Py_ssize_t TILE_K = _layout.TILE_K, TILE_M = _layout.TILE_M
 # ------------------------------------------------------------------------ int8 tile -----
 
 cdef extern from "int8_tile.h":
-    int MINITF_HAS_VNNI, MINITF_TILE_K, MINITF_TILE_M
-    void minitf_int8_tile(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq,
-                          Py_ssize_t x_stride, const int8_t* wp, Py_ssize_t groups,
-                          int rows) noexcept nogil
+    int MINITF_TILE_K, MINITF_TILE_M
+    # acc (rows, 64 at a_stride) = exact int32 xq (rows, 4 groups at x_stride) @ one tile
+    ctypedef void (*minitf_int8_tile_fn)(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq,
+                                         Py_ssize_t x_stride, const int8_t* wp,
+                                         const int32_t* wsum, Py_ssize_t groups,
+                                         int rows) noexcept nogil
+    minitf_int8_tile_fn minitf_int8_tile_variant(int isa) noexcept nogil
+    int minitf_isa_status(int isa) noexcept nogil
+    int minitf_cpu_runs_x86_64_v3() noexcept nogil
+    int MINITF_ISA_OK, MINITF_ISA_NOT_BUILT
+
+cdef extern from *:
+    """
+    #ifndef MINITF_BUILD
+    #define MINITF_BUILD "unknown"  /* setup.py names the build: x86-64, x86-64-v3, native, ... */
+    #endif
+    """
+    const char* MINITF_BUILD
 
 if (MINITF_TILE_K, MINITF_TILE_M) != (TILE_K, TILE_M):  # the tile kernel is written for one shape
     raise ImportError(f"int8_tile.h computes {MINITF_TILE_K} x {MINITF_TILE_M} tiles, "
                       f"layout.py packs {TILE_K} x {TILE_M}: rebuild with matching sources")
-HAS_VNNI = bool(MINITF_HAS_VNNI)
+
+
+def _int8_variant_status():
+    """{variant: None if it runs here, else why not}, for every name of _isa.VARIANTS."""
+    status = {}
+    for isa, name in enumerate(_isa.VARIANTS):
+        code = minitf_isa_status(isa)
+        if code == MINITF_ISA_OK:
+            status[name] = None
+        elif code == MINITF_ISA_NOT_BUILT:
+            status[name] = "not built for this architecture or compiler"
+        else:
+            status[name] = _isa.lacks(name)
+    return status
+
+
+BUILD = MINITF_BUILD.decode()  # the target this module was compiled for (setup.py)
+CPU_RUNS_X86_64_V3 = bool(minitf_cpu_runs_x86_64_v3())  # may the x86-64-v3 build run here?
+INT8_STATUS = _int8_variant_status()  # {variant: None, or why it cannot run here}
+INT8_ISA = _isa.choose_variant(INT8_STATUS, "cython")  # the variant the fused path runs
+cdef minitf_int8_tile_fn _int8_tile = minitf_int8_tile_variant(_isa.VARIANTS.index(INT8_ISA))
+
+
+def int8_matmul_acc(str variant, int32_t[:, ::1] acc, const int8_t[:, ::1] xq,
+                    const int8_t[::1] wp, const int32_t[::1] wsum):
+    """acc (N, Mp) int32 = xq (N, Kp) int8 @ the tiles wp (layout.pack_vnni, column sums
+    wsum (Mp,)), exact, with the tile variant `variant` (a name of INT8_STATUS that runs
+    here), 4 rows per pass over the weights then single rows, as linear_w8a8_rows runs
+    them. For the tests, which run every variant against numpy_ref.matmul_int8_acc.
+
+    Raises:
+        ValueError: the variant does not run here, or the shapes do not fit.
+    """
+    if INT8_STATUS.get(variant, "unknown") is not None:
+        raise ValueError(f"int8 tile variant {variant!r} does not run here: "
+                         f"{INT8_STATUS.get(variant, 'unknown')}")
+    cdef minitf_int8_tile_fn tile = minitf_int8_tile_variant(_isa.VARIANTS.index(variant))
+    cdef Py_ssize_t N = xq.shape[0], Kp = xq.shape[1], Mp = wsum.shape[0]
+    cdef Py_ssize_t groups = Kp // TILE_K, n = 0, t
+    cdef int rows
+    if (acc.shape[0] != N or acc.shape[1] != Mp or wp.shape[0] != Kp * Mp or Kp % TILE_K
+            or Mp % TILE_M):
+        raise ValueError(f"int8_matmul_acc: acc ({acc.shape[0]}, {acc.shape[1]}), xq ({N}, {Kp}), "
+                         f"wp ({wp.shape[0]},), wsum ({Mp},) do not fit one packed matmul")
+    with nogil:
+        while n < N:
+            rows = 4 if n + 4 <= N else 1
+            for t in range(Mp // TILE_M):
+                tile(&acc[n, t * TILE_M], Mp, &xq[n, 0], Kp, &wp[t * groups * TILE_K * TILE_M],
+                     &wsum[t * TILE_M], groups, rows)
+            n += rows
 
 
 # ----------------------------------------------------------------------- linear layers ---
-
-
-cdef inline void _unsign(int32_t* acc, const int32_t* wsum, Py_ssize_t Mn) noexcept nogil:
-    """acc -= 128 * wsum: the tile summed (xq + 128) * w, this leaves xq * w."""
-    cdef Py_ssize_t m
-    for m in range(Mn):
-        acc[m] -= 128 * wsum[m]
 
 
 cdef void _linear_w8a8_row(float* y, int8_t* xq, int32_t* acc, const float* x,
@@ -84,9 +142,8 @@ cdef void _linear_w8a8_row(float* y, int8_t* xq, int32_t* acc, const float* x,
     cdef Py_ssize_t groups = (Kn + TILE_K - 1) // TILE_K, tile
     cdef float s = _quantize_row(xq, x, Kn)  # padded k rows hold zero weights: xq ignored
     for tile in range(Mp // TILE_M):
-        minitf_int8_tile(acc + tile * TILE_M, 0, xq, 0, wp + tile * groups * TILE_K * TILE_M,
-                         groups, 1)
-    _unsign(acc, wsum, Mn)
+        _int8_tile(acc + tile * TILE_M, 0, xq, 0, wp + tile * groups * TILE_K * TILE_M,
+                   wsum + tile * TILE_M, groups, 1)
     _w8a8_epilogue(y, acc, s, w_scale, bias, Mn)
 
 
@@ -362,10 +419,9 @@ def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[
         while n < N:
             rows = 4 if n + 4 <= N else 1
             for tile in range(Mp // TILE_M):
-                minitf_int8_tile(&acc[tile * TILE_M], Mp, &xq[n, 0], Kp,
-                                 &wp[tile * groups * TILE_K * TILE_M], groups, rows)
+                _int8_tile(&acc[tile * TILE_M], Mp, &xq[n, 0], Kp,
+                           &wp[tile * groups * TILE_K * TILE_M], &wsum[tile * TILE_M], groups, rows)
             for r in range(rows):
-                _unsign(&acc[r * Mp], &wsum[0], Mn)
                 _w8a8_epilogue(&y[n + r, 0], &acc[r * Mp], sx[n + r], &w_scale[0], &bias[0], Mn)
             n += rows
 

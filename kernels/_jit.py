@@ -18,9 +18,17 @@ recompile it. After such a change, clear kernels/__pycache__.
 
 `NUMBA_DISABLE_JIT=1` turns every kernel into plain Python (slow, but debuggable and
 still correct): nothing in `numba_kernels` may depend on being compiled.
+
+The first run after an install (or a change of source, CPU or numba) compiles the kernels
+it calls, several seconds in all; it says so once on standard error ("compiling kernels,
+first run only"), so that a silent pause is not taken for a hang. Loads from the on-disk
+cache say nothing.
 """
 
+import sys
+
 import numba
+from numba.core import event
 
 JIT_OPTIONS = dict(
     cache=True,  # compiled code is kept in __pycache__: later processes start fast
@@ -34,3 +42,23 @@ JIT_OPTIONS = dict(
 def njit(fn):
     """`numba.njit` with JIT_OPTIONS."""
     return numba.njit(**JIT_OPTIONS)(fn)
+
+
+class _FirstCompile(event.Listener):
+    """Prints one line on standard error when numba first compiles (rather than loads from
+    its cache) a minitf kernel in this process."""
+
+    said = False
+
+    def on_start(self, ev):
+        dispatcher = ev.data["dispatcher"]
+        module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
+        if not self.said and module.startswith("minitf."):
+            self.said = True
+            print("compiling kernels, first run only", file=sys.stderr, flush=True)
+
+    def on_end(self, ev):
+        pass
+
+
+event.register("numba:compile", _FirstCompile())

@@ -2,18 +2,35 @@
 
 The checked public functions are `backend.Backend`'s (`get_backend("cython")`). The loops
 are the entry points of `_cython_kernels`, compiled ahead of time by `pip install .` (or
-`python setup.py build_ext --inplace` in a checkout). They come in a `_f32` and a `_f64`
-version where both dtypes are supported, and the functions here pick one by dtype (cheaper
-than Cython's fused-type dispatch on every call). If the extension is missing, importing
-this module fails with ImportError, which `minitf.kernels.get_backend` turns into a
-BackendError that says how to build it. There is no pure-Python fallback.
+`pip install -e .` in a checkout). They come in a `_f32` and a `_f64` version where both
+dtypes are supported, and the functions here pick one by dtype (cheaper than Cython's
+fused-type dispatch on every call). If the extension is missing, importing this module
+fails with ImportError, which `minitf.kernels.get_backend` turns into a BackendError that
+says why and how to build it. There is no pure-Python fallback.
+
+Builds. On x86-64 the extension modules exist twice (setup.py): the baseline pair
+`_cython_kernels` / `_cython_fused`, which runs on every x86-64 CPU, and the x86-64-v3 pair
+`_cython_kernels_v3` / `_cython_fused_v3`. The baseline fused module, safe to import
+anywhere, tells whether this CPU runs v3 code; `_isa.cython_suffix` picks the pair, and
+both modules of the chosen pair are used together (`FUSED` is the fused path's module),
+so the fused path rounds exactly as these loops do.
 """
 
 from __future__ import annotations
 
-from . import _cython_kernels as _ck
+import importlib
+import importlib.util
+
+from . import _cython_fused as _baseline  # any CPU of the architecture runs it
+from . import _isa
 from ._checks import F32
 from .numpy_loops import ReferenceLoops
+
+_HAS_V3 = importlib.util.find_spec(f"{__package__}._cython_kernels{_isa.V3_SUFFIX}") is not None
+SUFFIX, WHY = _isa.cython_suffix(_baseline.CPU_RUNS_X86_64_V3, _HAS_V3)  # the pair, and why
+_ck = importlib.import_module(f"{__package__}._cython_kernels{SUFFIX}")
+FUSED = importlib.import_module(f"{__package__}._cython_fused{SUFFIX}")  # the fused path
+BUILD = FUSED.BUILD  # what the pair was compiled for: x86-64, x86-64-v3, native, aarch64
 
 
 def _matmul(y, x, w, bias):

@@ -74,7 +74,13 @@ def pack_vnni(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     of each output side by side, the operand layout of vpdpbusd. K and M are padded with zero
     weights up to Kp = 4 * ceil(K / 4) and Mp = 64 * ceil(M / 64). The column sums undo the
     +128 that makes activations unsigned: sum_k (xq + 128) w = sum_k xq w + 128 sum_k w.
+
+    Raises:
+        ValueError: a weight is -128, outside the quantizer's [-127, 127], which the AVX2
+            and portable tiles cannot multiply exactly (int8_tile.h).
     """
+    if wq.size and int(wq.min()) < -127:
+        raise ValueError("int8 weights must be in [-127, 127] (the quantizer's range), got -128")
     K_, M_ = wq.shape
     Kp, Mp = padded(K_, TILE_K), padded(M_, TILE_M)
     w = np.zeros((Kp, Mp), np.int8)

@@ -20,8 +20,9 @@ any order. Float32 and weight-only models have no such cliff: attention runs alo
 of a transposed copy of the cache (`_attention_t`) and GELU uses a vectorized exp
 (`_gelu_fast`), within 1e-5.
 
-int8 x int8 sums: `numba_int8_tile.int8_tile` (AVX-512 VNNI where the CPU has it) on the
-tiles of `layout.pack_vnni`, then the unfused kernels' epilogue.
+int8 x int8 sums: `numba_int8_tile.int8_tile` on the tiles of `layout.pack_vnni`, in the
+variant `INT8_ISA` (AVX-512 VNNI, AVX2 or portable: the fastest the CPU runs, unless
+$MINITF_ISA forces one), exact, then the unfused kernels' epilogue.
 """
 
 from __future__ import annotations
@@ -36,22 +37,15 @@ from .layout import (ATTN_PROJ, B, C_ATTN, C_FC, DIM_BP, DIM_C, DIM_FF, DIM_L, D
                      ROW_DIMS, ROW_LNF, ROW_SCRATCH, ROW_WPE, ROW_WTE, ROWS_PER_LAYER, S,
                      SF_A, SF_ATT, SF_F, SF_G, SF_H, SF_QKV, SF_S64, SF_X, SI_ACC, SI_EX,
                      SI_STATE, SI_XQ, SUM, TILE_K, TILE_M, K, M, P, Q, W)
-from .numba_int8_tile import HAS_VNNI, int8_tile
+from .numba_int8_tile import INT8_ISA, int8_tile
 from .numba_kernels import (_attention, _gelu, _layernorm, _matmul_int8_row, _matmul_nt_row,
                             _matmul_row, _quantize_row, _w8a8_epilogue)
 
-__all__ = ["HAS_VNNI", "Decoder", "decode_step", "linear_w8a8_rows", "causal_softmax_rows",
+__all__ = ["INT8_ISA", "Decoder", "decode_step", "linear_w8a8_rows", "causal_softmax_rows",
            "gelu_fast_rows"]
 
 
 # ----------------------------------------------------------------------- linear layers ---
-
-
-@njit
-def _unsign(acc, wsum, Mn):
-    """acc[:Mn] -= 128 * wsum[:Mn]: the tile summed (xq + 128) * w, this leaves xq * w."""
-    for m in range(Mn):
-        acc[m] -= 128 * wsum[m]
 
 
 @njit
@@ -61,12 +55,12 @@ def _linear_w8a8_row(y, xq, acc, x, wp, wsum, w_scale, bias):
 
     Scratch xq (>= Kp,) int8 and acc (>= Mp,) int32; wsum (Mp,) int32 = column sums of w.
     """
-    Kn, Mn, Mp = x.shape[0], y.shape[0], wsum.shape[0]  # (column names K, M are layout's)
+    Kn, Mp = x.shape[0], wsum.shape[0]  # (column names K, M are layout's)
     groups = (Kn + TILE_K - 1) // TILE_K  # padded k rows hold zero weights: xq there is ignored
     s = _quantize_row(xq[:Kn], x)
     for tile in range(Mp // TILE_M):
-        int8_tile(acc, tile * TILE_M, 0, xq, 0, wp, tile * groups * TILE_K * TILE_M, groups, 1)
-    _unsign(acc, wsum, Mn)
+        int8_tile(acc, tile * TILE_M, 0, xq, 0, wp, tile * groups * TILE_K * TILE_M, wsum,
+                  tile * TILE_M, groups, 1)
     _w8a8_epilogue(y, acc, s, w_scale, bias)
 
 
@@ -78,7 +72,6 @@ def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
     int32; inputs x (N, K) float32, tiles wp, wsum (Mp,), w_scale (M,), bias (M,).
     """
     N, Kn = x.shape
-    Mn = y.shape[1]
     Kp, Mp = xq.shape[1], wsum.shape[0]
     groups = Kp // TILE_K
     for n in range(N):
@@ -89,11 +82,9 @@ def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
         rows = 4 if n + 4 <= N else 1
         for tile in range(Mp // TILE_M):
             int8_tile(acc, tile * TILE_M, Mp, xflat[n * Kp:], Kp, wp,
-                      tile * groups * TILE_K * TILE_M, groups, rows)
+                      tile * groups * TILE_K * TILE_M, wsum, tile * TILE_M, groups, rows)
         for r in range(rows):
-            ar = acc[r * Mp:(r + 1) * Mp]
-            _unsign(ar, wsum, Mn)
-            _w8a8_epilogue(y[n + r], ar, sx[n + r], w_scale, bias)
+            _w8a8_epilogue(y[n + r], acc[r * Mp:(r + 1) * Mp], sx[n + r], w_scale, bias)
         n += rows
 
 

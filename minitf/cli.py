@@ -113,7 +113,10 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None,
-        help="BLAS and numba threads (default: 1 for generate, the libraries' own default elsewhere)",
+        # 1 for inference: its matmuls are small, and a second BLAS thread that spins while
+        # the other core is busy made quantize's validation 10x slower (measured)
+        help="BLAS threads (minitf's own kernels are serial) (default: 1 for generate, "
+             "evaluate and quantize, the BLAS library's own default for train)",
     )
 
 

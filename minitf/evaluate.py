@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         fail(parser, f"--max-windows {args.max_windows} must be >= 1")
     try:
-        set_threads(args.threads)
+        set_threads(args.threads if args.threads is not None else 1)  # as generate: see cli.py
         engine, tokenizer, _ = load_engine(args.model, args.backend)
         tokens = load_data(args.data, tokenizer, with_train=False).val
         result = evaluate(engine_logits(engine), tokens, tokenizer, engine.config.block_size,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .cli import Parser, add_backend_argument, fail, guarded, nonneg_int
 from .engine import load_engine
+from .kernels import describe
 from .sampling import Sampler, validate_sampling
 from .threads import set_threads
 
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
         print(f"backend {engine.backend}: prefill {len(prompt_ids[-B:])} tokens + first sample "
               f"{times[0] * 1e3:.2f} ms (the first call also loads compiled kernels); decode median {decode[len(decode) // 2] * 1e3:.3f} ms/token "
               f"over {len(times) - 1} tokens", file=sys.stderr)
+        print(f"kernels: {describe(engine.backend)}; the {engine.path.NAME} path", file=sys.stderr)
     return 0
 
 

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     out = Path(args.out) if args.out else Path.cwd() / f"{model_dir.resolve().name}-int8"
     quant = Quantization(args.scope, args.mode)
-    set_threads(args.threads)
+    set_threads(args.threads if args.threads is not None else 1)  # as generate: see cli.py
     with DirectoryLock(out):  # before any work: one writer of --out
         recover_checkpoint(out)
         if is_hf_directory(model_dir):  # the size report reads minitf's model.safetensors

@@ -1,4 +1,13 @@
-"""Thread control: one knob for the BLAS library (through threadpoolctl) and numba."""
+"""Thread control: the one knob for the threads minitf's computation uses.
+
+minitf's compiled kernels (numba and Cython) are serial (kernels/_jit.py: `parallel=False`,
+measured faster at the model's sizes), so the only thread pool that works for minitf is the
+BLAS library's: numpy's matmuls, which every backend's prefill and training call.
+`set_threads` limits that pool through threadpoolctl and touches nothing else: it does not
+start numba's thread pool (numba starts it for a parallel kernel, and none exists), and it
+leaves the OpenMP pool of another library in the same process alone (PyTorch's, in the
+benchmarks and tests, keeps its own count).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 
 def set_threads(n: int | None) -> None:
-    """Use `n` threads in BLAS and in numba's parallel kernels; None leaves the defaults.
+    """Use `n` threads in the BLAS library numpy calls; None leaves its default.
 
     Raises:
         ValueError: n < 1 or more than the machine's cores.
@@ -18,10 +27,4 @@ def set_threads(n: int | None) -> None:
     cores = os.cpu_count() or 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cores:
         raise ValueError(f"threads={n!r} must be an integer in [1, {cores}] (this machine's cores)")
-    threadpool_limits(limits=n)
-    try:
-        import numba  # here, not at the top: importing numba takes ~0.5 s, needed only now
-
-        numba.set_num_threads(n)
-    except ImportError:  # numba is a dependency; without it only BLAS threads matter
-        pass
+    threadpool_limits(limits=n, user_api="blas")

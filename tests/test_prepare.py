@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from minitf import evaluate, prepare as prepare_cli, train
 from minitf.checkpoint import load_checkpoint
 from minitf.dataset import DatasetError, load_data, load_dataset, prepare, same_tokenizer
+from minitf.engine import DEFAULT_MODEL_DIR
 from minitf.tokenizer import load_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +113,7 @@ def test_folder_round_trip_per_document_split(tmp_path, kind):
 def test_stdin_round_trip_through_the_cli(tmp_path):
     data = MIXED.encode("utf-8")
     proc = subprocess.run([sys.executable, "-m", "minitf.prepare", "-", "--out", str(tmp_path / "ds"), "--quiet"],
-                          input=data, capture_output=True, cwd=REPO)
+                          input=data, capture_output=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()
     train_text, val_text = expected_splits([MIXED])
     tok = load_tokenizer(tmp_path / "ds")
@@ -245,7 +246,7 @@ def test_resume_refuses_a_dataset_with_another_tokenizer(corpus_path, tmp_path, 
 
 
 def test_evaluate_on_a_dataset_equals_the_text_file(corpus_path, tmp_path, capsys):
-    prepare(corpus_path, tmp_path / "ds", REPO / "minitf" / "pretrained")  # the shipped model's tokenizer
+    prepare(corpus_path, tmp_path / "ds", DEFAULT_MODEL_DIR)  # the shipped model's tokenizer
     results = []
     for data in (corpus_path, tmp_path / "ds"):
         assert evaluate.main(["--data", str(data), "--max-windows", "20", "--backend", "numpy"]) == 0
@@ -302,7 +303,7 @@ def test_memmap_corpus_larger_than_the_memory_cap_trains(tmp_path):
     (ds / "dataset.json").write_text(json.dumps(record))
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", CAPPED_TRAINING, str(ds), str(tmp_path / "run"), str(MEMORY_CAP)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert np.isfinite(result["loss"]) and result["maxrss"] * 1024 < MEMORY_CAP
@@ -454,7 +455,7 @@ def test_empty_and_too_short_corpora(tmp_path, capsys):
 
 def test_empty_stdin(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minitf.prepare", "-", "--out", str(tmp_path / "ds"), "--quiet"],
-                          input="", capture_output=True, text=True, cwd=REPO)
+                          input="", capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "python -m minitf.prepare: error: standard input: the corpus is empty (0 characters in 1 file)")
     assert os.listdir(tmp_path) == []

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -422,8 +423,8 @@ def test_engine_keeps_no_float_copy_of_quantized_weights(quantized_dir, model, s
 # The command line
 
 
-def run_cli(*args, cwd=REPO):
-    env = {**os.environ, "MINITF_DATA": str(CORPUS.resolve()), "PYTHONPATH": str(REPO),
+def run_cli(*args, cwd=tempfile.gettempdir()):
+    env = {**os.environ, "MINITF_DATA": str(CORPUS.resolve()),
            "MINITF_BACKEND": "numpy"}
     return subprocess.run([sys.executable, "-m", "minitf.quantize", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)

@@ -8,6 +8,7 @@ import csv
 import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from minitf.model import init_params
 from minitf.tokenizer import CharTokenizer
 from minitf.viz import CSV_COLUMNS, Recorder, token_label
 
-REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BLOCK_OPS = ("ln_1", "attn", "residual_1", "ln_2", "mlp", "residual_2")
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET: Ay me!\n"
@@ -315,7 +315,8 @@ def checkpoint(tmp_path_factory):
 
 
 def generate_cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=tempfile.gettempdir(), capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.parametrize("backend, path", [("numpy", "unfused"), ("numba", "fused")])
