@@ -87,11 +87,18 @@ def build_info() -> dict:
 
 
 def _why_not(name: str, exc: Exception) -> str:
-    """The reason backend `name` cannot load: the install's record for an unbuilt Cython
-    extension, else the exception."""
+    """The reason backend `name` cannot load, and its fix: the install's record for an
+    unbuilt Cython extension, a source checkout that was not built in place, else the
+    exception."""
     if name == "cython" and isinstance(exc, ImportError) and build_info().get("cython"):
-        return f"the Cython extension was {build_info()['cython']}"
-    return f"{type(exc).__name__}: {exc}"
+        return f"the Cython extension was {build_info()['cython']}. Fix: {_FIXES[name]}"
+    source = Path(__file__).resolve().parent.parent  # kernels/.. of a source checkout
+    if name == "cython" and not BUILD_INFO.exists() and (source / "setup.py").is_file():
+        return (f"minitf is imported from its source checkout {source}, where the Cython "
+                f"extension is not built (pip install . builds it into site-packages): run "
+                f"from another directory to use the installed minitf, or install the "
+                f"checkout with `pip install -e .`")
+    return f"{type(exc).__name__}: {exc}. Fix: {_FIXES[name]}"
 
 
 def _load(name: str) -> Backend:
@@ -108,7 +115,7 @@ def _load(name: str) -> Backend:
     except ImportError as exc:  # a missing package or an unbuilt/broken extension
         raise BackendError(
             f"kernel backend {name!r} cannot load: {_why_not(name, exc)}. "
-            f"Fix: {_FIXES[name]}. Allowed backends: {', '.join(BACKENDS)} or 'auto'; "
+            f"Allowed backends: {', '.join(BACKENDS)} or 'auto'; "
             f"available here: {_available_names()}"
         ) from exc
 
@@ -178,7 +185,7 @@ def fused_kernels(name: str):
         module = _import(FUSED_MODULES[name])
     except (ImportError, _isa.ISAError) as exc:
         raise BackendError(f"the fused kernels of backend {name!r} cannot load: "
-                           f"{_why_not(name, exc)}. Fix: {_FIXES[name]}") from exc
+                           f"{_why_not(name, exc)}") from exc
     return module.FUSED if name == "cython" else module
 
 
