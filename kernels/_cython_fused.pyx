@@ -53,6 +53,7 @@ cdef Py_ssize_t SF_ATT = _layout.SF_ATT, SF_S64 = _layout.SF_S64, SF_SX = _layou
 cdef Py_ssize_t SI_XQ = _layout.SI_XQ, SI_ACC = _layout.SI_ACC
 cdef Py_ssize_t CTL_ROW = _layout.CTL_ROW, CTL_TOKEN = _layout.CTL_TOKEN, CTL_POS = _layout.CTL_POS
 cdef Py_ssize_t TILE_K = _layout.TILE_K, TILE_M = _layout.TILE_M, HEAD_CHUNK = _layout.HEAD_CHUNK
+cdef Py_ssize_t MATMUL_BLOCK = _layout.MATMUL_BLOCK
 
 
 # ------------------------------------------------------------------------ int8 tile -----
@@ -97,35 +98,41 @@ cdef void _w8a8_sums(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq, Py_ssi
 
 cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0, const float* w,
                        Py_ssize_t Kn, Py_ssize_t Mn, Py_ssize_t n) noexcept nogil:
-    """Row i < n of sf (sw floats each): [o, o+M) = [i0, i0+K) @ w (K, M), groups of 4 k
-    outer, rows inner (numba_fused._matmul_rows): a row sums in the order of `_matmul_row`
-    whatever n is."""
-    cdef Py_ssize_t i, k = 0, m
+    """Row i < n of sf (sw floats each): [o, o+M) = [i0, i0+K) @ w (K, M): blocks of
+    MATMUL_BLOCK outputs outer, then groups of 4 k, then rows, so that the rows' outputs of
+    a block stay in L1 while each group of weights is read once for all rows. Every row
+    runs the same loop body, in the order of `_matmul_row` (4 k per pass, k ascending), so
+    a row's result does not depend on n."""
+    cdef Py_ssize_t i, k, m, m0 = 0, m1
     cdef float a0, a1, a2, a3
     cdef float* y
     cdef const float* x
     cdef const float* w0
-    for i in range(n):
-        y = sf + i * sw + o
-        for m in range(Mn):
-            y[m] = 0
-    while k + 4 <= Kn:
-        w0 = w + k * Mn
+    while m0 < Mn:
+        m1 = m0 + MATMUL_BLOCK if m0 + MATMUL_BLOCK < Mn else Mn
         for i in range(n):
             y = sf + i * sw + o
-            x = sf + i * sw + i0
-            a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
-            for m in range(Mn):
-                y[m] += a0 * w0[m] + a1 * w0[Mn + m] + a2 * w0[2 * Mn + m] + a3 * w0[3 * Mn + m]
-        k += 4
-    while k < Kn:
-        w0 = w + k * Mn
-        for i in range(n):
-            y = sf + i * sw + o
-            a0 = sf[i * sw + i0 + k]
-            for m in range(Mn):
-                y[m] += a0 * w0[m]
-        k += 1
+            for m in range(m0, m1):
+                y[m] = 0
+        k = 0
+        while k + 4 <= Kn:
+            w0 = w + k * Mn
+            for i in range(n):
+                y = sf + i * sw + o
+                x = sf + i * sw + i0
+                a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
+                for m in range(m0, m1):
+                    y[m] += a0 * w0[m] + a1 * w0[Mn + m] + a2 * w0[2 * Mn + m] + a3 * w0[3 * Mn + m]
+            k += 4
+        while k < Kn:
+            w0 = w + k * Mn
+            for i in range(n):
+                y = sf + i * sw + o
+                a0 = sf[i * sw + i0 + k]
+                for m in range(m0, m1):
+                    y[m] += a0 * w0[m]
+            k += 1
+        m0 = m1
 
 
 cdef void _matmul_int8_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,

@@ -75,6 +75,7 @@ KEY_PAD = 16  # keys of the transposed cache padded to a multiple of 16 (one zmm
 SI_ACC = 0  # a row of si starts with the int32 sums
 ROW_ALIGN = 16  # rows of sf and si: a multiple of 16 elements (64 bytes)
 HEAD_CHUNK = 64  # the tied head runs 64 vocabulary rows at a time for all rows of a step
+MATMUL_BLOCK = 256  # float decode matmuls run 256 outputs at a time for all rows (Cython)
 
 
 def padded(n: int, multiple: int) -> int:

@@ -103,24 +103,29 @@ def _matmul_rows(sf, o, i0, w, n):
     """sf[i, o:o+M] = sf[i, i0:i0+K] @ w (K, M) for the step's rows i < n: groups of 4 k
     outer, rows inner, so that the 4 weight rows of a group are read once for all rows.
 
-    Each row's sums run in the order of `numba_kernels._matmul_row` (4 k per pass, k
-    ascending), so a row gives the same result whatever n is."""
+    Every row runs the same loop body, in the order of `numba_kernels._matmul_row` (4 k
+    per pass, k ascending), so a row's result does not depend on n. Row views (one per
+    group and row) keep the inner loop vectorized: indices offset by an argument would
+    not be (numba's negative-index check)."""
     Kn, Mn = w.shape
     for i in range(n):
+        y = sf[i, o:o + Mn]
         for m in range(Mn):
-            sf[i, o + m] = 0
+            y[m] = 0
     k = 0
     while k + 4 <= Kn:
         for i in range(n):
+            y = sf[i, o:o + Mn]
             a0, a1, a2, a3 = sf[i, i0 + k], sf[i, i0 + k + 1], sf[i, i0 + k + 2], sf[i, i0 + k + 3]
             for m in range(Mn):
-                sf[i, o + m] += a0 * w[k, m] + a1 * w[k + 1, m] + a2 * w[k + 2, m] + a3 * w[k + 3, m]
+                y[m] += a0 * w[k, m] + a1 * w[k + 1, m] + a2 * w[k + 2, m] + a3 * w[k + 3, m]
         k += 4
     while k < Kn:
         for i in range(n):
+            y = sf[i, o:o + Mn]
             a = sf[i, i0 + k]
             for m in range(Mn):
-                sf[i, o + m] += a * w[k, m]
+                y[m] += a * w[k, m]
         k += 1
 
 
@@ -130,21 +135,24 @@ def _matmul_int8_rows(sf, o, i0, wq, n):
     (the weight-only layers; the caller applies the channel scale)."""
     Kn, Mn = wq.shape
     for i in range(n):
+        y = sf[i, o:o + Mn]
         for m in range(Mn):
-            sf[i, o + m] = 0
+            y[m] = 0
     k = 0
     while k + 4 <= Kn:
         for i in range(n):
+            y = sf[i, o:o + Mn]
             a0, a1, a2, a3 = sf[i, i0 + k], sf[i, i0 + k + 1], sf[i, i0 + k + 2], sf[i, i0 + k + 3]
             for m in range(Mn):
-                sf[i, o + m] += (a0 * np.float32(wq[k, m]) + a1 * np.float32(wq[k + 1, m])
-                                 + a2 * np.float32(wq[k + 2, m]) + a3 * np.float32(wq[k + 3, m]))
+                y[m] += (a0 * np.float32(wq[k, m]) + a1 * np.float32(wq[k + 1, m])
+                         + a2 * np.float32(wq[k + 2, m]) + a3 * np.float32(wq[k + 3, m]))
         k += 4
     while k < Kn:
         for i in range(n):
+            y = sf[i, o:o + Mn]
             a = sf[i, i0 + k]
             for m in range(Mn):
-                sf[i, o + m] += a * np.float32(wq[k, m])
+                y[m] += a * np.float32(wq[k, m])
         k += 1
 
 
@@ -165,8 +173,9 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
         else:
             _matmul_rows(sf, o, i0, w, n)
         for i in range(n):
+            y = sf[i, o:o + Mn]
             for m in range(Mn):
-                sf[i, o + m] += bias[m]
+                y[m] += bias[m]
     elif row[KIND] == INT8:
         wq = pq[row[Q]:row[Q] + Kn * Mn].reshape((Kn, Mn))
         w_scale = pf[row[S]:row[S] + Mn]
@@ -176,10 +185,11 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
         else:
             _matmul_int8_rows(sf, o, i0, wq, n)
             for i in range(n):
+                y = sf[i, o:o + Mn]
                 for m in range(Mn):
-                    sf[i, o + m] = sf[i, o + m] * w_scale[m]  # the channel scale, once per output
+                    y[m] = y[m] * w_scale[m]  # the channel scale, once per output
                 for m in range(Mn):
-                    sf[i, o + m] += bias[m]
+                    y[m] += bias[m]
     else:
         Kp, Mp, SX = row[KP], row[MP], sc[SF_SX]
         wsum = pi[row[SUM]:row[SUM] + Mp]
@@ -321,6 +331,15 @@ def _sync_transposed(kT, vT, k, v, start, stop):
 
 
 @njit
+def _residual_rows(sf, x0, a0, C, n):
+    """sf[i, x0:x0+C] += sf[i, a0:a0+C] for rows i < n: the residual stream."""
+    for i in range(n):
+        x, a = sf[i, x0:x0 + C], sf[i, a0:a0 + C]
+        for c in range(C):
+            x[c] += a[c]
+
+
+@njit
 def _layernorm_rows(sf, o, i0, pf, ln, n, eps):
     """sf[i, o:o+C] = LayerNorm of sf[i, i0:i0+C] (weights: table row `ln`), rows i < n,
     each row as the unfused kernel computes a (1, C) array."""
@@ -355,9 +374,9 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
     scale = np.float32(1.0 / math.sqrt(C // NH))  # as the checks compute it for _attention
     X, H, A, QKV, F, G = sc[SF_X], sc[SF_H], sc[SF_A], sc[SF_QKV], sc[SF_F], sc[SF_G]
     for i in range(n):  # embedding: token and position
-        token, pos = ctl[CTL_TOKEN, i], ctl[CTL_POS, i]
+        token, pos, x = ctl[CTL_TOKEN, i], ctl[CTL_POS, i], sf[i, X:X + C]
         for c in range(C):
-            sf[i, X + c] = wte[token, c] + wpe[pos * C + c]
+            x[c] = wte[token, c] + wpe[pos * C + c]
     for l in range(L):
         r0 = FIRST_LAYER_ROW + l * ROWS_PER_LAYER
         _layernorm_rows(sf, H, X, pf, tab[r0 + LN_1], n, eps)
@@ -365,10 +384,10 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
         for i in range(n):  # append each row's key and value to its cache, attend to it
             r, pos = ctl[CTL_ROW, i], ctl[CTL_POS, i]
             Tk = pos + 1
-            kc, vc = k_cache[r, l], v_cache[r, l]
+            kc, vc, qkv = k_cache[r, l], v_cache[r, l], sf[i, QKV:QKV + 3 * C]
             for c in range(C):
-                kc[pos, c] = sf[i, QKV + C + c]
-                vc[pos, c] = sf[i, QKV + 2 * C + c]
+                kc[pos, c] = qkv[C + c]
+                vc[pos, c] = qkv[2 * C + c]
             h, q = sf[i, H:H + C], sf[i, QKV:QKV + C]
             if exact:
                 att = sf[i, sc[SF_ATT]:sc[SF_ATT] + NH * Tk].reshape((NH, 1, Tk))
@@ -381,9 +400,7 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
                 ex = _exp_scratch(si[i, sc[SI_EX]:], max(FF, Bp))
                 _attention_t(h, att, s64, ex, q, kT, vT, Tk, NH, scale)
         _linear_rows(sf, si, sc, A, H, pf, pq, pi, tab[r0 + ATTN_PROJ], n, exact)
-        for i in range(n):
-            for c in range(C):
-                sf[i, X + c] += sf[i, A + c]  # residual
+        _residual_rows(sf, X, A, C, n)
         _layernorm_rows(sf, H, X, pf, tab[r0 + LN_2], n, eps)
         _linear_rows(sf, si, sc, F, H, pf, pq, pi, tab[r0 + C_FC], n, exact)
         for i in range(n):
@@ -392,9 +409,7 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
             else:  # differs: with the vectorized exp (1e-5)
                 _gelu_fast(sf[i, G:G + FF], sf[i, F:F + FF], _exp_scratch(si[i, sc[SI_EX]:], FF))
         _linear_rows(sf, si, sc, A, G, pf, pq, pi, tab[r0 + MLP_PROJ], n, exact)
-        for i in range(n):
-            for c in range(C):
-                sf[i, X + c] += sf[i, A + c]  # residual
+        _residual_rows(sf, X, A, C, n)
     if not exact:
         for i in range(n):
             synced[ctl[CTL_ROW, i]] = ctl[CTL_POS, i] + 1
