@@ -96,18 +96,25 @@ cdef void _w8a8_sums(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq, Py_ssi
             i += rows
 
 
-cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0, const float* w,
-                       Py_ssize_t Kn, Py_ssize_t Mn, Py_ssize_t n) noexcept nogil:
-    """Row i < n of sf (sw floats each): [o, o+M) = [i0, i0+K) @ w (K, M): blocks of
-    MATMUL_BLOCK outputs outer, then groups of 4 k, then rows, so that the rows' outputs of
-    a block stay in L1 while each group of weights is read once for all rows. Every row
-    runs the same loop body, in the order of `_matmul_row` (4 k per pass, k ascending), so
-    a row's result does not depend on n."""
+ctypedef fused weight_t:  # a float layer's weights, or a weight-only int8 layer's
+    float
+    int8_t
+
+
+cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
+                       const weight_t* w, Py_ssize_t Kn, Py_ssize_t Mn,
+                       Py_ssize_t n) noexcept nogil:
+    """Row i < n of sf (sw floats each): [o, o+M) = [i0, i0+K) @ float(w (K, M)), w float or
+    int8 (weight-only: the caller applies the channel scale). Blocks of MATMUL_BLOCK outputs
+    outer, then groups of 4 k, then rows, so that the rows' outputs of a block stay in L1
+    while each group of weights is read once for all rows. Every row runs the same loop
+    body, in the order of `_matmul_row` (4 k per pass, k ascending), so a row's result does
+    not depend on n."""
     cdef Py_ssize_t i, k, m, m0 = 0, m1
     cdef float a0, a1, a2, a3
     cdef float* y
     cdef const float* x
-    cdef const float* w0
+    cdef const weight_t* w0
     while m0 < Mn:
         m1 = m0 + MATMUL_BLOCK if m0 + MATMUL_BLOCK < Mn else Mn
         for i in range(n):
@@ -122,7 +129,8 @@ cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0, co
                 x = sf + i * sw + i0
                 a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
                 for m in range(m0, m1):
-                    y[m] += a0 * w0[m] + a1 * w0[Mn + m] + a2 * w0[2 * Mn + m] + a3 * w0[3 * Mn + m]
+                    y[m] += (a0 * <float>w0[m] + a1 * <float>w0[Mn + m]
+                             + a2 * <float>w0[2 * Mn + m] + a3 * <float>w0[3 * Mn + m])
             k += 4
         while k < Kn:
             w0 = w + k * Mn
@@ -130,42 +138,9 @@ cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0, co
                 y = sf + i * sw + o
                 a0 = sf[i * sw + i0 + k]
                 for m in range(m0, m1):
-                    y[m] += a0 * w0[m]
+                    y[m] += a0 * <float>w0[m]
             k += 1
         m0 = m1
-
-
-cdef void _matmul_int8_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
-                            const int8_t* wq, Py_ssize_t Kn, Py_ssize_t Mn,
-                            Py_ssize_t n) noexcept nogil:
-    """`_matmul_rows` with int8 weights read as floats (weight-only; no channel scale)."""
-    cdef Py_ssize_t i, k = 0, m
-    cdef float a0, a1, a2, a3
-    cdef float* y
-    cdef const float* x
-    cdef const int8_t* w0
-    for i in range(n):
-        y = sf + i * sw + o
-        for m in range(Mn):
-            y[m] = 0
-    while k + 4 <= Kn:
-        w0 = wq + k * Mn
-        for i in range(n):
-            y = sf + i * sw + o
-            x = sf + i * sw + i0
-            a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
-            for m in range(Mn):
-                y[m] += (a0 * <float>w0[m] + a1 * <float>w0[Mn + m]
-                         + a2 * <float>w0[2 * Mn + m] + a3 * <float>w0[3 * Mn + m])
-        k += 4
-    while k < Kn:
-        w0 = wq + k * Mn
-        for i in range(n):
-            y = sf + i * sw + o
-            a0 = sf[i * sw + i0 + k]
-            for m in range(Mn):
-                y[m] += a0 * <float>w0[m]
-        k += 1
 
 
 cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
@@ -196,7 +171,7 @@ cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
                 _matmul_int8_row(sf + i * sw + o, sf + i * sw + i0, pq + row[Q], pf + row[S],
                                  bias, Kn, Mn)
         else:
-            _matmul_int8_rows(sf, sw, o, i0, pq + row[Q], Kn, Mn, n)
+            _matmul_rows(sf, sw, o, i0, pq + row[Q], Kn, Mn, n)
             for i in range(n):
                 y = sf + i * sw + o
                 for m in range(Mn):

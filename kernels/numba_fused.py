@@ -24,8 +24,8 @@ runs numba_kernels' own loops (`_layernorm`, `_attention`, `_gelu`, `_matmul_row
 `_quantize_row`, ...) row by row on arrays of the types the unfused path gives them, so it
 rounds exactly as the unfused path; the int8 sums are exact in any order. Float32 and
 weight-only models have no such cliff: their linear layers run all rows per weight pass
-(`_matmul_rows`, `_matmul_int8_rows`), attention runs along the keys of a transposed copy
-of the cache (`_attention_t`) and GELU uses a vectorized exp (`_gelu_fast`), within 1e-5.
+(`_matmul_rows`), attention runs along the keys of a transposed copy of the cache
+(`_attention_t`) and GELU uses a vectorized exp (`_gelu_fast`), within 1e-5.
 
 int8 x int8 sums: `numba_int8_tile.int8_tile` (AVX-512 VNNI where the CPU has it) on the
 tiles of `layout.pack_vnni`, called in one place (`_w8a8_sums`), then the unfused kernels'
@@ -100,7 +100,8 @@ def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
 
 @njit
 def _matmul_rows(sf, o, i0, w, n):
-    """sf[i, o:o+M] = sf[i, i0:i0+K] @ w (K, M) for the step's rows i < n: groups of 4 k
+    """sf[i, o:o+M] = sf[i, i0:i0+K] @ float32(w (K, M)) for the step's rows i < n, w float32
+    or int8 (weight-only layers: the caller applies the channel scale). Groups of 4 k
     outer, rows inner, so that the 4 weight rows of a group are read once for all rows.
 
     Every row runs the same loop body, in the order of `numba_kernels._matmul_row` (4 k
@@ -118,41 +119,15 @@ def _matmul_rows(sf, o, i0, w, n):
             y = sf[i, o:o + Mn]
             a0, a1, a2, a3 = sf[i, i0 + k], sf[i, i0 + k + 1], sf[i, i0 + k + 2], sf[i, i0 + k + 3]
             for m in range(Mn):
-                y[m] += a0 * w[k, m] + a1 * w[k + 1, m] + a2 * w[k + 2, m] + a3 * w[k + 3, m]
+                y[m] += (a0 * np.float32(w[k, m]) + a1 * np.float32(w[k + 1, m])
+                         + a2 * np.float32(w[k + 2, m]) + a3 * np.float32(w[k + 3, m]))
         k += 4
     while k < Kn:
         for i in range(n):
             y = sf[i, o:o + Mn]
             a = sf[i, i0 + k]
             for m in range(Mn):
-                y[m] += a * w[k, m]
-        k += 1
-
-
-@njit
-def _matmul_int8_rows(sf, o, i0, wq, n):
-    """sf[i, o:o+M] = sf[i, i0:i0+K] @ float32(wq (K, M)) for rows i < n, as `_matmul_rows`
-    (the weight-only layers; the caller applies the channel scale)."""
-    Kn, Mn = wq.shape
-    for i in range(n):
-        y = sf[i, o:o + Mn]
-        for m in range(Mn):
-            y[m] = 0
-    k = 0
-    while k + 4 <= Kn:
-        for i in range(n):
-            y = sf[i, o:o + Mn]
-            a0, a1, a2, a3 = sf[i, i0 + k], sf[i, i0 + k + 1], sf[i, i0 + k + 2], sf[i, i0 + k + 3]
-            for m in range(Mn):
-                y[m] += (a0 * np.float32(wq[k, m]) + a1 * np.float32(wq[k + 1, m])
-                         + a2 * np.float32(wq[k + 2, m]) + a3 * np.float32(wq[k + 3, m]))
-        k += 4
-    while k < Kn:
-        for i in range(n):
-            y = sf[i, o:o + Mn]
-            a = sf[i, i0 + k]
-            for m in range(Mn):
-                y[m] += a * np.float32(wq[k, m])
+                y[m] += a * np.float32(w[k, m])
         k += 1
 
 
@@ -160,7 +135,7 @@ def _matmul_int8_rows(sf, o, i0, wq, n):
 def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
     """sf[i, o:o+M] = linear layer `row` of the index table applied to sf[i, i0:i0+K], for
     the step's rows i < n (sc: the scratch row), by its kind: F32 and INT8 (weight-only)
-    all rows per weight pass (`_matmul_rows`), or in a W8A8 model (`exact`) the unfused
+    all rows per weight pass (`_matmul_rows`, then the scale and bias), or in a W8A8 model (`exact`) the unfused
     kernels' row loops; W8A8: each row quantized (its own scale), the int8 tile on 4 rows
     per weight pass, then the unfused epilogue per row."""
     Kn, Mn = row[K], row[M]
@@ -183,7 +158,7 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
             for i in range(n):
                 _matmul_int8_row(sf[i, o:o + Mn], sf[i, i0:i0 + Kn], wq, w_scale, bias)
         else:
-            _matmul_int8_rows(sf, o, i0, wq, n)
+            _matmul_rows(sf, o, i0, wq, n)
             for i in range(n):
                 y = sf[i, o:o + Mn]
                 for m in range(Mn):

@@ -65,6 +65,12 @@ def model(params, name):
     return q, "w8a8", w8a8_forward
 
 
+def engine_and_forward(params, backend, name):
+    """(engine, its reference full forward, whether the model is W8A8) for MODELS[name]."""
+    p, mode, forward = model(params, name)
+    return Engine(CONFIG, p, backend, int8_mode=mode), forward(backend), mode == "w8a8"
+
+
 def prompt_of(length, seed=0):
     return [int(t) for t in np.random.default_rng(seed).integers(0, CONFIG.vocab_size, size=length)]
 
@@ -133,31 +139,26 @@ def check_against(engine_run, ref, label, w8a8):
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shift_equals_full_forwards_over_the_same_windows(params, backend, name, prompt_len):
-    p, mode, forward = model(params, name)
-    forward = forward(backend)
-    engine = Engine(CONFIG, p, backend, int8_mode=mode)
+    engine, forward, w8a8 = engine_and_forward(params, backend, name)
     prompt = prompt_of(prompt_len)
     for keep, kind in ((None, "greedy"), (1, "sampled"), (B - 1, "greedy"), (B // 2, "sampled")):
         got = Keep(samplers(kind, seed=7))
         tokens = list(engine.generate(prompt, N_NEW, got, keep=keep))
         ref = shift_reference(forward, prompt, N_NEW, samplers(kind, seed=7), keep or B // 2)
-        check_against((tokens, got.logits), ref, f"{backend} {name} keep={keep} {kind}",
-                      mode == "w8a8")
+        check_against((tokens, got.logits), ref, f"{backend} {name} keep={keep} {kind}", w8a8)
 
 
 @pytest.mark.parametrize("prompt_len", list(PROMPTS.values()), ids=list(PROMPTS))
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_equals_a_full_forward_over_the_last_block_size_tokens(params, backend, name, prompt_len):
-    p, mode, forward = model(params, name)
-    forward = forward(backend)
-    engine = Engine(CONFIG, p, backend, int8_mode=mode)
+    engine, forward, w8a8 = engine_and_forward(params, backend, name)
     prompt = prompt_of(prompt_len, seed=1)
     for kind in ("greedy", "sampled"):
         got = Keep(samplers(kind, seed=3))
         tokens = list(engine.generate(prompt, N_NEW, got, context_mode="exact"))
         ref = crop_reference(forward, prompt, N_NEW, samplers(kind, seed=3))
-        check_against((tokens, got.logits), ref, f"{backend} {name} exact {kind}", mode == "w8a8")
+        check_against((tokens, got.logits), ref, f"{backend} {name} exact {kind}", w8a8)
 
 
 ROW_PROMPTS = [1, 5, B, B + 7, 3, 8]  # rows of different lengths, around the context
