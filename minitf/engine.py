@@ -121,10 +121,9 @@ class GenerationStats:
     prefill: the prompts' prefills (one per row); decode: the KV-cache steps inside the
     context (one call per step for all the rows decoding in it; `decode_tokens` counts rows
     x steps); reprefill: the windows re-prefilled past the context (shift: once every
-    block_size - keep tokens; exact: every token); sample: the samplers' calls. A token
-    comes from the prefill, a decode step or a re-prefill, so `new_tokens` = rows that
-    sampled from a prefill + decode_tokens + reprefills (+ the tokens sampled last, which
-    are never forwarded)."""
+    block_size - keep tokens; exact: every token); sample: the samplers' calls. Every
+    sampled token (`new_tokens`) is drawn from the logits of a prompt prefill, a decode
+    step or a re-prefill; a row's last token is sampled but never forwarded."""
 
     rows: int = 0  # sequences generated together
     new_tokens: int = 0  # tokens sampled, all rows
@@ -202,6 +201,7 @@ class Engine:
         self.fused: FusedPath | None = FusedPath(self, fk, packed) if fused else None
         self.path: UnfusedPath | FusedPath = self.fused or UnfusedPath(self)
         self.rows = 0  # sequences the caches hold
+        self.positions: list[int] = []  # positions[r]: how many positions of row r's cache are filled
         self.reserve(1)
 
     def reserve(self, rows: int) -> None:
@@ -216,8 +216,8 @@ class Engine:
             k[:self.rows], v[:self.rows] = self.k_caches, self.v_caches
         self.k_caches, self.v_caches = k, v  # (row, layer, position, d_model)
         self.k_cache, self.v_cache = k[0], v[0]  # row 0's (layer, position, d_model)
-        self.positions = getattr(self, "positions", []) + [0] * (rows - self.rows)
-        self.rows = rows  # positions[r]: how many positions of row r's cache are filled
+        self.positions += [0] * (rows - self.rows)
+        self.rows = rows
         self.path.reserve(rows)
 
     @property
