@@ -174,6 +174,9 @@ def main(argv=None) -> int:
         print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees its last {B} (the context)",
               file=sys.stderr)
 
+    if args.stats:  # load the compiled kernels first, so that the figures are the steps'
+        engine.prefill(prompt_ids[:1], last_only=True)
+        engine.decode(prompt_ids[0])
     recorder = None
     if args.viz:
         # imported only for --viz: a plain run never loads tracemalloc or the plotting code
@@ -188,9 +191,6 @@ def main(argv=None) -> int:
         engine.prefill(prompt_ids[-B:])
         recorder = Recorder(engine, tokenizer, prompt_ids[-B:], args.viz, model_name=str(ckpt.path.name))
 
-    if args.stats:  # load the compiled kernels first, so that the figures are the steps'
-        engine.prefill(prompt_ids[:1], last_only=True)
-        engine.decode(prompt_ids[0])
     out = sys.stdout
     n = args.num_samples
     texts = [[] for _ in range(n)]  # the text of samples 1..n-1, shown once they end
