@@ -239,26 +239,28 @@ cdef void _gelu_fast(float* y, const float* x, Py_ssize_t n) noexcept nogil:
         y[i] = x[i] / (1 + y[i])
 
 
-cdef void _attention_t(float* out, float* s, double* s64, const float* q, const float* kT,
-                       const float* vT, Py_ssize_t Tk, Py_ssize_t Bp, Py_ssize_t C,
-                       Py_ssize_t n_head, float scale) noexcept nogil:
-    """One query against the first Tk keys of a transposed cache (numba_fused._attention_t).
+cdef void _attention_t(float* out, float* s, double* s64, const float* q, const float* k,
+                       const float* v, float* kT, float* vT, Py_ssize_t Tk, Py_ssize_t Bp,
+                       Py_ssize_t C, Py_ssize_t n_head, float scale) noexcept nogil:
+    """One query against the first Tk keys of a transposed cache (numba_fused._attention_t),
+    the last of them (k, v (C,), the query's own) written into column Tk - 1 on the way,
+    channel by channel just before that channel's row is read.
 
     `numpy_ref.attention` for the last query row within TOL[("kernel_attention", float32)].
-    out (C,); scratch s (NH, Bp), s64 (Bp,); q (C,); kT, vT (C, Bp): key/value j in column
-    j. Scores and weighted sums run along the keys, the contiguous axis, so they vectorize
+    out (C,); scratch s (NH, Bp), s64 (Bp,); q, k, v (C,); kT, vT (C, Bp): key/value j in
+    column j. Scores and weighted sums run along the keys, the contiguous axis, so they vectorize
     whatever the head size; keys are padded to a multiple of 16 with weight 0. Scores are
     summed in double: summed channel by channel in float they would round more than the
     unfused kernel's dot products (2e-5 in the logits of a trained model).
     """
     cdef Py_ssize_t HS = C // n_head
-    cdef Py_ssize_t Tp = (Tk + 15) // 16 * 16
+    cdef Py_ssize_t Tp = (Tk + 15) // 16 * 16, t = Tk - 1
     cdef Py_ssize_t h, j, c, c1
     cdef double q0, q1, q2, q3
     cdef float mx, total, acc
     cdef float* sh
-    cdef const float* k0
-    cdef const float* vc
+    cdef float* k0
+    cdef float* vc
     if Tp > Bp:
         Tp = Bp
     for h in range(n_head):
@@ -269,12 +271,14 @@ cdef void _attention_t(float* out, float* s, double* s64, const float* q, const 
         while c + 4 <= c1:  # scores = q_h @ K_h^T, 4 channels per pass
             q0 = q[c]; q1 = q[c + 1]; q2 = q[c + 2]; q3 = q[c + 3]
             k0 = kT + c * Bp
+            k0[t] = k[c]; k0[Bp + t] = k[c + 1]; k0[2 * Bp + t] = k[c + 2]; k0[3 * Bp + t] = k[c + 3]
             for j in range(Tp):
                 s64[j] += q0 * k0[j] + q1 * k0[Bp + j] + q2 * k0[2 * Bp + j] + q3 * k0[3 * Bp + j]
             c += 4
         while c < c1:
             q0 = q[c]
             k0 = kT + c * Bp
+            k0[t] = k[c]
             for j in range(Tp):
                 s64[j] += q0 * k0[j]
             c += 1
@@ -295,6 +299,7 @@ cdef void _attention_t(float* out, float* s, double* s64, const float* q, const 
             sh[j] = 0  # padding keys weigh nothing
         for c in range(h * HS, c1):  # out_h = p @ V_h
             vc = vT + c * Bp
+            vc[t] = v[c]
             acc = 0
             for j in range(Tp):
                 acc += sh[j] * vc[j]
@@ -361,12 +366,12 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
                 kT = kvT + ((r * 2) * L + l) * C * Bp
                 vT = kvT + ((r * 2 + 1) * L + l) * C * Bp
                 sync = synced[r] if synced[r] < pos else pos
-                for t in range(sync, Tk):  # positions the transposed cache does not have yet
+                for t in range(sync, pos):  # positions written by anything else
                     for c in range(C):
                         kT[c * Bp + t] = kc[t * C + c]
                         vT[c * Bp + t] = vc[t * C + c]
                 _attention_t(row + H, row + sc[SF_ATT], <double*>(row + sc[SF_S64]), row + QKV,
-                             kT, vT, Tk, Bp, C, NH, scale)
+                             row + QKV + C, row + QKV + 2 * C, kT, vT, Tk, Bp, C, NH, scale)
         _linear_rows(sf, sw, si, siw, sc, A, H, pf, pq, pi, lr + ATTN_PROJ * NCOL, n, exact)
         for i in range(n):
             row = sf + i * sw

@@ -241,13 +241,17 @@ def _gelu_fast(y, x, ex):
 
 
 @njit
-def _attention_t(out, s, s64, ex, q, kT, vT, Tk, n_head, scale):
-    """One query against the first Tk keys of a transposed cache, float32.
+def _attention_t(out, s, s64, ex, q, k, v, kT, vT, Tk, n_head, scale):
+    """One query against the first Tk keys of a transposed cache, float32, the last of them
+    (k, v (C,), the query's own) written into column Tk - 1 on the way.
 
     `numpy_ref.attention` for the last query row (it sees every key) within
     TOL[("kernel_attention", float32)]. out (C,); scratch s (NH, Bp) float32, s64 (Bp,)
-    float64, ex (`_exp_scratch` of Bp); q (C,); kT, vT (C, Bp): key/value j of the cache in
-    column j, Bp a multiple of 16. Scores and weighted sums run along the keys, the
+    float64, ex (`_exp_scratch` of Bp); q, k, v (C,); kT, vT (C, Bp): key/value j of the
+    cache in column j (j < Tk - 1 already there), Bp a multiple of 16. The new column is
+    written channel by channel just before that channel's row is read: a pass of its own
+    would touch C cache lines 4 Bp bytes apart, which for a batch of rows are no longer in
+    cache (measured: a seventh of a 16-row step). Scores and weighted sums run along the keys, the
     contiguous axis, so they vectorize whatever the head size; keys are padded to a multiple
     of 16 with weight 0. Scores are summed in float64: summed channel by channel in float32
     they would round more than the unfused kernel's dot products (~5 ulp of a score of 20,
@@ -257,6 +261,7 @@ def _attention_t(out, s, s64, ex, q, kT, vT, Tk, n_head, scale):
     C = q.shape[0]
     HS = C // n_head
     Tp = min((Tk + 15) // 16 * 16, kT.shape[1])
+    t = Tk - 1
     for h in range(n_head):
         for j in range(Tp):
             s64[j] = 0
@@ -264,11 +269,13 @@ def _attention_t(out, s, s64, ex, q, kT, vT, Tk, n_head, scale):
         while c + 4 <= c1:  # scores = q_h @ K_h^T, 4 channels per pass
             q0, q1 = np.float64(q[c]), np.float64(q[c + 1])
             q2, q3 = np.float64(q[c + 2]), np.float64(q[c + 3])
+            kT[c, t], kT[c + 1, t], kT[c + 2, t], kT[c + 3, t] = k[c], k[c + 1], k[c + 2], k[c + 3]
             for j in range(Tp):
                 s64[j] += q0 * kT[c, j] + q1 * kT[c + 1, j] + q2 * kT[c + 2, j] + q3 * kT[c + 3, j]
             c += 4
         while c < c1:
             qc = np.float64(q[c])
+            kT[c, t] = k[c]
             for j in range(Tp):
                 s64[j] += qc * kT[c, j]
             c += 1
@@ -287,6 +294,7 @@ def _attention_t(out, s, s64, ex, q, kT, vT, Tk, n_head, scale):
         for j in range(Tk, Tp):
             s[h, j] = 0  # padding keys weigh nothing
         for c in range(h * HS, c1):  # out_h = p @ V_h
+            vT[c, t] = v[c]
             acc = np.float32(0)
             for j in range(Tp):
                 acc += s[h, j] * vT[c, j]
@@ -369,11 +377,11 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
                 _attention(h.reshape((1, C)), att, q.reshape((1, C)), kc[:Tk], vc[:Tk], NH, scale)
             else:  # differs: along the keys of the transposed cache, which vectorizes (1e-5)
                 kT, vT = kvT[r, 0, l], kvT[r, 1, l]
-                _sync_transposed(kT, vT, kc, vc, min(synced[r], pos), Tk)
+                _sync_transposed(kT, vT, kc, vc, min(synced[r], pos), pos)  # anything missing
                 att = sf[i, sc[SF_ATT]:sc[SF_ATT] + NH * Bp].reshape((NH, Bp))
                 s64 = sf[i, sc[SF_S64]:sc[SF_S64] + 2 * Bp].view(np.float64)
                 ex = _exp_scratch(si[i, sc[SI_EX]:], max(FF, Bp))
-                _attention_t(h, att, s64, ex, q, kT, vT, Tk, NH, scale)
+                _attention_t(h, att, s64, ex, q, qkv[C:2 * C], qkv[2 * C:], kT, vT, Tk, NH, scale)
         _linear_rows(sf, si, sc, A, H, pf, pq, pi, tab[r0 + ATTN_PROJ], n, exact)
         _residual_rows(sf, X, A, C, n)
         _layernorm_rows(sf, H, X, pf, tab[r0 + LN_2], n, eps)
