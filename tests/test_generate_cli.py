@@ -92,7 +92,7 @@ def test_stats_report_prefill_decode_and_re_prefill_apart(capsys, mode):
     lines = err.strip().splitlines()
     assert lines[0].startswith(f"stats: backend cython, fused path, 1 sample(s), context {mode}")
     names = [line.split()[0] for line in lines[1:]]
-    assert names == ["prefill", "decode", "re-prefill", "sampling", "all"]
+    assert names == ["prefill", "decode", "re-prefill", "model", "sampling", "all"]
     decodes = int(re.search(r"decode +(\d+) tokens +[\d.]+ ms/token, [\d,]+ tokens/s", err).group(1))
     re_prefills, size = map(int, re.search(r"re-prefill +(\d+) x (\d+) tokens", err).groups())
     # 299 forwarded tokens ("ROMEO:" is 6): 122 fill the context, then shift re-prefills 64
@@ -105,7 +105,9 @@ def test_stats_of_one_token_say_no_decode_ran(capsys):
                          "--prompt", "ROMEO:", "--stats")
     assert status == 0, err
     assert "decode            0 tokens  (every token came from a prefill's logits)" in err
-    assert "0.000 ms/token over 0 tokens" not in err and "re-prefill" not in err
+    names = [line.split()[0] for line in err.strip().splitlines()[1:]]
+    assert names == ["prefill", "decode", "model", "sampling", "all"]  # no re-prefill ran
+    assert "0.000 ms/token over 0 tokens" not in err
 
 
 @pytest.mark.parametrize("args, message", [
