@@ -43,9 +43,12 @@ DEPENDS = ["kernels/_cython_loops.pxi", "kernels/int8_tile.h"]  # what the modul
 # -fassociative-math (with the two flags it requires) lets the compiler vectorize float sums
 # and dot products, like numba's `reassoc` fastmath flag (kernels/_jit.py). Not -ffast-math:
 # it would assume no inf/NaN (breaking softmax's all -inf rows) and allow x / s -> x * (1 / s)
-# (breaking quantize_rows' bit-exact agreement).
+# (breaking quantize_rows' bit-exact agreement). -ffp-contract=off: no fused multiply-adds
+# (x86-64-v3 has them). gcc contracts a * b + c wherever it meets one after inlining, so the
+# same loop inlined in the kernel and the fused module rounded differently there, and the
+# fused W8A8 path, which must round as the unfused one bit for bit, did not (measured).
 BASE_ARGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
-             "-fno-math-errno"]
+             "-fno-math-errno", "-ffp-contract=off"]
 OPTIONAL_ARGS = [
     # gcc: the 4-row matmul kernel needs more runtime alias checks than the default 10
     # before it will vectorize (measured: 4x slower prefill without this)

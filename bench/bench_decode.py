@@ -1,8 +1,10 @@
-"""Generation speed per backend (pytest-benchmark): prefill of 128 tokens and per-token decode
-latency, float32 and int8, on the shipped model (or a default-size one if none is shipped).
+"""Generation speed per backend (pytest-benchmark): prefill of 128 tokens, per-token decode
+latency, generation past the context and batches, float32 and int8, on the shipped model
+(or a default-size one if none is shipped).
 
     python -m pytest --benchmark bench/bench_decode.py
     python -m pytest --benchmark bench/bench_decode.py -k decode --benchmark-columns=median
+    python -m pytest --benchmark bench/bench_decode.py -k "long or batch"
 
 - prefill: one pass over 128 tokens filling the KV cache, last position's logits
   (`Engine.prefill(ids, last_only=True)`, what generation needs);
@@ -11,7 +13,11 @@ latency, float32 and int8, on the shipped model (or a default-size one if none i
   "us_per_token" holds the median per token);
 - models: float32; int8 weight-only of the FFN (the default of `python -m minitf.quantize`);
   int8 W8A8 of every linear layer (the fastest);
-- numba and cython run their fused path (one compiled call per token), numpy the unfused
+- long: a 16-token prompt, then 1,000 greedy tokens past the context, context_mode shift
+  (keep 64) and exact; extra_info "us_per_token" is the average over the 1,000;
+- batch: 16 prompts of 16 tokens, 112 greedy tokens each, `Engine.generate_batch`;
+  extra_info "tokens_per_s" counts all 16 x 112 tokens, prefills included;
+- numba and cython run their fused path (one compiled call per step), numpy the unfused
   reference; the "unfused" rows run numba and cython through the unfused path for contrast.
 1 thread (decode's default). Every engine generates once before timing (numba compiles or
 loads its cache). `test_decode_under_50_ms_per_token` asserts the seed design's target for
@@ -33,6 +39,7 @@ from minitf.quantization import quantize_model
 from minitf.threads import set_threads
 
 PROMPT, NEW, PREFILL = 16, 112, 128
+LONG_NEW, KEEP, BATCH_ROWS = 1000, 64, 16
 MODELS = {"float32": None, "int8 weight-only ffn": ("ffn", "weight-only"), "int8 w8a8 all": ("all", "w8a8")}
 PATHS = [(b, None) for b in BACKENDS] + [(b, False) for b in ("numba", "cython")]
 PATH_IDS = [b if fused is None else f"{b}-unfused" for b, fused in PATHS]
@@ -112,6 +119,31 @@ def test_decode_112_tokens(benchmark, model, backend, fused, name):
     benchmark.group = f"decode {NEW} tokens (divide by {NEW} for one), {name}"
     benchmark.pedantic(steps, setup=setup, rounds=15, iterations=1, warmup_rounds=1)
     benchmark.extra_info["us_per_token"] = benchmark.stats.stats.median / NEW * 1e6
+
+
+@pytest.mark.parametrize("context_mode", ["shift", "exact"])
+@pytest.mark.parametrize("name", ["float32", "int8 w8a8 all"])
+@pytest.mark.parametrize("backend", ["numba", "cython"])
+def test_long_1000_tokens(benchmark, model, backend, name, context_mode):
+    e = engine(model, backend, None, name)
+    ids = list(np.arange(PROMPT) % e.config.vocab_size)
+    keep = KEEP if context_mode == "shift" else None
+    benchmark.group = f"long: {PROMPT}-token prompt + {LONG_NEW} tokens past the context"
+    benchmark.pedantic(lambda: list(e.generate(ids, LONG_NEW, greedy, context_mode=context_mode, keep=keep)),
+                       rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["us_per_token"] = benchmark.stats.stats.median / LONG_NEW * 1e6
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("backend, fused", PATHS[:3], ids=PATH_IDS[:3])
+def test_batch_16_prompts(benchmark, model, backend, fused, name):
+    e = engine(model, backend, fused, name)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, e.config.vocab_size, size=PROMPT)) for _ in range(BATCH_ROWS)]
+    benchmark.group = f"batch: {BATCH_ROWS} prompts x {PROMPT} tokens + {NEW} tokens each, {name}"
+    benchmark.pedantic(lambda: list(e.generate_batch(prompts, NEW, [greedy] * BATCH_ROWS)),
+                       rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["tokens_per_s"] = BATCH_ROWS * NEW / benchmark.stats.stats.median
 
 
 def test_decode_under_50_ms_per_token(model):

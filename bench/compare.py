@@ -3,8 +3,12 @@
     python bench/compare.py                            # the shipped model, 1 thread
     python bench/compare.py --model runs/bpe --repeats 9
     python bench/compare.py --threads 2 --no-train
+    python bench/compare.py --no-long --no-batch     # the decode workload only
 
-Workload (issue 6): batch 1, a 16-token prompt, then 112 new tokens (to the end of the
+Workloads (always `decode`, which the others' ratios need; `long` and `batch` unless
+--no-long, --no-batch):
+
+`decode` (issue 6): batch 1, a 16-token prompt, then 112 new tokens (to the end of the
 128-token context). For every engine it prints
 - decode µs/token: (time to generate 112 tokens - time to generate 1) / 111, prefill and
   sampling included in both, so what is left is the per-token cost of a decode step and of
@@ -17,11 +21,29 @@ Workload (issue 6): batch 1, a 16-token prompt, then 112 new tokens (to the end 
 and each figure's ratio to the fastest minitf row (> 1: slower than minitf). Medians over
 --repeats runs; engines take turns within each run, so a busy machine slows all of them.
 
+`long`: batch 1, a 16-token prompt, then 1,000 new tokens, far past the context: the
+average µs per token over all 1,000 (prompt prefill included) with context_mode shift
+(keep 64: a re-prefill of 64 tokens every 64 tokens) and exact (a re-prefill of the last
+128 tokens per token), and its ratio to the same engine's in-context decode µs/token (the
+`decode` workload's figure, measured just before it in every run; the median of the runs'
+ratios, which a load changing between workloads does not move). The minimal PyTorch GPT runs the same two
+policies; HF `generate` is asked for 1,000 tokens and its own behaviour past `n_positions`
+is reported as it is (it raises once a position past the context is needed).
+
+`batch`: 16 prompts of 16 tokens, 112 new tokens each, decoded together (minitf:
+`Engine.generate_batch`, one compiled call per step for all rows; PyTorch: the minimal GPT
+with a (rows, ...) KV cache; HF: `generate` on the batch, left-padded with an attention
+mask, which these equal-length prompts do not need). Decode tokens/s = 16 x 111 / (time of
+112 tokens - time of 1), and its ratio to the same engine's batch-1 decode tokens/s
+(measured just before it in every run, as for `long`) and to HF's batch.
+
 Before timing, every float32 engine's logits (over 128 tokens) are checked against minitf's
 numpy reference on the same weights (1e-4, absolute) and its 112 greedy tokens against
 minitf's, and each minitf int8 engine against its backend's unfused path; the run stops with
 an error if one differs. PyTorch's `quantize_dynamic` int8 quantizes differently from
-minitf (per-tensor activation scales), so its logits are reported, not checked.
+minitf (per-tensor activation scales), so its logits are reported, not checked. The long
+and batch workloads check their greedy tokens too: every minitf row of a batch against
+the same engine's batch-1 generation, PyTorch's and HF's against minitf's numpy engine.
 PyTorch and transformers are optional (test extras): a missing one is skipped with a message.
 """
 
@@ -50,6 +72,8 @@ from minitf.quantization import quantize_model
 from minitf.threads import set_threads
 
 PROMPT, NEW, PREFILL = 16, 112, 128
+LONG_NEW, KEEP = 1000, 64  # the long workload: new tokens, and the tokens shift keeps
+BATCH_ROWS = 16  # the batch workload: prompts of PROMPT tokens, NEW new tokens each
 TRAIN_BATCH = 32
 CHECK_ATOL = 1e-4
 
@@ -106,8 +130,16 @@ class MinitfEngine:
     def logits(self, ids):
         return self.engine.prefill(ids)
 
-    def generate(self, ids, n):
-        return list(self.engine.generate(ids, n, self.sample))
+    def generate(self, ids, n, context_mode="shift"):
+        keep = KEEP if context_mode == "shift" else None
+        return list(self.engine.generate(ids, n, self.sample, context_mode=context_mode, keep=keep))
+
+    def generate_batch(self, prompts, n):
+        rows = [[] for _ in prompts]
+        for step in self.engine.generate_batch(prompts, n, [self.sample] * len(prompts)):
+            for row, token in zip(rows, step):
+                row.append(token)
+        return rows
 
 
 def torch_model(config: GPTConfig, params: dict[str, np.ndarray]):
@@ -158,11 +190,12 @@ def torch_model(config: GPTConfig, params: dict[str, np.ndarray]):
             self.wte, self.wpe = nn.Parameter(t("wte")), nn.Parameter(t("wpe"))
             self.blocks = nn.ModuleList(Block(i) for i in range(L))
             self.ln_f = layernorm("ln_f")
-            self.k_cache = torch.zeros(L, 1, NH, B, HS)
-            self.v_cache = torch.zeros(L, 1, NH, B, HS)
+            self.k_cache = self.v_cache = torch.zeros(L, 0, NH, B, HS)
 
         def forward(self, idx, pos=0, cache=False, last_only=False):
-            T = idx.shape[1]
+            Bt, T = idx.shape
+            if cache and self.k_cache.shape[1] != Bt:  # one cache row per sequence
+                self.k_cache, self.v_cache = torch.zeros(L, Bt, NH, B, HS), torch.zeros(L, Bt, NH, B, HS)
             x = self.wte[idx] + self.wpe[pos:pos + T]
             for i, block in enumerate(self.blocks):
                 x = block(x, (self.k_cache[i], self.v_cache[i]) if cache else None, pos)
@@ -188,18 +221,41 @@ class TorchEngine:
         with self.torch.inference_mode():
             return self.model(self.torch.tensor([ids]))[0].numpy()
 
-    def generate(self, ids, n):
-        torch = self.torch
-        out = []
+    def generate(self, ids, n, context_mode="shift"):
+        """Greedy; past the context the policy of minitf's context_mode: shift re-prefills
+        the last KEEP tokens once the cache is full, exact the last block_size for every
+        token."""
+        torch, B = self.torch, self.model.wpe.shape[0]
+        keep = KEEP if context_mode == "shift" else B
+        window, out = list(ids[-B:]), []
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids]), cache=True, last_only=True)[0, -1]
-            pos = len(ids)
-            for _ in range(n):
+            logits = self.model(torch.tensor([window]), cache=True, last_only=True)[0, -1]
+            for i in range(n):
                 token = int(torch.argmax(logits))
                 out.append(token)
-                logits = self.model(torch.tensor([[token]]), pos=pos, cache=True)[0, -1]
-                pos += 1
+                if i == n - 1:
+                    break
+                if len(window) < B:
+                    logits = self.model(torch.tensor([[token]]), pos=len(window), cache=True)[0, -1]
+                    window.append(token)
+                else:  # the window is full: re-prefill its last `keep` tokens
+                    window = (window + [token])[-keep:]
+                    logits = self.model(torch.tensor([window]), cache=True, last_only=True)[0, -1]
         return out
+
+    def generate_batch(self, prompts, n):
+        """Greedy, every row one step at a time (the prompts have one length)."""
+        torch = self.torch
+        x = torch.tensor(prompts)
+        out = []
+        with torch.inference_mode():
+            logits = self.model(x, cache=True, last_only=True)[:, -1]
+            for i in range(n):
+                tokens = torch.argmax(logits, dim=-1)
+                out.append(tokens)
+                if i < n - 1:
+                    logits = self.model(tokens[:, None], pos=x.shape[1] + i, cache=True)[:, -1]
+        return torch.stack(out, dim=1).tolist()
 
 
 def hf_model(config: GPTConfig, params: dict[str, np.ndarray]):
@@ -242,13 +298,38 @@ class HFEngine:
         with self.torch.inference_mode():
             return self.model(x, attention_mask=self.torch.ones_like(x)).logits[0].numpy()
 
-    def generate(self, ids, n):
+    def generate(self, ids, n, context_mode=None):
+        return self.generate_batch([ids], n)[0]
+
+    def generate_batch(self, prompts, n, logits_processor=None):
+        """`generate` on the prompts left-padded to one length (pad id 0, masked out)."""
         torch = self.torch
-        x = torch.tensor([ids])
+        T = max(len(p) for p in prompts)
+        x = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
-            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                                      min_new_tokens=n, **self.kwargs)
-        return out[0, len(ids):].tolist()
+            out = self.model.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      logits_processor=logits_processor, **self.kwargs)
+        return out[:, T:].tolist()
+
+    def past_the_context(self, ids, n) -> str:
+        """What HF's `generate` does when asked for n tokens past n_positions."""
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        class Count(LogitsProcessor):  # called once per new token
+            calls = 0
+
+            def __call__(self, input_ids, scores):
+                Count.calls += 1
+                return scores
+
+        try:
+            got = self.generate_batch([ids], n, LogitsProcessorList([Count()]))[0]
+        except Exception as exc:  # noqa: BLE001 - reported as it is
+            return (f"raises {type(exc).__name__} ({str(exc)[:40]}) after {Count.calls} new tokens, "
+                    f"forwarding position {len(ids) + Count.calls - 1} (n_positions "
+                    f"{self.model.config.n_positions})")
+        return f"returns {len(got)} tokens"
 
 
 # ----------------------------------------------------------------------------------------
@@ -305,6 +386,11 @@ def time_call(fn, *args) -> float:
     return time.perf_counter() - t
 
 
+def decode_per_token(e, prompt) -> float:
+    """The decode workload's figure: (time of NEW tokens - time of 1) / (NEW - 1), seconds."""
+    return (time_call(e.generate, prompt, NEW) - time_call(e.generate, prompt, 1)) / (NEW - 1)
+
+
 def measure(engines, prompt_128, repeats: int) -> dict[str, dict[str, list[float]]]:
     """Decode s/token and prefill-128 s per engine and repeat, engines taking turns."""
     prompt = prompt_128[:PROMPT]
@@ -314,9 +400,71 @@ def measure(engines, prompt_128, repeats: int) -> dict[str, dict[str, list[float
         e.prefill(prompt_128)
     for _ in range(repeats):
         for e in engines:
-            many, one = time_call(e.generate, prompt, NEW), time_call(e.generate, prompt, 1)
-            res[e.name]["decode"].append((many - one) / (NEW - 1))
+            res[e.name]["decode"].append(decode_per_token(e, prompt))
             res[e.name]["prefill"].append(min(time_call(e.prefill, prompt_128) for _ in range(3)))
+    return res
+
+
+def check_long_and_batch(long_engines, batch_engines, reference, prompts) -> list[str]:
+    """Greedy tokens of the long workload (each context mode) and of every row of the batch
+    workload: float32 engines' (minitf's fused ones, PyTorch's, HF's) against the minitf
+    `reference` engine (float32 numpy), every minitf engine's batch rows against its own
+    batch-1 generation. SystemExit naming the first that differs."""
+    lines, prompt = [], prompts[0]
+    want = {mode: reference.generate(prompt, LONG_NEW, mode) for mode in ("shift", "exact")}
+    for e, mode in long_engines:
+        if e is reference or " int8 " in e.name:  # int8: differs from float32 by design
+            continue
+        got = e.generate(prompt, LONG_NEW, mode)
+        if got != want[mode]:
+            first = next(i for i, (a, b) in enumerate(zip(got, want[mode])) if a != b)
+            sys.exit(f"compare.py: {e.name} {mode}: greedy tokens differ from minitf numpy at new token {first}")
+    lines.append(f"  long: {LONG_NEW} greedy tokens of every float32 engine identical to minitf numpy's, "
+                 "shift and exact")
+    want_rows = reference.generate_batch(prompts, NEW)
+    for e in batch_engines:
+        rows = e.generate_batch(prompts, NEW)
+        alone = [e.generate(p, NEW) for p in prompts] if e.family == "minitf" else want_rows
+        if rows != alone:
+            r = next(i for i, (a, b) in enumerate(zip(rows, alone)) if a != b)
+            what = "its batch-1 generation" if e.family == "minitf" else "minitf's"
+            sys.exit(f"compare.py: {e.name}: batch row {r} differs from {what}")
+    lines.append(f"  batch: every row of {BATCH_ROWS} identical to batch-1 generation (minitf) "
+                 "and to minitf's rows (PyTorch, HF)")
+    return lines
+
+
+def measure_long(long_engines, prompt, repeats: int) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Per (engine, context mode) and repeat: seconds per token over all LONG_NEW tokens, and
+    that over the engine's in-context decode seconds per token measured right before it
+    (the ratio of each repeat, so that a machine whose load changes between the workloads
+    does not move it)."""
+    res = {(e.name, mode): {"all": [], "ratio": []} for e, mode in long_engines}
+    for _ in range(repeats):
+        for e, mode in long_engines:
+            decode = decode_per_token(e, prompt)
+            t = time_call(e.generate, prompt, LONG_NEW, mode) / LONG_NEW
+            res[(e.name, mode)]["all"].append(t)
+            res[(e.name, mode)]["ratio"].append(t / decode)
+    return res
+
+
+def measure_batch(batch_engines, prompts, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Per engine and repeat: decode seconds per row-token, (time of NEW tokens - time of 1)
+    / ((NEW - 1) rows); the whole generation's seconds per token; and the ratio of the
+    engine's batch-1 decode seconds per token, measured right before, to the first (how
+    many times the batch-1 tokens/s)."""
+    res = {e.name: {"decode": [], "total": [], "x_batch_1": []} for e in batch_engines}
+    for e in batch_engines:  # warm up: buffers for the rows, thread pools
+        e.generate_batch(prompts, NEW)
+    for _ in range(repeats):
+        for e in batch_engines:
+            single = decode_per_token(e, prompts[0])
+            many, one = time_call(e.generate_batch, prompts, NEW), time_call(e.generate_batch, prompts, 1)
+            decode = (many - one) / ((NEW - 1) * len(prompts))
+            res[e.name]["decode"].append(decode)
+            res[e.name]["total"].append(many / (NEW * len(prompts)))
+            res[e.name]["x_batch_1"].append(single / decode)
     return res
 
 
@@ -388,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-threads", type=int, default=2, help="threads for the training step")
     p.add_argument("--repeats", type=int, default=5, help="runs per engine; figures are medians")
     p.add_argument("--no-train", action="store_true", help="skip the training comparison")
+    p.add_argument("--no-long", action="store_true", help=f"skip the long workload ({LONG_NEW} tokens past the context)")
+    p.add_argument("--no-batch", action="store_true", help=f"skip the batch workload ({BATCH_ROWS} prompts together)")
     return p
 
 
@@ -449,18 +599,38 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(0)
     prompt_128 = [int(t) for t in rng.integers(0, config.vocab_size, size=PREFILL)]
+    prompts = [prompt_128[:PROMPT]] + [[int(t) for t in rng.integers(0, config.vocab_size, size=PROMPT)]
+                                       for _ in range(BATCH_ROWS - 1)]
+    by_name = {e.name: e for e in engines}
+    long_engines, batch_engines = [], []
+    if not args.no_long:  # numpy: shift only (exact re-prefills 1,000 times on the reference)
+        long_engines = [(by_name["minitf numpy float32"], "shift")]
+        long_engines += [(by_name[f"minitf {b} {m}"], mode) for b in ("numba", "cython")
+                         for m in ("float32", "int8 w8a8 (all)") for mode in ("shift", "exact")]
+        long_engines += [(e, mode) for e in engines if e.name == "PyTorch eager, KV cache, float32"
+                         for mode in ("shift", "exact")]
+    if not args.no_batch:
+        batch_engines = [by_name[f"minitf {b} {m}"] for b in BACKENDS
+                         for m in ("float32", "int8 w8a8 (all)", "int8 weight-only (ffn)")]
+        batch_engines += [e for e in engines if e.name in ("PyTorch eager, KV cache, float32",
+                                                            "HF GPT2LMHeadModel.generate, greedy")]
+    hf_greedy = by_name.get("HF GPT2LMHeadModel.generate, greedy")
+
     print(f"minitf side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}")
     print(f"{', '.join(versions)}; {args.threads} thread(s) for decode and prefill")
     print("kernels:", *(describe(name) for name in BACKENDS), sep="\n  ")
     print(f"model: {source}: vocab {config.vocab_size}, d_model {config.d_model}, "
           f"{config.n_layer} layers, {config.n_head} heads, context {config.block_size}")
-    print(f"workload: batch 1, {PROMPT}-token prompt + {NEW} new tokens; prefill {PREFILL} tokens; "
+    print(f"workload decode: batch 1, {PROMPT}-token prompt + {NEW} new tokens; prefill {PREFILL} tokens; "
           f"medians of {args.repeats} runs")
     for line in skipped:
         print(line)
     print("checks:")
     for line in check(engines, config, params, quantized, prompt_128):
         print(line)
+    if long_engines or batch_engines:
+        for line in check_long_and_batch(long_engines, batch_engines, engines[0], prompts):
+            print(line)
 
     res = measure(engines, prompt_128, args.repeats)
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in res.items()}
@@ -474,6 +644,58 @@ def main(argv=None) -> int:
         print(f"{e.name:<46} {d * 1e6:>15.1f} {d / best_decode:>9.2f} {p * 1e3:>15.2f} {p / best_prefill:>9.2f}")
     print(f"(x minitf: time / the fastest minitf row's; decode {best_decode * 1e6:.1f} us/token, "
           f"prefill {best_prefill * 1e3:.2f} ms)")
+
+    goals = []
+    if long_engines:
+        long = {k: {m: statistics.median(v) for m, v in r.items()}
+                for k, r in measure_long(long_engines, prompts[0], args.repeats).items()}
+        print()
+        print(f"workload long: batch 1, {PROMPT}-token prompt + {LONG_NEW} new tokens past the "
+              f"{config.block_size}-token context (shift: keep {KEEP}), greedy; medians of {args.repeats} runs")
+        print(f"{'engine':<46} {'context':>8} {'us/token, all':>14} {'x its in-context decode':>24}")
+        ratios = {}
+        for e, mode in long_engines:
+            t, ratios[(e.name, mode)] = long[(e.name, mode)]["all"], long[(e.name, mode)]["ratio"]
+            print(f"{e.name:<46} {mode:>8} {t * 1e6:>14.1f} {ratios[(e.name, mode)]:>24.2f}")
+        print("(x its in-context decode: the median over the runs of this figure / the engine's "
+              "decode us/token measured just before it)")
+        if hf_greedy is not None:
+            print(f"{'HF GPT2LMHeadModel.generate':<46} {'-':>8}  {hf_greedy.past_the_context(prompts[0], LONG_NEW)}")
+        for mode, goal in (("shift", 1.5), ("exact", 10.0)):
+            name = min((n for (n, m) in ratios if m == mode and n.startswith("minitf")),
+                       key=lambda n: long[(n, mode)]["all"])
+            goals.append(f"long, {mode}, fastest minitf row ({name}): {ratios[(name, mode)]:.2f}x its "
+                         f"in-context decode (goal <= {goal})")
+
+    if batch_engines:
+        bres = measure_batch(batch_engines, prompts, args.repeats)
+        bmed = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in bres.items()}
+        hf_tps = 1 / bmed[hf_greedy.name]["decode"] if hf_greedy in batch_engines else None
+        print()
+        print(f"workload batch: {BATCH_ROWS} prompts of {PROMPT} tokens + {NEW} new tokens each, decoded "
+              f"together, greedy; medians of {args.repeats} runs")
+        print(f"{'engine':<46} {'decode us/token':>15} {'tokens/s':>10} {'x batch-1':>10} {'x HF':>6} "
+              f"{'all tokens/s':>13}")
+        for e in batch_engines:
+            d, tps = bmed[e.name]["decode"], 1 / bmed[e.name]["decode"]
+            vs_hf = f"{tps * bmed[hf_greedy.name]['decode']:>6.2f}" if hf_tps else f"{'-':>6}"
+            print(f"{e.name:<46} {d * 1e6:>15.1f} {tps:>10,.0f} {bmed[e.name]['x_batch_1']:>10.2f} {vs_hf} "
+                  f"{1 / bmed[e.name]['total']:>13,.0f}")
+        print("(decode us/token: per token of one row; x batch-1: decode tokens/s / the same engine's "
+              "batch-1 decode tokens/s, measured just before it, median of the runs' ratios)")
+        name = min((e.name for e in batch_engines if e.family == "minitf"), key=lambda n: bmed[n]["decode"])
+        tps = 1 / bmed[name]["decode"]
+        line = (f"batch, fastest minitf row ({name}): {tps:,.0f} tokens/s = "
+                f"{bmed[name]['x_batch_1']:.2f}x its batch-1 decode, {best_decode * tps:.2f}x the "
+                f"fastest batch-1 decode of the decode workload (goal >= 6)")
+        if hf_tps:
+            line += f", {tps / hf_tps:.2f}x HF generate's batch (goal >= 3)"
+        goals.append(line)
+    if goals:
+        print()
+        print("goals (issue 11):")
+        for line in goals:
+            print("  " + line)
 
     if train_rows:
         ref = train_rows[0][1]

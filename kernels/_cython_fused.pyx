@@ -1,13 +1,16 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False
-"""Cython backend, fused path: one call per decoded token, and the prefill stages.
+"""Cython backend, fused path: one call per decode step, and the prefill stages.
 
 The Cython twin of `numba_fused` (read its docstring for the design): `Decoder.step` runs a
-whole decode step, the engine's block forward (`Engine._run`) compiled for one token, every
-layer, the KV-cache append, attention, the MLP, ln_f and the tied head, without the GIL and
-without allocating, on the weights packed once (`layout.PackedWeights`) and the scratch
-buffers allocated once (`layout.Buffers`). `Decoder` keeps the arrays' addresses, so a step
-costs one Python method call, not one buffer acquisition per array. Every column, row and
+whole decode step for n sequences, the engine's block forward (`Engine._run`) compiled for
+one token per row, every layer, the KV-cache appends, attention, the MLP, ln_f and the tied
+head, without the GIL and without allocating, on the weights packed once
+(`layout.PackedWeights`) and the scratch buffers allocated once (`layout.Buffers`). Every
+linear layer and the head run weight block outer, rows inner (each weight read once per
+step for all rows), and a row's arithmetic never depends on the other rows, so a sequence
+decoded with others gets what it gets alone, bit for bit. `Decoder` keeps the arrays'
+addresses, so a step costs one Python method call, not one buffer acquisition per array. Every column, row and
 offset is `layout`'s: its constants are copied into the C variables below at import, and
 the sizes and scratch offsets are read from the index table.
 
@@ -47,9 +50,11 @@ cdef Py_ssize_t DIM_V = _layout.DIM_V, DIM_BLOCK = _layout.DIM_BLOCK, DIM_FF = _
 cdef Py_ssize_t DIM_BP = _layout.DIM_BP
 cdef Py_ssize_t SF_X = _layout.SF_X, SF_H = _layout.SF_H, SF_A = _layout.SF_A
 cdef Py_ssize_t SF_QKV = _layout.SF_QKV, SF_F = _layout.SF_F, SF_G = _layout.SF_G
-cdef Py_ssize_t SF_ATT = _layout.SF_ATT, SF_S64 = _layout.SF_S64
-cdef Py_ssize_t SI_XQ = _layout.SI_XQ, SI_STATE = _layout.SI_STATE, SI_ACC = _layout.SI_ACC
-cdef Py_ssize_t TILE_K = _layout.TILE_K, TILE_M = _layout.TILE_M
+cdef Py_ssize_t SF_ATT = _layout.SF_ATT, SF_S64 = _layout.SF_S64, SF_SX = _layout.SF_SX
+cdef Py_ssize_t SI_XQ = _layout.SI_XQ, SI_ACC = _layout.SI_ACC
+cdef Py_ssize_t CTL_ROW = _layout.CTL_ROW, CTL_TOKEN = _layout.CTL_TOKEN, CTL_POS = _layout.CTL_POS
+cdef Py_ssize_t TILE_K = _layout.TILE_K, TILE_M = _layout.TILE_M, HEAD_CHUNK = _layout.HEAD_CHUNK
+cdef Py_ssize_t MATMUL_BLOCK = _layout.MATMUL_BLOCK
 
 
 # ------------------------------------------------------------------------ int8 tile -----
@@ -133,35 +138,115 @@ def int8_matmul_acc(str variant, int32_t[:, ::1] acc, const int8_t[:, ::1] xq,
 # ----------------------------------------------------------------------- linear layers ---
 
 
-cdef void _linear_w8a8_row(float* y, int8_t* xq, int32_t* acc, const float* x,
-                           const int8_t* wp, const int32_t* wsum, const float* w_scale,
-                           const float* bias, Py_ssize_t Kn, Py_ssize_t Mn,
-                           Py_ssize_t Mp) noexcept nogil:
-    """One row of `_cython_kernels.matmul_w8a8` (bit-identical): quantize x (Kn,), int32 sums
-    on the tiles wp, then the unfused epilogue. Scratch xq (>= Kp,), acc (>= Mp,)."""
-    cdef Py_ssize_t groups = (Kn + TILE_K - 1) // TILE_K, tile
-    cdef float s = _quantize_row(xq, x, Kn)  # padded k rows hold zero weights: xq ignored
+cdef void _w8a8_sums(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq, Py_ssize_t x_stride,
+                     Py_ssize_t n, const int8_t* wp, const int32_t* wsum, Py_ssize_t Kp,
+                     Py_ssize_t Mp) noexcept nogil:
+    """acc[i * a_stride + m] = sum_k xq[i * x_stride + k] * w[k, m], rows i < n, outputs
+    m < Mp, on the tiles wp with column sums wsum (numba_fused._w8a8_sums): tile outer, 4
+    rows per weight pass, so each tile of weights is read once for all rows. Exact int32
+    sums, in the variant INT8_ISA."""
+    cdef Py_ssize_t groups = Kp // TILE_K, tile, i
+    cdef int rows
     for tile in range(Mp // TILE_M):
-        _int8_tile(acc + tile * TILE_M, 0, xq, 0, wp + tile * groups * TILE_K * TILE_M,
-                   wsum + tile * TILE_M, groups, 1)
-    _w8a8_epilogue(y, acc, s, w_scale, bias, Mn)
+        i = 0
+        while i < n:
+            rows = 4 if i + 4 <= n else 1
+            _int8_tile(acc + i * a_stride + tile * TILE_M, a_stride, xq + i * x_stride,
+                       x_stride, wp + tile * groups * TILE_K * TILE_M, wsum + tile * TILE_M,
+                       groups, rows)
+            i += rows
 
 
-cdef void _linear_row(float* y, const float* x, const float* pf, const int8_t* pq,
-                      const int32_t* pi, const int64_t* row, int8_t* xq,
-                      int32_t* acc) noexcept nogil:
-    """y (M,) = the linear layer of table row `row` applied to x (K,), by its kind: F32 and
-    INT8 (weight-only) run the unfused kernels' row loops; W8A8 `_linear_w8a8_row`."""
-    cdef Py_ssize_t Kn = row[K], Mn = row[M], m
+ctypedef fused weight_t:  # a float layer's weights, or a weight-only int8 layer's
+    float
+    int8_t
+
+
+cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
+                       const weight_t* w, Py_ssize_t Kn, Py_ssize_t Mn,
+                       Py_ssize_t n) noexcept nogil:
+    """Row i < n of sf (sw floats each): [o, o+M) = [i0, i0+K) @ float(w (K, M)), w float or
+    int8 (weight-only: the caller applies the channel scale). Blocks of MATMUL_BLOCK outputs
+    outer, then groups of 4 k, then rows, so that the rows' outputs of a block stay in L1
+    while each group of weights is read once for all rows. Every row runs the same loop
+    body, in the order of `_matmul_row` (4 k per pass, k ascending), so a row's result does
+    not depend on n."""
+    cdef Py_ssize_t i, k, m, m0 = 0, m1
+    cdef float a0, a1, a2, a3
+    cdef float* y
+    cdef const float* x
+    cdef const weight_t* w0
+    while m0 < Mn:
+        m1 = m0 + MATMUL_BLOCK if m0 + MATMUL_BLOCK < Mn else Mn
+        for i in range(n):
+            y = sf + i * sw + o
+            for m in range(m0, m1):
+                y[m] = 0
+        k = 0
+        while k + 4 <= Kn:
+            w0 = w + k * Mn
+            for i in range(n):
+                y = sf + i * sw + o
+                x = sf + i * sw + i0
+                a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
+                for m in range(m0, m1):
+                    y[m] += (a0 * <float>w0[m] + a1 * <float>w0[Mn + m]
+                             + a2 * <float>w0[2 * Mn + m] + a3 * <float>w0[3 * Mn + m])
+            k += 4
+        while k < Kn:
+            w0 = w + k * Mn
+            for i in range(n):
+                y = sf + i * sw + o
+                a0 = sf[i * sw + i0 + k]
+                for m in range(m0, m1):
+                    y[m] += a0 * <float>w0[m]
+            k += 1
+        m0 = m1
+
+
+cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
+                       const int64_t* sc, Py_ssize_t o, Py_ssize_t i0, const float* pf,
+                       const int8_t* pq, const int32_t* pi, const int64_t* row, Py_ssize_t n,
+                       bint exact) noexcept nogil:
+    """Rows i < n of sf: [o, o+M) = the linear layer of table row `row` applied to [i0,
+    i0+K), by its kind (numba_fused._linear_rows): F32 and INT8 all rows per weight pass, or
+    in a W8A8 model (`exact`) the unfused kernels' row loops; W8A8: each row quantized, the
+    int8 tile on 4 rows per weight pass, the unfused epilogue per row. sc: the scratch row."""
+    cdef Py_ssize_t Kn = row[K], Mn = row[M], Mp = row[MP], i, m
+    cdef const float* bias = pf + row[B]
+    cdef float* y
+    cdef int8_t* xq
     if row[KIND] == F32:
-        _matmul_row(y, x, pf + row[W], Kn, Mn)
-        for m in range(Mn):
-            y[m] += pf[row[B] + m]
+        if exact:  # feeds a quantization: the unfused kernel, bit for bit
+            for i in range(n):
+                _matmul_row(sf + i * sw + o, sf + i * sw + i0, pf + row[W], Kn, Mn)
+        else:
+            _matmul_rows(sf, sw, o, i0, pf + row[W], Kn, Mn, n)
+        for i in range(n):
+            y = sf + i * sw + o
+            for m in range(Mn):
+                y[m] += bias[m]
     elif row[KIND] == INT8:
-        _matmul_int8_row(y, x, pq + row[Q], pf + row[S], pf + row[B], Kn, Mn)
+        if exact:
+            for i in range(n):
+                _matmul_int8_row(sf + i * sw + o, sf + i * sw + i0, pq + row[Q], pf + row[S],
+                                 bias, Kn, Mn)
+        else:
+            _matmul_rows(sf, sw, o, i0, pq + row[Q], Kn, Mn, n)
+            for i in range(n):
+                y = sf + i * sw + o
+                for m in range(Mn):
+                    y[m] = y[m] * pf[row[S] + m]  # the channel scale, once per output
+                for m in range(Mn):
+                    y[m] += bias[m]
     else:
-        _linear_w8a8_row(y, xq, acc, x, pq + row[P], pi + row[SUM], pf + row[S], pf + row[B],
-                         Kn, Mn, row[MP])
+        xq = <int8_t*>(si + sc[SI_XQ])  # row i's int8 activations 4 siw bytes further on
+        for i in range(n):
+            sf[i * sw + sc[SF_SX]] = _quantize_row(xq + 4 * i * siw, sf + i * sw + i0, Kn)
+        _w8a8_sums(si + SI_ACC, siw, xq, 4 * siw, n, pq + row[P], pi + row[SUM], row[KP], Mp)
+        for i in range(n):
+            _w8a8_epilogue(sf + i * sw + o, si + i * siw + SI_ACC, sf[i * sw + sc[SF_SX]],
+                           pf + row[S], bias, Mn)
 
 
 # ------------------------------------------------------------- float32 fast stages ------
@@ -214,26 +299,28 @@ cdef void _gelu_fast(float* y, const float* x, Py_ssize_t n) noexcept nogil:
         y[i] = x[i] / (1 + y[i])
 
 
-cdef void _attention_t(float* out, float* s, double* s64, const float* q, const float* kT,
-                       const float* vT, Py_ssize_t Tk, Py_ssize_t Bp, Py_ssize_t C,
-                       Py_ssize_t n_head, float scale) noexcept nogil:
-    """One query against the first Tk keys of a transposed cache (numba_fused._attention_t).
+cdef void _attention_t(float* out, float* s, double* s64, const float* q, const float* k,
+                       const float* v, float* kT, float* vT, Py_ssize_t Tk, Py_ssize_t Bp,
+                       Py_ssize_t C, Py_ssize_t n_head, float scale) noexcept nogil:
+    """One query against the first Tk keys of a transposed cache (numba_fused._attention_t),
+    the last of them (k, v (C,), the query's own) written into column Tk - 1 on the way,
+    channel by channel just before that channel's row is read.
 
     `numpy_ref.attention` for the last query row within TOL[("kernel_attention", float32)].
-    out (C,); scratch s (NH, Bp), s64 (Bp,); q (C,); kT, vT (C, Bp): key/value j in column
-    j. Scores and weighted sums run along the keys, the contiguous axis, so they vectorize
+    out (C,); scratch s (NH, Bp), s64 (Bp,); q, k, v (C,); kT, vT (C, Bp): key/value j in
+    column j. Scores and weighted sums run along the keys, the contiguous axis, so they vectorize
     whatever the head size; keys are padded to a multiple of 16 with weight 0. Scores are
     summed in double: summed channel by channel in float they would round more than the
     unfused kernel's dot products (2e-5 in the logits of a trained model).
     """
     cdef Py_ssize_t HS = C // n_head
-    cdef Py_ssize_t Tp = (Tk + 15) // 16 * 16
+    cdef Py_ssize_t Tp = (Tk + 15) // 16 * 16, t = Tk - 1
     cdef Py_ssize_t h, j, c, c1
     cdef double q0, q1, q2, q3
     cdef float mx, total, acc
     cdef float* sh
-    cdef const float* k0
-    cdef const float* vc
+    cdef float* k0
+    cdef float* vc
     if Tp > Bp:
         Tp = Bp
     for h in range(n_head):
@@ -244,12 +331,14 @@ cdef void _attention_t(float* out, float* s, double* s64, const float* q, const 
         while c + 4 <= c1:  # scores = q_h @ K_h^T, 4 channels per pass
             q0 = q[c]; q1 = q[c + 1]; q2 = q[c + 2]; q3 = q[c + 3]
             k0 = kT + c * Bp
+            k0[t] = k[c]; k0[Bp + t] = k[c + 1]; k0[2 * Bp + t] = k[c + 2]; k0[3 * Bp + t] = k[c + 3]
             for j in range(Tp):
                 s64[j] += q0 * k0[j] + q1 * k0[Bp + j] + q2 * k0[2 * Bp + j] + q3 * k0[3 * Bp + j]
             c += 4
         while c < c1:
             q0 = q[c]
             k0 = kT + c * Bp
+            k0[t] = k[c]
             for j in range(Tp):
                 s64[j] += q0 * k0[j]
             c += 1
@@ -270,6 +359,7 @@ cdef void _attention_t(float* out, float* s, double* s64, const float* q, const 
             sh[j] = 0  # padding keys weigh nothing
         for c in range(h * HS, c1):  # out_h = p @ V_h
             vc = vT + c * Bp
+            vc[t] = v[c]
             acc = 0
             for j in range(Tp):
                 acc += sh[j] * vc[j]
@@ -279,83 +369,107 @@ cdef void _attention_t(float* out, float* s, double* s64, const float* q, const 
 # ------------------------------------------------------------------------ decode ---------
 
 
-cdef void _decode_step(float* logits, float* sf, int32_t* si, float* k_cache, float* v_cache,
-                       float* kvT, const float* pf, const int8_t* pq, const int32_t* pi,
-                       const int64_t* tab, Py_ssize_t token, Py_ssize_t pos, double eps,
-                       bint exact) noexcept nogil:
-    """Logits (V,) of `token` at `pos`: the engine's block forward over one token.
-    Buffers and layout: numba_fused.decode_step."""
+cdef void _layernorm_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
+                          const float* pf, const int64_t* ln, Py_ssize_t n,
+                          double eps) noexcept nogil:
+    """Rows i < n of sf: [o, o+C) = LayerNorm of [i0, i0+C), weights of table row `ln`."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        _layernorm(sf + i * sw + o, sf + i * sw + i0, pf + ln[W], pf + ln[B], eps, 1, ln[M])
+
+
+cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
+                       float* k_cache, float* v_cache, float* kvT, int64_t* synced,
+                       const float* pf, const int8_t* pq, const int32_t* pi,
+                       const int64_t* tab, const int64_t* ctl, Py_ssize_t R, Py_ssize_t n,
+                       double eps, bint exact) noexcept nogil:
+    """One decode step of n sequences: the engine's block forward over one token per row.
+    Buffers and layout: numba_fused.decode_rows (ctl (3, R): rows, tokens, positions)."""
     cdef const int64_t* dims = tab + ROW_DIMS * NCOL
     cdef const int64_t* sc = tab + ROW_SCRATCH * NCOL
     cdef Py_ssize_t L = dims[DIM_L], C = dims[DIM_C], NH = dims[DIM_NH], V = dims[DIM_V]
     cdef Py_ssize_t Bk = dims[DIM_BLOCK], FF = dims[DIM_FF], Bp = dims[DIM_BP]
-    cdef Py_ssize_t Tk = pos + 1, l, c, t, synced
-    cdef float* x = sf + sc[SF_X]
-    cdef float* h = sf + sc[SF_H]
-    cdef float* a = sf + sc[SF_A]
-    cdef float* qkv = sf + sc[SF_QKV]
-    cdef float* f = sf + sc[SF_F]
-    cdef float* g = sf + sc[SF_G]
-    cdef float* att = sf + sc[SF_ATT]
-    cdef double* s64 = <double*>(sf + sc[SF_S64])
-    cdef int32_t* acc = si + SI_ACC
-    cdef int8_t* xq = <int8_t*>(si + sc[SI_XQ])
+    cdef Py_ssize_t X = sc[SF_X], H = sc[SF_H], A = sc[SF_A], QKV = sc[SF_QKV]
+    cdef Py_ssize_t F = sc[SF_F], G = sc[SF_G]
+    cdef Py_ssize_t i, l, c, t, r, pos, Tk, sync, m0, m1
+    cdef const int64_t* rows = ctl + CTL_ROW * R
+    cdef const int64_t* tokens = ctl + CTL_TOKEN * R
+    cdef const int64_t* positions = ctl + CTL_POS * R
     cdef const float* wte = pf + tab[ROW_WTE * NCOL + W]
     cdef const float* wpe = pf + tab[ROW_WPE * NCOL + W]
     cdef float scale = <float>(1.0 / sqrt(<double>(C // NH)))  # as the checks compute it
-    cdef const int64_t* r
+    cdef const int64_t* lr
+    cdef float* row
     cdef float* kc
     cdef float* vc
     cdef float* kT
     cdef float* vT
-    synced = si[SI_STATE] if si[SI_STATE] < pos else pos
-    for c in range(C):  # embedding: token and position
-        x[c] = wte[token * C + c] + wpe[pos * C + c]
+    for i in range(n):  # embedding: token and position
+        row = sf + i * sw
+        for c in range(C):
+            row[X + c] = wte[tokens[i] * C + c] + wpe[positions[i] * C + c]
     for l in range(L):
-        r = tab + (FIRST_LAYER_ROW + l * ROWS_PER_LAYER) * NCOL
-        _layernorm(h, x, pf + r[LN_1 * NCOL + W], pf + r[LN_1 * NCOL + B], eps, 1, C)
-        _linear_row(qkv, h, pf, pq, pi, r + C_ATTN * NCOL, xq, acc)
-        kc = k_cache + l * Bk * C
-        vc = v_cache + l * Bk * C
-        for c in range(C):  # append this step's key and value to the cache
-            kc[pos * C + c] = qkv[C + c]
-            vc[pos * C + c] = qkv[2 * C + c]
-        if exact:
-            _attention(h, att, qkv, kc, vc, 1, Tk, C, NH, scale)
-        else:  # differs: along the keys of the transposed cache, which vectorizes (1e-5)
-            kT = kvT + l * C * Bp
-            vT = kvT + (L + l) * C * Bp
-            for t in range(synced, Tk):  # positions the transposed cache does not have yet
-                for c in range(C):
-                    kT[c * Bp + t] = kc[t * C + c]
-                    vT[c * Bp + t] = vc[t * C + c]
-            _attention_t(h, att, s64, qkv, kT, vT, Tk, Bp, C, NH, scale)
-        _linear_row(a, h, pf, pq, pi, r + ATTN_PROJ * NCOL, xq, acc)
-        for c in range(C):
-            x[c] = x[c] + a[c]  # residual
-        _layernorm(h, x, pf + r[LN_2 * NCOL + W], pf + r[LN_2 * NCOL + B], eps, 1, C)
-        _linear_row(f, h, pf, pq, pi, r + C_FC * NCOL, xq, acc)
-        if exact:
-            _gelu(g, f, FF)
-        else:  # differs: with the vectorized exp (1e-5)
-            _gelu_fast(g, f, FF)
-        _linear_row(a, g, pf, pq, pi, r + MLP_PROJ * NCOL, xq, acc)
-        for c in range(C):
-            x[c] = x[c] + a[c]  # residual
+        lr = tab + (FIRST_LAYER_ROW + l * ROWS_PER_LAYER) * NCOL
+        _layernorm_rows(sf, sw, H, X, pf, lr + LN_1 * NCOL, n, eps)
+        _linear_rows(sf, sw, si, siw, sc, QKV, H, pf, pq, pi, lr + C_ATTN * NCOL, n, exact)
+        for i in range(n):  # append each row's key and value to its cache, attend to it
+            r, pos, row = rows[i], positions[i], sf + i * sw
+            Tk = pos + 1
+            kc = k_cache + (r * L + l) * Bk * C
+            vc = v_cache + (r * L + l) * Bk * C
+            for c in range(C):
+                kc[pos * C + c] = row[QKV + C + c]
+                vc[pos * C + c] = row[QKV + 2 * C + c]
+            if exact:
+                _attention(row + H, row + sc[SF_ATT], row + QKV, kc, vc, 1, Tk, C, NH, scale)
+            else:  # differs: along the keys of the transposed cache, which vectorizes (1e-5)
+                kT = kvT + ((r * 2) * L + l) * C * Bp
+                vT = kvT + ((r * 2 + 1) * L + l) * C * Bp
+                sync = synced[r] if synced[r] < pos else pos
+                for t in range(sync, pos):  # positions written by anything else
+                    for c in range(C):
+                        kT[c * Bp + t] = kc[t * C + c]
+                        vT[c * Bp + t] = vc[t * C + c]
+                _attention_t(row + H, row + sc[SF_ATT], <double*>(row + sc[SF_S64]), row + QKV,
+                             row + QKV + C, row + QKV + 2 * C, kT, vT, Tk, Bp, C, NH, scale)
+        _linear_rows(sf, sw, si, siw, sc, A, H, pf, pq, pi, lr + ATTN_PROJ * NCOL, n, exact)
+        for i in range(n):
+            row = sf + i * sw
+            for c in range(C):
+                row[X + c] = row[X + c] + row[A + c]  # residual
+        _layernorm_rows(sf, sw, H, X, pf, lr + LN_2 * NCOL, n, eps)
+        _linear_rows(sf, sw, si, siw, sc, F, H, pf, pq, pi, lr + C_FC * NCOL, n, exact)
+        for i in range(n):
+            row = sf + i * sw
+            if exact:
+                _gelu(row + G, row + F, FF)
+            else:  # differs: with the vectorized exp (1e-5)
+                _gelu_fast(row + G, row + F, FF)
+        _linear_rows(sf, sw, si, siw, sc, A, G, pf, pq, pi, lr + MLP_PROJ * NCOL, n, exact)
+        for i in range(n):
+            row = sf + i * sw
+            for c in range(C):
+                row[X + c] = row[X + c] + row[A + c]  # residual
     if not exact:
-        si[SI_STATE] = Tk
-    r = tab + ROW_LNF * NCOL
-    _layernorm(h, x, pf + r[W], pf + r[B], eps, 1, C)
-    _matmul_nt(logits, h, wte, 1, C, V)  # the tied head
+        for i in range(n):
+            synced[rows[i]] = positions[i] + 1
+    _layernorm_rows(sf, sw, H, X, pf, tab + ROW_LNF * NCOL, n, eps)
+    m0 = 0
+    while m0 < V:  # the tied head: a chunk of wte for all rows
+        m1 = m0 + HEAD_CHUNK if m0 + HEAD_CHUNK < V else V
+        for i in range(n):  # (chunks of 4k outputs: each output sums as in the whole row)
+            _matmul_nt(logits + rows[i] * V + m0, sf + i * sw + H, wte + m0 * C, 1, C, m1 - m0)
+        m0 = m1
 
 
 cdef class Decoder:
-    """One decode step per `step(token, pos)` call, on arrays bound once.
+    """Decode steps on arrays bound once: `step(n)` runs the first n rows of ctl.
 
-    Arguments as numba_fused.decode_step's (all C-contiguous; this object keeps them alive):
-    logits (V,) out; scratch sf float32, si int32; k_cache, v_cache (n_layer, block_size,
-    d_model); kvT (2, n_layer, d_model, Bp); pf, pq, pi, tab the packed weights; eps;
-    exact: a W8A8 model, every stage bit for bit as the unfused path.
+    Arguments as numba_fused.decode_rows's (all C-contiguous; this object keeps them alive):
+    logits (R, V) out; scratch sf (R, SFW) float32, si (R, SIW) int32; k_cache, v_cache (R,
+    n_layer, block_size, d_model); kvT (R, 2, n_layer, d_model, Bp); synced (R,) int64; pf,
+    pq, pi, tab the packed weights; ctl (3, R) int64, written by the engine; eps; exact: a
+    W8A8 model, every stage bit for bit as the unfused path.
     """
 
     cdef object _keep
@@ -365,89 +479,89 @@ cdef class Decoder:
     cdef float* k_cache
     cdef float* v_cache
     cdef float* kvT
+    cdef int64_t* synced
     cdef const float* pf
     cdef const int8_t* pq
     cdef const int32_t* pi
     cdef const int64_t* tab
+    cdef const int64_t* ctl
+    cdef Py_ssize_t sw, siw, rows
     cdef double eps
     cdef bint exact
-    cdef Py_ssize_t block_size
 
-    def __init__(self, float[::1] logits, float[::1] sf, int32_t[::1] si,
-                 float[:, :, ::1] k_cache, float[:, :, ::1] v_cache, float[:, :, :, ::1] kvT,
-                 const float[::1] pf, const int8_t[::1] pq, const int32_t[::1] pi,
-                 const int64_t[:, ::1] tab, double eps, bint exact):
-        self._keep = (logits, sf, si, k_cache, v_cache, kvT, pf, pq, pi, tab)
-        self.logits, self.sf, self.si = &logits[0], &sf[0], &si[0]
-        self.k_cache, self.v_cache = &k_cache[0, 0, 0], &v_cache[0, 0, 0]
-        self.kvT = &kvT[0, 0, 0, 0] if kvT.shape[3] else NULL
+    def __init__(self, float[:, ::1] logits, float[:, ::1] sf, int32_t[:, ::1] si,
+                 float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache,
+                 float[:, :, :, :, ::1] kvT, int64_t[::1] synced, const float[::1] pf,
+                 const int8_t[::1] pq, const int32_t[::1] pi, const int64_t[:, ::1] tab,
+                 const int64_t[:, ::1] ctl, double eps, bint exact):
+        self._keep = (logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, ctl)
+        self.logits, self.sf, self.si = &logits[0, 0], &sf[0, 0], &si[0, 0]
+        self.k_cache, self.v_cache = &k_cache[0, 0, 0, 0], &v_cache[0, 0, 0, 0]
+        self.kvT = &kvT[0, 0, 0, 0, 0] if kvT.shape[4] else NULL
+        self.synced = &synced[0]
         self.pf = &pf[0]
         self.pq = &pq[0] if pq.shape[0] else NULL
         self.pi = &pi[0] if pi.shape[0] else NULL
-        self.tab = &tab[0, 0]
-        self.eps, self.exact, self.block_size = eps, exact, k_cache.shape[1]
+        self.tab, self.ctl = &tab[0, 0], &ctl[0, 0]
+        self.sw, self.siw, self.rows = sf.shape[1], si.shape[1], sf.shape[0]
+        self.eps, self.exact = eps, exact
 
-    def step(self, Py_ssize_t token, Py_ssize_t pos):
-        """Run token (checked by the engine) at position pos < block_size; fills logits."""
-        if not 0 <= pos < self.block_size:
-            raise ValueError(f"pos={pos} is outside the cache (block_size {self.block_size})")
+    def step(self, Py_ssize_t n):
+        """Run the first n rows of ctl (checked by the engine); fills their logits."""
+        if not 1 <= n <= self.rows:
+            raise ValueError(f"n={n} rows: the buffers hold 1..{self.rows}")
         with nogil:
-            _decode_step(self.logits, self.sf, self.si, self.k_cache, self.v_cache, self.kvT,
-                         self.pf, self.pq, self.pi, self.tab, token, pos, self.eps, self.exact)
+            _decode_rows(self.logits, self.sf, self.sw, self.si, self.siw, self.k_cache,
+                         self.v_cache, self.kvT, self.synced, self.pf, self.pq, self.pi,
+                         self.tab, self.ctl, self.rows, n, self.eps, self.exact)
 
 
 # ------------------------------------------------------------------------ prefill --------
-# Called by the engine's prefill (minitf/engine.py, `FusedOps`) on T rows, beside the
+# Called by the engine's prefill (minitf/engine.py, `FusedPath`) on T rows, beside the
 # unfused backend's own entry points.
 
 
-def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[::1] acc,
+def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[:, ::1] acc,
                      const float[:, ::1] x, const int8_t[::1] wp, const int32_t[::1] wsum,
                      const float[::1] w_scale, const float[::1] bias):
     """`_cython_kernels.matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass.
 
-    Outputs y (N, M); scratch xq (N, Kp) int8, sx (N,), acc (>= 4 Mp,) int32; inputs x (N, K),
+    Outputs y (N, M); scratch xq (N, Kp) int8, sx (N,), acc (N, Mp) int32; inputs x (N, K),
     tiles wp, wsum (Mp,) column sums, w_scale (M,), bias (M,).
     """
     cdef Py_ssize_t N = x.shape[0], Kn = x.shape[1], Mn = y.shape[1]
-    cdef Py_ssize_t Kp = xq.shape[1], Mp = wsum.shape[0], groups = Kp // TILE_K
-    cdef Py_ssize_t n = 0, r, tile
-    cdef int rows
+    cdef Py_ssize_t Kp = xq.shape[1], Mp = wsum.shape[0], r
     with nogil:
         for r in range(N):
             sx[r] = _quantize_row(&xq[r, 0], &x[r, 0], Kn)
-        while n < N:
-            rows = 4 if n + 4 <= N else 1
-            for tile in range(Mp // TILE_M):
-                _int8_tile(&acc[tile * TILE_M], Mp, &xq[n, 0], Kp,
-                           &wp[tile * groups * TILE_K * TILE_M], &wsum[tile * TILE_M], groups, rows)
-            for r in range(rows):
-                _w8a8_epilogue(&y[n + r, 0], &acc[r * Mp], sx[n + r], &w_scale[0], &bias[0], Mn)
-            n += rows
+        _w8a8_sums(&acc[0, 0], Mp, &xq[0, 0], Kp, N, &wp[0], &wsum[0], Kp, Mp)
+        for r in range(N):
+            _w8a8_epilogue(&y[r, 0], &acc[r, 0], sx[r], &w_scale[0], &bias[0], Mn)
 
 
 def causal_softmax_rows(float[:, ::1] att, float scale, int32_t[::1] si):
-    """In place, row i of att (T, T) becomes softmax(scale * att[i, :i+1]) followed by zeros
-    (numba_fused.causal_softmax_rows). si: unused (numba's exp scratch)."""
-    cdef Py_ssize_t T = att.shape[0], i, j
+    """In place, row i of att (Tq, Tk) becomes softmax(scale * att[i, :j+1]) followed by
+    zeros, j = Tk - Tq + i (numba_fused.causal_softmax_rows). si: unused (numba's scratch)."""
+    cdef Py_ssize_t Tq = att.shape[0], Tk = att.shape[1], i, j, last
     cdef float mx, total
     cdef float* row
     with nogil:
-        for i in range(T):
+        for i in range(Tq):
+            last = Tk - Tq + i
             row = &att[i, 0]
-            for j in range(i + 1):
+            for j in range(last + 1):
                 row[j] *= scale
             mx = row[0]
-            for j in range(1, i + 1):
+            for j in range(1, last + 1):
                 if row[j] > mx:
                     mx = row[j]
-            _exp_into(row, row, mx, i + 1)
+            _exp_into(row, row, mx, last + 1)
             total = 0
-            for j in range(i + 1):
+            for j in range(last + 1):
                 total += row[j]
-            for j in range(i + 1):
+            for j in range(last + 1):
                 row[j] = row[j] / total
-            for j in range(i + 1, T):
+            for j in range(last + 1, Tk):
                 row[j] = 0
 
 

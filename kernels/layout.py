@@ -24,13 +24,22 @@ adjacent unsigned bytes by 4 signed bytes; 4 registers make a tile of TILE_M = 6
 and one group of TILE_K = 4 rows of k is one instruction per register. `pack_vnni` lays a
 (K, M) int8 weight out in that operand order (the kernels: int8_tile.h, numba_int8_tile.py).
 
-Scratch. The decode step allocates nothing: it works in a float32 array sf (the residual
-stream x, the LayerNorm output h, a, qkv, the MLP's f and g, the attention weights and
-float64 scores) and an int32 array si ([SI_STATE]: how many cache positions the
-transposed cache mirrors; from SI_ACC: int32 sums of up to 4 rows; the quantized int8 row;
-the exp scratch), at the offsets of the scratch row. `Buffers` allocates them, the prefill's
-row buffers, and the transposed KV cache kvT (float32 models: attention then runs along
-the keys, which vectorizes).
+Rows. The decode step runs n sequences ("rows") at once, each with its own KV cache and
+position, in one call: every weight is read once per step for all of them, and each row
+computes exactly what it would alone. The engine says which rows run in `ctl` (int64, 3
+x R): for the i-th row of the step, ctl[CTL_ROW, i] is its row (which caches), ctl[CTL_TOKEN,
+i] its token and ctl[CTL_POS, i] its position.
+
+Scratch. The decode step allocates nothing. Row i of the step works in row i of a float32
+array sf (the residual stream x, the LayerNorm output h, a, qkv, the MLP's f and g, the
+attention weights, float64 scores and the activation scale of W8A8) and of an int32 array
+si (from SI_ACC: the int32 sums of a W8A8 layer; the quantized int8 row; the exp scratch),
+at the offsets of the scratch row. Both are indexed by the step's row i, so the rows of a
+W8A8 layer's sums are evenly spaced and the int8 tile runs 4 of them per weight pass. Per
+sequence (indexed by its row): logits, the caches, the transposed caches kvT (float32
+models: attention then runs along the keys, which vectorizes) and `synced`, how many
+positions of the cache kvT mirrors. `Buffers` allocates all of them and the prefill's
+buffers (one sequence at a time, up to block_size positions).
 
 numba's on-disk cache does not notice a change of this module (see _jit.py): after changing
 a constant here, clear kernels/__pycache__.
@@ -52,14 +61,21 @@ ROWS_PER_LAYER = len(LAYER_ROWS)
 # columns of ROW_DIMS: n_layer, d_model, n_head, vocab, block_size, d_ff, the largest
 # padded M and K of a W8A8 layer (at least one tile), block_size padded to KEY_PAD
 DIM_L, DIM_C, DIM_NH, DIM_V, DIM_BLOCK, DIM_FF, DIM_MP, DIM_KP, DIM_BP = range(9)
-# columns of ROW_SCRATCH: offsets (in elements) in sf of x, h, a, qkv, f, g, the attention
-# weights and the float64 scores; in si of the int8 row and of the exp scratch
-SF_X, SF_H, SF_A, SF_QKV, SF_F, SF_G, SF_ATT, SF_S64, SI_XQ, SI_EX = range(10)
+# columns of ROW_SCRATCH: offsets (in elements) in a row of sf of x, h, a, qkv, f, g, the
+# attention weights, the float64 scores and the W8A8 activation scale; in a row of si of the
+# int8 row and of the exp scratch
+SF_X, SF_H, SF_A, SF_QKV, SF_F, SF_G, SF_ATT, SF_S64, SF_SX, SI_XQ, SI_EX = range(11)
+# rows of ctl, the decode step's control array (int64, 3 x R): per row of the step, the
+# sequence (row of the caches and logits), its token and its position
+CTL_ROW, CTL_TOKEN, CTL_POS = range(3)
 
 # ---------------------------------------------------------------------------- sizes -----
 TILE_K, TILE_M = 4, 64  # the int8 tile: 4 bytes of k per int32 lane, 4 x 16 lanes of m
 KEY_PAD = 16  # keys of the transposed cache padded to a multiple of 16 (one zmm of floats)
-SI_STATE, SI_ACC = 0, 16  # si: the state word; the int32 sums (64-byte aligned)
+SI_ACC = 0  # a row of si starts with the int32 sums
+ROW_ALIGN = 16  # rows of sf and si: a multiple of 16 elements (64 bytes)
+HEAD_CHUNK = 64  # the tied head runs 64 vocabulary rows at a time for all rows of a step
+MATMUL_BLOCK = 256  # float decode matmuls run 256 outputs at a time for all rows (Cython)
 
 
 def padded(n: int, multiple: int) -> int:
@@ -177,49 +193,59 @@ class PackedWeights:
 
 
 def _scratch_offsets(C: int, FF: int, NH: int, Bp: int, Mp: int, Kp: int) -> tuple[int, ...]:
-    """The scratch row, columns SF_X .. SI_EX: element offsets in sf and si.
+    """The scratch row, columns SF_X .. SI_EX: element offsets in a row of sf and of si.
 
     sf: x, h, a (C each), qkv (3C), f, g (FF each), attention weights (NH, Bp), then the
     float64 scores (Bp), which start at an even float offset (8-byte aligned: C, FF and Bp
-    terms are all even). si: state, int32 sums of 4 rows (4 Mp), the int8 row (Kp bytes,
-    rounded up to 64), then the exp scratch (2 max(FF, Bp), see `Buffers`)."""
+    terms are all even), then the activation scale (1). si: the int32 sums (Mp, from SI_ACC =
+    0), the int8 row (Kp bytes, rounded up to 64), then the exp scratch (2 max(FF, Bp), see
+    `Buffers`)."""
     sf_x, sf_h, sf_a, sf_qkv = 0, C, 2 * C, 3 * C
     sf_f, sf_g, sf_att = 6 * C, 6 * C + FF, 6 * C + 2 * FF
     sf_s64 = sf_att + NH * Bp
-    si_xq = SI_ACC + 4 * Mp
+    sf_sx = sf_s64 + 2 * Bp
+    si_xq = SI_ACC + Mp
     si_ex = si_xq + padded(Kp, 64) // 4
-    return sf_x, sf_h, sf_a, sf_qkv, sf_f, sf_g, sf_att, sf_s64, si_xq, si_ex
+    return sf_x, sf_h, sf_a, sf_qkv, sf_f, sf_g, sf_att, sf_s64, sf_sx, si_xq, si_ex
 
 
 class Buffers:
     """Every buffer of the fused path, allocated once for the sizes in an index table.
 
-    decode: sf (float32), si (int32), logits (V,), kvT (2, n_layer, C, Bp): the caches
-    transposed, keys (or values) of the cache in columns (empty for an exact model, whose
-    attention is the unfused kernel's). prefill, up to block_size rows T: x, h, a, q (T, C),
-    qkv (T, 3C), f, g (T, FF), att (NH * T * T,), xq_rows (T * Kp,) int8, sx (T,); it uses
-    si's int32 sums (`acc`) and exp scratch (`ex`) too.
+    decode, for up to `rows` sequences: per row of a step, sf (rows, SFW) float32 and si
+    (rows, SIW) int32 (their widths multiples of ROW_ALIGN); per sequence, logits (rows, V),
+    kvT (rows, 2, n_layer, C, Bp): the caches transposed, keys (or values) of the cache in
+    columns (empty for an exact model, whose attention is the unfused kernel's), synced
+    (rows,) int64: the positions kvT mirrors; ctl (3, rows) int64, see the module docstring.
+    prefill, one sequence of up to block_size positions T: x, h, a, q (T, C), qkv (T, 3C), f,
+    g (T, FF), att (NH * T * T,), xq_rows (T * Kp,) int8, sx (T,), acc_rows (T * Mp,) int32
+    (flat: a layer with smaller Kp, Mp takes a (T, Kp), (T, Mp) view of their start) and ex,
+    the exp scratch.
     """
 
-    def __init__(self, tab: np.ndarray, exact: bool):
+    def __init__(self, tab: np.ndarray, exact: bool, rows: int = 1):
         L, C, NH, V, T, FF, Mp, Kp, Bp = (int(v) for v in tab[ROW_DIMS, :DIM_BP + 1])
         sc = tab[ROW_SCRATCH]
-        self.sf = np.zeros(sc[SF_S64] + 2 * Bp, np.float32)  # + float64 scores (Bp,)
-        self.si = np.zeros(sc[SI_EX] + 2 * max(FF, Bp), np.int32)  # + exp scratch
-        self.acc = self.si[SI_ACC:sc[SI_XQ]]  # int32 sums of up to 4 rows (4 Mp,)
-        self.ex = self.si[sc[SI_EX]:]  # exp scratch: 2 ints per element of up to max(FF, Bp)
-        self.logits = np.zeros(V, np.float32)
-        self.kvT = np.zeros((2, L, C, 0 if exact else Bp), np.float32)
+        self.rows = rows
+        self.sf = np.zeros((rows, padded(sc[SF_SX] + 1, ROW_ALIGN)), np.float32)
+        self.si = np.zeros((rows, padded(sc[SI_EX] + 2 * max(FF, Bp), ROW_ALIGN)), np.int32)
+        self.logits = np.zeros((rows, V), np.float32)
+        self.kvT = np.zeros((rows, 2, L, C, 0 if exact else Bp), np.float32)
+        self.synced = np.zeros(rows, np.int64)
+        self.ctl = np.zeros((3, rows), np.int64)
         self.x, self.h, self.a, self.q = (np.zeros((T, C), np.float32) for _ in range(4))
         self.qkv = np.zeros((T, 3 * C), np.float32)
         self.f, self.g = np.zeros((T, FF), np.float32), np.zeros((T, FF), np.float32)
         self.att = np.zeros(NH * T * T, np.float32)
         self.xq_rows = np.zeros(T * Kp, np.int8)
         self.sx = np.zeros(T, np.float32)
+        self.acc_rows = np.zeros(T * Mp, np.int32)
+        self.ex = np.zeros(2 * max(FF, T), np.int32)
 
     def nbytes(self) -> dict[str, int]:
         """{"kv_cache_transposed": bytes of kvT, "scratch": bytes of every other buffer}."""
-        scratch = (self.sf, self.si, self.logits, self.x, self.h, self.a, self.q, self.qkv,
-                   self.f, self.g, self.att, self.xq_rows, self.sx)
+        scratch = (self.sf, self.si, self.logits, self.synced, self.ctl, self.x, self.h, self.a,
+                   self.q, self.qkv, self.f, self.g, self.att, self.xq_rows, self.sx,
+                   self.acc_rows, self.ex)
         return {"kv_cache_transposed": self.kvT.nbytes,
                 "scratch": sum(a.nbytes for a in scratch)}

@@ -1,28 +1,36 @@
-"""numba backend, fused path: one compiled call per decoded token, and fast prefill stages.
+"""numba backend, fused path: one compiled call per decode step, and fast prefill stages.
 
-`decode_step` runs a whole decode step (every layer, the KV-cache append, attention against
-the cache, the MLP, ln_f and the tied head) in one call into compiled code: the engine's
-block forward (minitf/engine.py, `Engine._run`) compiled for one token, on weights packed
-once (`layout.PackedWeights`) and scratch buffers allocated once (`layout.Buffers`): nothing
-is allocated per token. Every offset comes from `layout` (its constants, and the sizes and
-scratch rows of the index table). The prefill runs in the engine, stage by stage, and calls
-the stages here that the unfused backend has no counterpart for (`linear_w8a8_rows`,
-`causal_softmax_rows`, `gelu_fast_rows`); the large float matmuls go to BLAS there. Loops
-index arrays rather than take row views: a view made inside a numba loop costs two atomic
-reference-count updates.
+`decode_rows` runs a whole decode step (every layer, the KV-cache append, attention against
+the cache, the MLP, ln_f and the tied head) for n sequences ("rows") at once, in one call
+into compiled code: the engine's block forward (minitf/engine.py, `Engine._run`) compiled
+for one token per row, on weights packed once (`layout.PackedWeights`) and scratch buffers
+allocated once (`layout.Buffers`): nothing is allocated per step. Each row has its own KV
+cache and position; each linear layer and the head run weight block outer, rows inner, so
+that every weight is read from memory once per step for all rows (then from L1/L2), which
+is what batching buys once the weights no longer fit in cache. A single sequence is the
+case n = 1 of the same code, so a row computes, bit for bit, what it computes alone: its
+arithmetic never depends on the other rows (the rows of a W8A8 layer share weight passes,
+but their int32 sums are exact in any grouping). Every offset comes from `layout` (its
+constants, and the sizes and scratch rows of the index table). The prefill runs in the
+engine, stage by stage, and calls the stages here that the unfused backend has no
+counterpart for (`linear_w8a8_rows`, `causal_softmax_rows`, `gelu_fast_rows`); the large
+float matmuls go to BLAS there. Loops index arrays rather than take row views: a view made
+inside a numba loop costs two atomic reference-count updates.
 
 Numerics. A W8A8 model quantizes activations at run time, so a value 1 ulp away from the
 unfused path's can land in the next int8 step and move the logits by up to 0.05 (measured
 on a trained model). For W8A8 models (`exact`) every stage before a quantization therefore
 runs numba_kernels' own loops (`_layernorm`, `_attention`, `_gelu`, `_matmul_row`,
-`_quantize_row`, ...), so it rounds exactly as the unfused path; the int8 sums are exact in
-any order. Float32 and weight-only models have no such cliff: attention runs along the keys
-of a transposed copy of the cache (`_attention_t`) and GELU uses a vectorized exp
-(`_gelu_fast`), within 1e-5.
+`_quantize_row`, ...) row by row on arrays of the types the unfused path gives them, so it
+rounds exactly as the unfused path; the int8 sums are exact in any order. Float32 and
+weight-only models have no such cliff: their linear layers run all rows per weight pass
+(`_matmul_rows`), attention runs along the keys of a transposed copy of the cache
+(`_attention_t`) and GELU uses a vectorized exp (`_gelu_fast`), within 1e-5.
 
 int8 x int8 sums: `numba_int8_tile.int8_tile` on the tiles of `layout.pack_vnni`, in the
 variant `INT8_ISA` (AVX-512 VNNI, AVX2 or portable: the fastest the CPU runs, unless
-$MINITF_ISA forces one), exact, then the unfused kernels' epilogue.
+$MINITF_ISA forces one), exact, called in one place (`_w8a8_sums`), then the unfused
+kernels' epilogue.
 """
 
 from __future__ import annotations
@@ -32,16 +40,17 @@ import math
 import numpy as np
 
 from ._jit import njit
-from .layout import (ATTN_PROJ, B, C_ATTN, C_FC, DIM_BP, DIM_C, DIM_FF, DIM_L, DIM_NH,
-                     DIM_V, F32, FIRST_LAYER_ROW, INT8, KIND, KP, LN_1, LN_2, MLP_PROJ, MP,
-                     ROW_DIMS, ROW_LNF, ROW_SCRATCH, ROW_WPE, ROW_WTE, ROWS_PER_LAYER, S,
-                     SF_A, SF_ATT, SF_F, SF_G, SF_H, SF_QKV, SF_S64, SF_X, SI_ACC, SI_EX,
-                     SI_STATE, SI_XQ, SUM, TILE_K, TILE_M, K, M, P, Q, W)
+from .layout import (ATTN_PROJ, B, C_ATTN, C_FC, CTL_POS, CTL_ROW, CTL_TOKEN, DIM_BP,
+                     DIM_C, DIM_FF, DIM_L, DIM_NH, DIM_V, F32, FIRST_LAYER_ROW, HEAD_CHUNK,
+                     INT8, KIND, KP, LN_1, LN_2, MLP_PROJ, MP, ROW_DIMS, ROW_LNF, ROW_SCRATCH,
+                     ROW_WPE, ROW_WTE, ROWS_PER_LAYER, S, SF_A, SF_ATT, SF_F, SF_G, SF_H,
+                     SF_QKV, SF_S64, SF_SX, SF_X, SI_ACC, SI_EX, SI_XQ, SUM, TILE_K, TILE_M,
+                     K, M, P, Q, W)
 from .numba_int8_tile import INT8_ISA, int8_tile
 from .numba_kernels import (_attention, _gelu, _layernorm, _matmul_int8_row, _matmul_nt_row,
                             _matmul_row, _quantize_row, _w8a8_epilogue)
 
-__all__ = ["INT8_ISA", "Decoder", "decode_step", "linear_w8a8_rows", "causal_softmax_rows",
+__all__ = ["INT8_ISA", "Decoder", "decode_rows", "linear_w8a8_rows", "causal_softmax_rows",
            "gelu_fast_rows"]
 
 
@@ -49,61 +58,122 @@ __all__ = ["INT8_ISA", "Decoder", "decode_step", "linear_w8a8_rows", "causal_sof
 
 
 @njit
-def _linear_w8a8_row(y, xq, acc, x, wp, wsum, w_scale, bias):
-    """One row of `numba_kernels._matmul_w8a8` (bit-identical): quantize x (K,), int32 sums
-    on the tiles wp, then the unfused epilogue into y (M,).
+def _w8a8_sums(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, Mp):
+    """acc[i * a_stride + m] = sum_k xq[i * x_stride + k] * w[k, m] for rows i < n and
+    outputs m < Mp, w the (Kp, Mp) int8 weight tiled by `layout.pack_vnni` (wp), wsum (Mp,)
+    its column sums.
 
-    Scratch xq (>= Kp,) int8 and acc (>= Mp,) int32; wsum (Mp,) int32 = column sums of w.
-    """
-    Kn, Mp = x.shape[0], wsum.shape[0]  # (column names K, M are layout's)
-    groups = (Kn + TILE_K - 1) // TILE_K  # padded k rows hold zero weights: xq there is ignored
-    s = _quantize_row(xq[:Kn], x)
+    Tile outer, rows inner, 4 rows per weight pass: each tile of weights (Kp x 64 bytes) is
+    read once for all rows. Exact int32 sums, whatever the grouping of rows. acc int32 and
+    xq int8 flat arrays (row i's activations at xq[i * x_stride:], Kp of them)."""
+    groups = Kp // TILE_K
     for tile in range(Mp // TILE_M):
-        int8_tile(acc, tile * TILE_M, 0, xq, 0, wp, tile * groups * TILE_K * TILE_M, wsum,
-                  tile * TILE_M, groups, 1)
-    _w8a8_epilogue(y, acc, s, w_scale, bias)
+        i = 0
+        while i < n:
+            rows = 4 if i + 4 <= n else 1
+            int8_tile(acc, i * a_stride + tile * TILE_M, a_stride, xq[i * x_stride:], x_stride,
+                      wp, tile * groups * TILE_K * TILE_M, wsum, tile * TILE_M, groups, rows)
+            i += rows
 
 
 @njit
 def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
     """`numba_kernels._matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass.
 
-    Outputs y (N, M) float32; scratch xq (N, Kp) int8, sx (N,) float32, acc (>= 4 Mp,)
-    int32; inputs x (N, K) float32, tiles wp, wsum (Mp,), w_scale (M,), bias (M,).
+    Outputs y (N, M) float32; scratch xq (N, Kp) int8, sx (N,) float32, acc (N, Mp) int32;
+    inputs x (N, K) float32, tiles wp, wsum (Mp,), w_scale (M,), bias (M,).
     """
     N, Kn = x.shape
     Kp, Mp = xq.shape[1], wsum.shape[0]
-    groups = Kp // TILE_K
     for n in range(N):
         sx[n] = _quantize_row(xq[n, :Kn], x[n])
-    xflat = xq.reshape(-1)
-    n = 0
-    while n < N:
-        rows = 4 if n + 4 <= N else 1
-        for tile in range(Mp // TILE_M):
-            int8_tile(acc, tile * TILE_M, Mp, xflat[n * Kp:], Kp, wp,
-                      tile * groups * TILE_K * TILE_M, wsum, tile * TILE_M, groups, rows)
-        for r in range(rows):
-            _w8a8_epilogue(y[n + r], acc[r * Mp:(r + 1) * Mp], sx[n + r], w_scale, bias)
-        n += rows
+    _w8a8_sums(acc.reshape(-1), Mp, xq.reshape(-1), Kp, N, wp, wsum, Kp, Mp)
+    for n in range(N):
+        _w8a8_epilogue(y[n], acc[n], sx[n], w_scale, bias)
 
 
 @njit
-def _linear_row(y, x, pf, pq, pi, row, xq, acc):
-    """y (M,) = linear layer `row` of the index table applied to x (K,), by its kind:
-    F32 and INT8 (weight-only) run the unfused kernels' row loops; W8A8 `_linear_w8a8_row`."""
+def _matmul_rows(sf, o, i0, w, n):
+    """sf[i, o:o+M] = sf[i, i0:i0+K] @ float32(w (K, M)) for the step's rows i < n, w float32
+    or int8 (weight-only layers: the caller applies the channel scale). Groups of 4 k
+    outer, rows inner, so that the 4 weight rows of a group are read once for all rows.
+
+    Every row runs the same loop body, in the order of `numba_kernels._matmul_row` (4 k
+    per pass, k ascending), so a row's result does not depend on n. Row views (one per
+    group and row) keep the inner loop vectorized: indices offset by an argument would
+    not be (numba's negative-index check)."""
+    Kn, Mn = w.shape
+    for i in range(n):
+        y = sf[i, o:o + Mn]
+        for m in range(Mn):
+            y[m] = 0
+    k = 0
+    while k + 4 <= Kn:
+        for i in range(n):
+            y = sf[i, o:o + Mn]
+            a0, a1, a2, a3 = sf[i, i0 + k], sf[i, i0 + k + 1], sf[i, i0 + k + 2], sf[i, i0 + k + 3]
+            for m in range(Mn):
+                y[m] += (a0 * np.float32(w[k, m]) + a1 * np.float32(w[k + 1, m])
+                         + a2 * np.float32(w[k + 2, m]) + a3 * np.float32(w[k + 3, m]))
+        k += 4
+    while k < Kn:
+        for i in range(n):
+            y = sf[i, o:o + Mn]
+            a = sf[i, i0 + k]
+            for m in range(Mn):
+                y[m] += a * np.float32(w[k, m])
+        k += 1
+
+
+@njit
+def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
+    """sf[i, o:o+M] = linear layer `row` of the index table applied to sf[i, i0:i0+K], for
+    the step's rows i < n (sc: the scratch row), by its kind: F32 and INT8 (weight-only)
+    all rows per weight pass (`_matmul_rows`, then the scale and bias), or in a W8A8 model (`exact`) the unfused
+    kernels' row loops; W8A8: each row quantized (its own scale), the int8 tile on 4 rows
+    per weight pass, then the unfused epilogue per row."""
     Kn, Mn = row[K], row[M]
     bias = pf[row[B]:row[B] + Mn]
     if row[KIND] == F32:
-        _matmul_row(y, x, pf[row[W]:row[W] + Kn * Mn].reshape((Kn, Mn)))
-        for m in range(Mn):
-            y[m] += bias[m]
+        w = pf[row[W]:row[W] + Kn * Mn].reshape((Kn, Mn))
+        if exact:  # feeds a quantization: the unfused kernel, bit for bit
+            for i in range(n):
+                _matmul_row(sf[i, o:o + Mn], sf[i, i0:i0 + Kn], w)
+        else:
+            _matmul_rows(sf, o, i0, w, n)
+        for i in range(n):
+            y = sf[i, o:o + Mn]
+            for m in range(Mn):
+                y[m] += bias[m]
     elif row[KIND] == INT8:
         wq = pq[row[Q]:row[Q] + Kn * Mn].reshape((Kn, Mn))
-        _matmul_int8_row(y, x, wq, pf[row[S]:row[S] + Mn], bias)
+        w_scale = pf[row[S]:row[S] + Mn]
+        if exact:
+            for i in range(n):
+                _matmul_int8_row(sf[i, o:o + Mn], sf[i, i0:i0 + Kn], wq, w_scale, bias)
+        else:
+            _matmul_rows(sf, o, i0, wq, n)
+            for i in range(n):
+                y = sf[i, o:o + Mn]
+                for m in range(Mn):
+                    y[m] = y[m] * w_scale[m]  # the channel scale, once per output
+                for m in range(Mn):
+                    y[m] += bias[m]
     else:
-        _linear_w8a8_row(y, xq, acc, x, pq[row[P]:row[P] + row[KP] * row[MP]],
-                         pi[row[SUM]:row[SUM] + row[MP]], pf[row[S]:row[S] + Mn], bias)
+        Kp, Mp, SX = row[KP], row[MP], sc[SF_SX]
+        wsum = pi[row[SUM]:row[SUM] + Mp]
+        w_scale = pf[row[S]:row[S] + Mn]
+        SW = si.shape[1]
+        flat = si.reshape(-1)  # the step's rows of sums, SW int32 apart
+        xq = flat.view(np.int8)  # ... and of int8 activations, 4 SW bytes apart
+        xq_off = 4 * sc[SI_XQ]
+        for i in range(n):
+            at = 4 * (i * SW) + xq_off
+            sf[i, SX] = _quantize_row(xq[at:at + Kn], sf[i, i0:i0 + Kn])
+        _w8a8_sums(flat[SI_ACC:], SW, xq[xq_off:], 4 * SW, n, pq[row[P]:row[P] + Kp * Mp], wsum,
+                   Kp, Mp)
+        for i in range(n):
+            _w8a8_epilogue(sf[i, o:o + Mn], si[i, SI_ACC:SI_ACC + Mp], sf[i, SX], w_scale, bias)
 
 
 # ------------------------------------------------------------- float32 fast stages ------
@@ -164,13 +234,17 @@ def _gelu_fast(y, x, ex):
 
 
 @njit
-def _attention_t(out, s, s64, ex, q, kT, vT, Tk, n_head, scale):
-    """One query against the first Tk keys of a transposed cache, float32.
+def _attention_t(out, s, s64, ex, q, k, v, kT, vT, Tk, n_head, scale):
+    """One query against the first Tk keys of a transposed cache, float32, the last of them
+    (k, v (C,), the query's own) written into column Tk - 1 on the way.
 
     `numpy_ref.attention` for the last query row (it sees every key) within
     TOL[("kernel_attention", float32)]. out (C,); scratch s (NH, Bp) float32, s64 (Bp,)
-    float64, ex (`_exp_scratch` of Bp); q (C,); kT, vT (C, Bp): key/value j of the cache in
-    column j, Bp a multiple of 16. Scores and weighted sums run along the keys, the
+    float64, ex (`_exp_scratch` of Bp); q, k, v (C,); kT, vT (C, Bp): key/value j of the
+    cache in column j (j < Tk - 1 already there), Bp a multiple of 16. The new column is
+    written channel by channel just before that channel's row is read: a pass of its own
+    would touch C cache lines 4 Bp bytes apart, which for a batch of rows are no longer in
+    cache (measured: a seventh of a 16-row step). Scores and weighted sums run along the keys, the
     contiguous axis, so they vectorize whatever the head size; keys are padded to a multiple
     of 16 with weight 0. Scores are summed in float64: summed channel by channel in float32
     they would round more than the unfused kernel's dot products (~5 ulp of a score of 20,
@@ -180,6 +254,7 @@ def _attention_t(out, s, s64, ex, q, kT, vT, Tk, n_head, scale):
     C = q.shape[0]
     HS = C // n_head
     Tp = min((Tk + 15) // 16 * 16, kT.shape[1])
+    t = Tk - 1
     for h in range(n_head):
         for j in range(Tp):
             s64[j] = 0
@@ -187,11 +262,13 @@ def _attention_t(out, s, s64, ex, q, kT, vT, Tk, n_head, scale):
         while c + 4 <= c1:  # scores = q_h @ K_h^T, 4 channels per pass
             q0, q1 = np.float64(q[c]), np.float64(q[c + 1])
             q2, q3 = np.float64(q[c + 2]), np.float64(q[c + 3])
+            kT[c, t], kT[c + 1, t], kT[c + 2, t], kT[c + 3, t] = k[c], k[c + 1], k[c + 2], k[c + 3]
             for j in range(Tp):
                 s64[j] += q0 * kT[c, j] + q1 * kT[c + 1, j] + q2 * kT[c + 2, j] + q3 * kT[c + 3, j]
             c += 4
         while c < c1:
             qc = np.float64(q[c])
+            kT[c, t] = k[c]
             for j in range(Tp):
                 s64[j] += qc * kT[c, j]
             c += 1
@@ -210,6 +287,7 @@ def _attention_t(out, s, s64, ex, q, kT, vT, Tk, n_head, scale):
         for j in range(Tk, Tp):
             s[h, j] = 0  # padding keys weigh nothing
         for c in range(h * HS, c1):  # out_h = p @ V_h
+            vT[c, t] = v[c]
             acc = np.float32(0)
             for j in range(Tp):
                 acc += s[h, j] * vT[c, j]
@@ -229,95 +307,123 @@ def _sync_transposed(kT, vT, k, v, start, stop):
 
 
 @njit
-def decode_step(logits, sf, si, k_cache, v_cache, kvT, pf, pq, pi, tab, token, pos, eps, exact):
-    """Logits (V,) of `token` at position `pos`, appending its keys and values to the cache.
+def _residual_rows(sf, x0, a0, C, n):
+    """sf[i, x0:x0+C] += sf[i, a0:a0+C] for rows i < n: the residual stream."""
+    for i in range(n):
+        x, a = sf[i, x0:x0 + C], sf[i, a0:a0 + C]
+        for c in range(C):
+            x[c] += a[c]
 
-    The engine's block forward (`Engine._run`) over one token, stage by stage. Buffers
-    (`layout.Buffers`): sf float32 and si int32 scratch at the offsets of the table's scratch
-    row ([SI_STATE]: the cache positions mirrored in kvT); k_cache, v_cache (n_layer,
-    block_size, d_model); kvT (2, n_layer, d_model, Bp) the caches transposed, kept in step
-    here (positions written by anything else are copied in first). pf, pq, pi, tab: the
-    packed weights. exact: a W8A8 model, whose attention must be the unfused kernel's, bit
-    for bit (kvT is then unused).
+
+@njit
+def _layernorm_rows(sf, o, i0, pf, ln, n, eps):
+    """sf[i, o:o+C] = LayerNorm of sf[i, i0:i0+C] (weights: table row `ln`), rows i < n,
+    each row as the unfused kernel computes a (1, C) array."""
+    C = ln[M]
+    w, b = pf[ln[W]:ln[W] + C], pf[ln[B]:ln[B] + C]
+    for i in range(n):
+        _layernorm(sf[i, o:o + C].reshape((1, C)), sf[i, i0:i0 + C].reshape((1, C)), w, b, eps)
+
+
+@njit
+def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, ctl, n, eps,
+                exact):
+    """One decode step of n sequences: for each row i < n of the step, the logits of token
+    ctl[CTL_TOKEN, i] at position ctl[CTL_POS, i] of sequence r = ctl[CTL_ROW, i], its keys
+    and values appended to r's cache.
+
+    The engine's block forward (`Engine._run`) over one token per row, stage by stage, every
+    linear layer and the head for all rows per weight pass. Buffers (`layout.Buffers`):
+    logits (R, V) out, row r; sf float32 (R, SFW) and si int32 (R, SIW) scratch, row i, at
+    the offsets of the table's scratch row; k_cache, v_cache (R, n_layer, block_size,
+    d_model); kvT (R, 2, n_layer, d_model, Bp) the caches transposed and synced (R,) the
+    positions each mirrors, kept in step here (positions written by anything else are
+    copied in first). pf, pq, pi, tab: the packed weights. exact: a W8A8 model, whose
+    stages before a quantization must be the unfused kernels', bit for bit (kvT unused).
+    Rows must be distinct sequences with positions < block_size (the engine checks).
     """
     dims, sc = tab[ROW_DIMS], tab[ROW_SCRATCH]
     L, C, NH, V = dims[DIM_L], dims[DIM_C], dims[DIM_NH], dims[DIM_V]
     FF, Bp = dims[DIM_FF], dims[DIM_BP]
-    Tk = pos + 1
-    x, h, a = sf[sc[SF_X]:sc[SF_X] + C], sf[sc[SF_H]:sc[SF_H] + C], sf[sc[SF_A]:sc[SF_A] + C]
-    qkv = sf[sc[SF_QKV]:sc[SF_QKV] + 3 * C]
-    f, g = sf[sc[SF_F]:sc[SF_F] + FF], sf[sc[SF_G]:sc[SF_G] + FF]
-    att = sf[sc[SF_ATT]:sc[SF_ATT] + NH * Bp]
-    s64 = sf[sc[SF_S64]:sc[SF_S64] + 2 * Bp].view(np.float64)
-    acc, xq = si[SI_ACC:sc[SI_XQ]], si[sc[SI_XQ]:sc[SI_EX]].view(np.int8)
-    ex = _exp_scratch(si[sc[SI_EX]:], max(FF, Bp))
     wte = pf[tab[ROW_WTE, W]:tab[ROW_WTE, W] + V * C].reshape((V, C))
     wpe = pf[tab[ROW_WPE, W]:]
     scale = np.float32(1.0 / math.sqrt(C // NH))  # as the checks compute it for _attention
-    synced = min(si[SI_STATE], pos)
-    for c in range(C):  # embedding: token and position
-        x[c] = wte[token, c] + wpe[pos * C + c]
+    X, H, A, QKV, F, G = sc[SF_X], sc[SF_H], sc[SF_A], sc[SF_QKV], sc[SF_F], sc[SF_G]
+    for i in range(n):  # embedding: token and position
+        token, pos, x = ctl[CTL_TOKEN, i], ctl[CTL_POS, i], sf[i, X:X + C]
+        for c in range(C):
+            x[c] = wte[token, c] + wpe[pos * C + c]
     for l in range(L):
-        r = FIRST_LAYER_ROW + l * ROWS_PER_LAYER
-        ln = tab[r + LN_1]
-        _layernorm(h.reshape((1, C)), x.reshape((1, C)), pf[ln[W]:ln[W] + C], pf[ln[B]:ln[B] + C], eps)
-        _linear_row(qkv, h, pf, pq, pi, tab[r + C_ATTN], xq, acc)
-        kc, vc = k_cache[l], v_cache[l]
-        for c in range(C):  # append this step's key and value to the cache
-            kc[pos, c] = qkv[C + c]
-            vc[pos, c] = qkv[2 * C + c]
-        if exact:
-            att_l = att[:NH * Tk].reshape((NH, 1, Tk))
-            _attention(h.reshape((1, C)), att_l, qkv[:C].reshape((1, C)), kc[:Tk], vc[:Tk], NH, scale)
-        else:  # differs: along the keys of the transposed cache, which vectorizes (1e-5)
-            _sync_transposed(kvT[0, l], kvT[1, l], kc, vc, synced, Tk)
-            _attention_t(h, att.reshape((NH, Bp)), s64, ex, qkv[:C], kvT[0, l], kvT[1, l], Tk, NH, scale)
-        _linear_row(a, h, pf, pq, pi, tab[r + ATTN_PROJ], xq, acc)
-        for c in range(C):
-            x[c] = x[c] + a[c]  # residual
-        ln = tab[r + LN_2]
-        _layernorm(h.reshape((1, C)), x.reshape((1, C)), pf[ln[W]:ln[W] + C], pf[ln[B]:ln[B] + C], eps)
-        _linear_row(f, h, pf, pq, pi, tab[r + C_FC], xq, acc)
-        if exact:
-            _gelu(g, f)
-        else:  # differs: with the vectorized exp (1e-5)
-            _gelu_fast(g, f, ex)
-        _linear_row(a, g, pf, pq, pi, tab[r + MLP_PROJ], xq, acc)
-        for c in range(C):
-            x[c] = x[c] + a[c]  # residual
+        r0 = FIRST_LAYER_ROW + l * ROWS_PER_LAYER
+        _layernorm_rows(sf, H, X, pf, tab[r0 + LN_1], n, eps)
+        _linear_rows(sf, si, sc, QKV, H, pf, pq, pi, tab[r0 + C_ATTN], n, exact)
+        for i in range(n):  # append each row's key and value to its cache, attend to it
+            r, pos = ctl[CTL_ROW, i], ctl[CTL_POS, i]
+            Tk = pos + 1
+            kc, vc, qkv = k_cache[r, l], v_cache[r, l], sf[i, QKV:QKV + 3 * C]
+            for c in range(C):
+                kc[pos, c] = qkv[C + c]
+                vc[pos, c] = qkv[2 * C + c]
+            h, q = sf[i, H:H + C], sf[i, QKV:QKV + C]
+            if exact:
+                att = sf[i, sc[SF_ATT]:sc[SF_ATT] + NH * Tk].reshape((NH, 1, Tk))
+                _attention(h.reshape((1, C)), att, q.reshape((1, C)), kc[:Tk], vc[:Tk], NH, scale)
+            else:  # differs: along the keys of the transposed cache, which vectorizes (1e-5)
+                kT, vT = kvT[r, 0, l], kvT[r, 1, l]
+                _sync_transposed(kT, vT, kc, vc, min(synced[r], pos), pos)  # anything missing
+                att = sf[i, sc[SF_ATT]:sc[SF_ATT] + NH * Bp].reshape((NH, Bp))
+                s64 = sf[i, sc[SF_S64]:sc[SF_S64] + 2 * Bp].view(np.float64)
+                ex = _exp_scratch(si[i, sc[SI_EX]:], max(FF, Bp))
+                _attention_t(h, att, s64, ex, q, qkv[C:2 * C], qkv[2 * C:], kT, vT, Tk, NH, scale)
+        _linear_rows(sf, si, sc, A, H, pf, pq, pi, tab[r0 + ATTN_PROJ], n, exact)
+        _residual_rows(sf, X, A, C, n)
+        _layernorm_rows(sf, H, X, pf, tab[r0 + LN_2], n, eps)
+        _linear_rows(sf, si, sc, F, H, pf, pq, pi, tab[r0 + C_FC], n, exact)
+        for i in range(n):
+            if exact:
+                _gelu(sf[i, G:G + FF], sf[i, F:F + FF])
+            else:  # differs: with the vectorized exp (1e-5)
+                _gelu_fast(sf[i, G:G + FF], sf[i, F:F + FF], _exp_scratch(si[i, sc[SI_EX]:], FF))
+        _linear_rows(sf, si, sc, A, G, pf, pq, pi, tab[r0 + MLP_PROJ], n, exact)
+        _residual_rows(sf, X, A, C, n)
     if not exact:
-        si[SI_STATE] = Tk
-    ln = tab[ROW_LNF]
-    _layernorm(h.reshape((1, C)), x.reshape((1, C)), pf[ln[W]:ln[W] + C], pf[ln[B]:ln[B] + C], eps)
-    _matmul_nt_row(logits, h, wte)  # the tied head
+        for i in range(n):
+            synced[ctl[CTL_ROW, i]] = ctl[CTL_POS, i] + 1
+    _layernorm_rows(sf, H, X, pf, tab[ROW_LNF], n, eps)
+    for m0 in range(0, V, HEAD_CHUNK):  # the tied head: a chunk of wte for all rows
+        m1 = min(m0 + HEAD_CHUNK, V)
+        for i in range(n):  # (chunks of 4k outputs: each output sums as in the whole row)
+            _matmul_nt_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C], wte[m0:m1])
 
 
 # ------------------------------------------------------------------------ prefill -------
-# The engine's prefill (minitf/engine.py, `FusedOps`) calls these stages on T rows, beside
+# The engine's prefill (minitf/engine.py, `FusedPath`) calls these stages on T rows, beside
 # the unfused backend's own loops; they take preallocated outputs, as every kernel here does.
 
 
 @njit
 def causal_softmax_rows(att, scale, si):
-    """In place, row i of att (T, T) becomes softmax(scale * att[i, :i+1]) followed by zeros:
-    the causal softmax of prefill, whose scores q @ k.T come from BLAS. `numpy_ref.attention`'s
-    weights within TOL[("kernel", float32)]. si: int32 scratch of 2 * T elements."""
-    T = att.shape[0]
-    ex = _exp_scratch(si, T)
-    for i in range(T):
-        row = att[i, :i + 1]
-        for j in range(i + 1):
+    """In place, row i of att (Tq, Tk) becomes softmax(scale * att[i, :j+1]) followed by
+    zeros, j = Tk - Tq + i the query's position (it sees keys 0..j): the causal softmax of
+    prefill, whose scores q @ k.T come from BLAS. `numpy_ref.attention`'s weights within
+    TOL[("kernel", float32)]. si: int32 scratch of 2 * Tk elements."""
+    Tq, Tk = att.shape
+    ex = _exp_scratch(si, Tk)
+    for i in range(Tq):
+        last = Tk - Tq + i
+        row = att[i, :last + 1]
+        for j in range(last + 1):
             row[j] *= scale
         mx = row[0]
-        for j in range(1, i + 1):
+        for j in range(1, last + 1):
             mx = max(mx, row[j])
         _exp_into(row, row, mx, ex)
         total = np.float32(0)
-        for j in range(i + 1):
+        for j in range(last + 1):
             total += row[j]
-        for j in range(i + 1):
+        for j in range(last + 1):
             row[j] /= total
-        for j in range(i + 1, T):
+        for j in range(last + 1, Tk):
             att[i, j] = 0
 
 
@@ -331,16 +437,17 @@ def gelu_fast_rows(y, x, si):
 
 
 class Decoder:
-    """One decode step per `step(token, pos)` call, on arrays bound once (the interface of
-    `_cython_fused.Decoder`). Arguments: see `decode_step`."""
+    """Decode steps on arrays bound once (the interface of `_cython_fused.Decoder`).
+    Arguments: see `decode_rows`; the engine writes the step's rows into ctl."""
 
-    def __init__(self, logits, sf, si, k_cache, v_cache, kvT, pf, pq, pi, tab, eps, exact):
-        self._arrays = (logits, sf, si, k_cache, v_cache, kvT, pf, pq, pi, tab)
+    def __init__(self, logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, ctl,
+                 eps, exact):
+        self._arrays = (logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, ctl)
         self.eps, self.exact = float(eps), bool(exact)
-        self.block_size = k_cache.shape[1]
+        self.rows = sf.shape[0]
 
-    def step(self, token: int, pos: int) -> None:
-        """Run token (checked by the engine) at position pos < block_size; fills logits."""
-        if not 0 <= pos < self.block_size:
-            raise ValueError(f"pos={pos} is outside the cache (block_size {self.block_size})")
-        decode_step(*self._arrays, token, pos, self.eps, self.exact)
+    def step(self, n: int) -> None:
+        """Run the first n rows of ctl (checked by the engine); fills their logits."""
+        if not 1 <= n <= self.rows:
+            raise ValueError(f"n={n} rows: the buffers hold 1..{self.rows}")
+        decode_rows(*self._arrays, n, self.eps, self.exact)

@@ -1,8 +1,10 @@
-"""Inference: prefill the prompt in one pass, then decode one token at a time with a KV cache.
+"""Inference: prefill the prompt in one pass, then decode one token at a time with a KV cache,
+one sequence or several together, past the context too.
 
 Every hot operation goes through a kernel backend (`minitf.kernels`: numpy, numba, cython),
-so the same model runs on any of them. The KV cache is laid out (layer, position, d_model)
-as in llama2.c: head h of a cached key is columns h*HS:(h+1)*HS of its row.
+so the same model runs on any of them. The KV cache is laid out (row, layer, position,
+d_model) as in llama2.c, one row per sequence: head h of a cached key is columns
+h*HS:(h+1)*HS of its row.
 
 The forward pass of inference is written once, `Engine._run`: embedding, the blocks, ln_f
 and the tied head, over a *path* that supplies the operations:
@@ -12,23 +14,37 @@ and the tied head, over a *path* that supplies the operations:
   tested against.
 - `FusedPath` (numba and cython): the prefill runs the same `_run` on buffers allocated
   once, with BLAS for the large float matmuls, a compiled causal softmax and a fast GELU;
-  the decode step is `_run` compiled for one token (kernels/numba_fused.py `decode_step`,
-  kernels/_cython_fused.pyx), one call per token that allocates nothing. The weights are
-  packed once for it (kernels/layout.py) and the engine's arrays are views into them.
+  the decode step is `_run` compiled for one token per sequence (kernels/numba_fused.py
+  `decode_rows`, kernels/_cython_fused.pyx), one call per step for every sequence, which
+  allocates nothing and reads each weight once for all of them. The weights are packed
+  once for it (kernels/layout.py) and the engine's arrays are views into them.
+
+A prefill that only needs the last position's logits (generation) computes the last layer
+for the last position only: its keys and values still go to the cache for every position,
+but its attention output, MLP and the head are one row (`_run`, last_only).
 
 A hook (`trace`, `capture_attention`, `attention_out`) never changes the path: both paths
 report each operation to `trace` (the fused decode step as one operation) and write the
 prefill's attention weights.
 
-Past the context (block_size tokens) generation continues with a sliding window: the next
-token is predicted from the last block_size tokens, re-prefilled at positions
-0..block_size-1 (GPT-2's learned absolute positions make the cached keys invalid once the
-window moves), exactly what a full forward over the cropped context would give, as
-nanoGPT's `generate` does.
+Past the context (block_size tokens) generation goes on in one of two context modes
+(`CONTEXT_MODES`; docs/generation.md):
+
+- "shift" (default): when the cache is full, keep the last `keep` tokens (default
+  block_size // 2), re-prefill them once at positions 0..keep-1 and decode on with the
+  cache; the model sees between keep and block_size tokens of history;
+- "exact": every token sees exactly the last block_size tokens, as nanoGPT's `generate`
+  crops them: once the window is full, each token re-prefills it (shift with keep =
+  block_size).
+
+Either way the window is re-prefilled, never shifted in place: GPT-2's positions are
+learned absolute embeddings added to the input, so every cached key and value depends on
+the position its token had; once the window moves they are the keys of other positions.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -98,6 +114,33 @@ def check_engine_params(params: dict[str, np.ndarray], config: GPTConfig) -> Non
                  "choose a smaller model or block_size")
 
 
+CONTEXT_MODES = ("shift", "exact")
+
+
+@dataclass
+class GenerationStats:
+    """Where the time of a generation went, filled in as it runs (seconds, tokens).
+
+    prefill: the prompts' prefills (one per row); decode: the KV-cache steps inside the
+    context (one call per step for all the rows decoding in it; `decode_tokens` counts rows
+    x steps); reprefill: the windows re-prefilled past the context (shift: once every
+    block_size - keep tokens; exact: every token); sample: the samplers' calls. Every
+    sampled token (`new_tokens`) is drawn from the logits of a prompt prefill, a decode
+    step or a re-prefill; a row's last token is sampled but never forwarded."""
+
+    rows: int = 0  # sequences generated together
+    new_tokens: int = 0  # tokens sampled, all rows
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    reprefill_s: float = 0.0
+    reprefills: int = 0
+    reprefill_tokens: int = 0
+    sample_s: float = 0.0
+
+
 class Engine:
     """A GPT-2 model ready for generation on one kernel backend.
 
@@ -115,6 +158,9 @@ class Engine:
         minitf.kernels.BackendError: the backend is unknown or cannot load, or fused=True
             for a backend without a fused path (a ValueError).
         ValueError: int8_mode is unknown.
+
+    The single-sequence API (`prefill`, `decode`, `generate`, `k_cache`, `v_cache`, `pos`)
+    works on row 0 of the caches; `generate_batch` uses rows 0..N-1, allocated on demand.
     """
 
     def __init__(self, config: GPTConfig, params: dict[str, np.ndarray], backend: str | None = None,
@@ -149,10 +195,6 @@ class Engine:
                 "ln_2": (tensors[p + "ln_2.weight"], tensors[p + "ln_2.bias"]),
                 **{lin: make_linear(tensors, p + lin, int8_mode) for lin in LINEARS},
             })
-        L, T, C = config.n_layer, config.block_size, config.d_model
-        self.k_cache = np.zeros((L, T, C), dtype=np.float32)  # (layer, position, d_model)
-        self.v_cache = np.zeros((L, T, C), dtype=np.float32)
-        self.pos = 0  # number of positions filled in the cache
         # trace(op_name) is called after every operation when set (memory plots); None = off
         self.trace: Callable[[str], None] | None = None
         # when True, every prefill keeps its attention weights in last_attention (plots)
@@ -161,41 +203,75 @@ class Engine:
         # the path every prefill and decode runs; `fused` is it when it is the fused one
         self.fused: FusedPath | None = FusedPath(self, fk, packed) if fused else None
         self.path: UnfusedPath | FusedPath = self.fused or UnfusedPath(self)
+        self.rows = 0  # sequences the caches hold
+        self.positions: list[int] = []  # positions[r]: how many positions of row r's cache are filled
+        self.reserve(1)
+
+    def reserve(self, rows: int) -> None:
+        """Make room for `rows` sequences: KV caches k_caches, v_caches (rows, n_layer,
+        block_size, d_model) float32, and the fused path's buffers. Rows already held keep
+        their caches and positions; the buffers never shrink."""
+        if rows <= self.rows:
+            return
+        L, T, C = self.config.n_layer, self.config.block_size, self.config.d_model
+        k, v = np.zeros((rows, L, T, C), np.float32), np.zeros((rows, L, T, C), np.float32)
+        if self.rows:
+            k[:self.rows], v[:self.rows] = self.k_caches, self.v_caches
+        self.k_caches, self.v_caches = k, v  # (row, layer, position, d_model)
+        self.k_cache, self.v_cache = k[0], v[0]  # row 0's (layer, position, d_model)
+        self.positions += [0] * (rows - self.rows)
+        self.rows = rows
+        self.path.reserve(rows)
+
+    @property
+    def pos(self) -> int:
+        """Number of positions filled in row 0's cache."""
+        return self.positions[0]
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        self.positions[0] = value
 
     # ------------------------------------------------------------------------------------
     def _mark(self, op: str) -> None:
         if self.trace is not None:
             self.trace(op)
 
-    def _run(self, path, idx: np.ndarray, start: int, attention_out=None,
+    def _run(self, path, idx: np.ndarray, start: int, row: int = 0, attention_out=None,
              last_only: bool = False) -> np.ndarray:
-        """The forward pass of inference: tokens idx (T,) at positions start..start+T-1,
-        their keys and values written to the cache; logits (T, V), or with last_only the
-        last row's (V,). `path` supplies each operation (`UnfusedPath`, `FusedPath`);
-        attention_out: None or n_layer arrays (NH, T, start + T) for the attention weights.
-        The fused decode step (kernels/numba_fused.py) is this sequence compiled."""
-        x = path.embed(idx, start)  # (T, C) token + position embeddings
+        """The forward pass of inference: tokens idx (T,) at positions start..start+T-1 of
+        sequence `row`, their keys and values written to its cache; logits (T, V), or with
+        last_only the last row's (V,). `path` supplies each operation (`UnfusedPath`,
+        `FusedPath`); attention_out: None or n_layer arrays (NH, T, start + T) for the
+        attention weights. The fused decode step (kernels/numba_fused.py) is this sequence
+        compiled."""
+        L = len(self.blocks)
+        x = path.embed(idx, start, row)  # (T, C) token + position embeddings
         self._mark("embedding")
         for l, blk in enumerate(self.blocks):
             h = path.layernorm(x, *blk["ln_1"])  # (T, C)
             self._mark(f"h.{l}.ln_1")
             qkv = path.linear(h, l, "attn.c_attn")  # (T, 3C)
             att = None if attention_out is None else attention_out[l]
-            h = path.attention(qkv, l, start, att)  # (T, C); keys, values appended to the cache
-            a = path.linear(h, l, "attn.c_proj")  # (T, C)
+            # with last_only, the last layer's output is needed at the last position alone:
+            # keys and values of every position go to the cache, the rest is one row (Tq)
+            Tq = 1 if last_only and attention_out is None and l == L - 1 else len(x)
+            h = path.attention(qkv, l, row, start, att, Tq)  # (Tq, C); K, V into the cache
+            x = x[len(x) - Tq:]  # (Tq, C)
+            a = path.linear(h, l, "attn.c_proj")  # (Tq, C)
             self._mark(f"h.{l}.attn")
-            x = path.residual(x, a)  # (T, C)
+            x = path.residual(x, a)  # (Tq, C)
             self._mark(f"h.{l}.residual_1")
-            h = path.layernorm(x, *blk["ln_2"])  # (T, C)
+            h = path.layernorm(x, *blk["ln_2"])  # (Tq, C)
             self._mark(f"h.{l}.ln_2")
-            f = path.gelu(path.linear(h, l, "mlp.c_fc"))  # (T, 4C)
-            a = path.linear(f, l, "mlp.c_proj")  # (T, C)
+            f = path.gelu(path.linear(h, l, "mlp.c_fc"))  # (Tq, 4C)
+            a = path.linear(f, l, "mlp.c_proj")  # (Tq, C)
             self._mark(f"h.{l}.mlp")
-            x = path.residual(x, a)  # (T, C)
+            x = path.residual(x, a)  # (Tq, C)
             self._mark(f"h.{l}.residual_2")
-        h = path.layernorm(x, *self.ln_f)  # (T, C)
+        h = path.layernorm(x, *self.ln_f)  # (Tq, C)
         self._mark("ln_f")
-        logits = path.head(h, last_only)  # (T, V) or (V,), tied head
+        logits = path.head(h, row, last_only)  # (T, V) or (V,), tied head
         self._mark("head")
         return logits
 
@@ -222,27 +298,29 @@ class Engine:
             attention_out: optional list of n_layer float32 arrays (n_head, T, T) that receive
                 each layer's attention weights.
             last_only: compute only the last position's logits, all that generation needs
-                (on the fused path the head is then one row instead of T).
+                (the last layer then runs its attention output, MLP and head on that
+                position alone; every position's keys and values still fill the cache).
         Returns:
             logits (T, V) float32, row t predicting token t + 1; with last_only, (V,).
         Raises:
             ValueError: T is 0 or exceeds block_size, or an id is out of range.
         """
-        logits = self._prefill(ids, attention_out, last_only)
-        return logits.copy() if self.fused is not None and logits is self.fused.logits else logits
+        logits = self._prefill(ids, 0, attention_out, last_only)
+        return logits.copy() if self.fused is not None and last_only else logits
 
-    def _prefill(self, ids, attention_out=None, last_only: bool = False) -> np.ndarray:
-        """prefill() without the copy: on the fused path, last_only logits are its buffer."""
+    def _prefill(self, ids, row: int = 0, attention_out=None, last_only: bool = False) -> np.ndarray:
+        """prefill() of sequence `row` without the copy: on the fused path, last_only
+        logits are the row's logits buffer."""
         idx = self._check_ids(ids)
         if not 1 <= len(idx) <= self.config.block_size:
             raise ValueError(f"prefill needs 1..{self.config.block_size} tokens, got {len(idx)}")
-        self.pos = 0
+        self.positions[row] = 0
         if attention_out is None and self.capture_attention:
             NH, T = self.config.n_head, len(idx)
             attention_out = [np.zeros((NH, T, T), np.float32) for _ in range(self.config.n_layer)]
             self.last_attention = attention_out
-        logits = self._run(self.path, idx, 0, attention_out, last_only)
-        self.pos = len(idx)
+        logits = self._run(self.path, idx, 0, row, attention_out, last_only)
+        self.positions[row] = len(idx)
         return logits
 
     def decode(self, token: int) -> np.ndarray:
@@ -253,50 +331,173 @@ class Engine:
         """
         if self.pos >= self.config.block_size:
             raise ValueError(f"the KV cache is full ({self.config.block_size} positions); "
-                             "use generate(), which slides the window")
+                             "use generate(), which goes on past the context")
         return self._decode(token).copy()
 
     def _decode(self, token: int) -> np.ndarray:
         """decode() without the checks of the cache or the copy: on the fused path the logits
         are its buffer, overwritten by the next step."""
+        return self._decode_rows([0], [self._check_id(token)])[0]
+
+    def _decode_rows(self, rows: list[int], tokens: list[int]) -> list[np.ndarray]:
+        """One decode step of sequences `rows` (distinct, each with room in its cache), token
+        tokens[i] (checked) appended to row rows[i]; their logits (V,), in that order. On the
+        fused path one compiled call for all of them, whose logits are its buffers."""
         if self.fused is not None:
-            logits = self.fused.decode(self._check_id(token), self.pos)
+            logits = self.fused.decode_rows(rows, tokens, self.positions)
             self._mark("decode_step")  # the whole step is one compiled call
         else:
-            logits = self._run(self.path, self._check_ids([token]), self.pos)[0]
-        self.pos += 1
+            logits = [self._run(self.path, np.array([t]), self.positions[r], r)[0]
+                      for r, t in zip(rows, tokens)]
+        for r in rows:
+            self.positions[r] += 1
         return logits
 
     def forward(self, ids) -> np.ndarray:
         """Logits (T, V) of a full forward pass over ids (T <= block_size), no cache reuse."""
         return self.prefill(ids)
 
-    def generate(self, prompt_ids, max_new_tokens: int, sample: Callable[[np.ndarray], int]) -> Iterator[int]:
+    def generate(self, prompt_ids, max_new_tokens: int, sample: Callable[[np.ndarray], int],
+                 context_mode: str = "shift", keep: int | None = None,
+                 stats: GenerationStats | None = None) -> Iterator[int]:
         """Yield max_new_tokens new token ids, one at a time, as they are sampled.
 
         Args:
             prompt_ids: at least one token id; only the last block_size are used.
-            max_new_tokens: >= 0; may exceed the context (sliding window).
+            max_new_tokens: >= 0; may exceed the context (see context_mode).
             sample: maps logits (V,) float32 to a token id (see minitf.sampling.Sampler). The
                 array may be the engine's buffer, overwritten by the next step: a `sample`
                 that keeps logits must copy them.
+            context_mode: past the context, "shift" (default: keep the last `keep` tokens,
+                re-prefill them once, decode on) or "exact" (every token sees exactly the
+                last block_size tokens: a re-prefill per token). See the module docstring.
+            keep: shift only: tokens kept when the window is full, 1..block_size (default
+                block_size // 2, at least 1).
+            stats: a GenerationStats to fill in with where the time went.
+        Raises:
+            ValueError: an empty prompt, an id out of range, max_new_tokens < 0, an unknown
+                context_mode or a bad keep (raised by this call, before any token).
         """
-        ids = [int(t) for t in self._check_ids(prompt_ids)]
-        if not ids:
-            raise ValueError("generate needs a prompt of at least one token")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        gen = self._generation([prompt_ids], [max_new_tokens], [sample], context_mode, keep,
+                               None, stats)
+        return (tokens[0] for tokens in gen)
+
+    def generate_batch(self, prompts, max_new_tokens, samplers, context_mode: str = "shift",
+                       keep: int | None = None, stop: Callable[[int, int], bool] | None = None,
+                       stats: GenerationStats | None = None) -> Iterator[list[int | None]]:
+        """Generate for N sequences together: yield, once per step, a list of N entries,
+        row i's new token or None once row i has finished.
+
+        Each row gives exactly the tokens `generate(prompts[i], max_new_tokens[i],
+        samplers[i], context_mode, keep)` gives (bit for bit the same logits on the same
+        backend): rows have their own caches, positions and windows, and on the fused path
+        every decode step is one compiled call for all the rows still running, which reads
+        each weight once for all of them. A row that finishes (its max_new_tokens, or
+        `stop`) stops alone.
+
+        Args:
+            prompts: N >= 1 prompts, each at least one token id (of different lengths if
+                need be; only the last block_size of each are used).
+            max_new_tokens: an int >= 0 for every row, or N of them.
+            samplers: N callables, logits (V,) -> token id, one per row (each with its own
+                random generator: see minitf.sampling.Sampler); logits may be the engine's
+                buffers, overwritten by the next step.
+            context_mode, keep: as in `generate`.
+            stop: optional stop(row, token) -> bool, called after row's token has been
+                yielded; True ends that row (e.g. a stop string in its text).
+            stats: a GenerationStats to fill in.
+        Raises:
+            ValueError: no prompts, an empty prompt or an id out of range, a bad
+                max_new_tokens, a number of samplers other than N, an unknown context_mode
+                or a bad keep (raised by this call, before any token).
+        """
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("generate_batch needs at least one prompt")
+        N = len(prompts)
+        budgets = [max_new_tokens] * N if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)
+        samplers = list(samplers) if isinstance(samplers, (list, tuple)) else None
+        if samplers is None or len(samplers) != N:
+            raise ValueError(f"generate_batch needs a list of {N} samplers, one per prompt "
+                             "(each row draws from its own random generator)")
+        if len(budgets) != N:
+            raise ValueError(f"max_new_tokens has {len(budgets)} entries for {N} prompts")
+        return self._generation(prompts, budgets, samplers, context_mode, keep, stop, stats)
+
+    def _generation(self, prompts, budgets, samplers, context_mode, keep, stop, stats):
+        """Check the arguments of generate / generate_batch, then return the generator."""
         B = self.config.block_size
-        logits = self._prefill(ids[-B:], last_only=True)
-        for _ in range(max_new_tokens):
-            token = sample(logits)
-            self._mark("sample")
-            yield token
-            ids.append(token)
-            if self.pos < B:
-                logits = self._decode(token)
-            else:  # context full: slide the window and re-prefill the last B tokens
-                logits = self._prefill(ids[-B:], last_only=True)
+        windows = []
+        for i, p in enumerate(prompts):
+            ids = [int(t) for t in self._check_ids(p)]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty: generation needs at least one token"
+                                 if len(prompts) > 1 else "generate needs a prompt of at least one token")
+            windows.append(ids[-B:])  # what the row's cache holds
+        for n in budgets:
+            if isinstance(n, bool) or int(n) != n or n < 0:
+                raise ValueError(f"max_new_tokens={n!r} must be an integer >= 0")
+        if context_mode not in CONTEXT_MODES:
+            raise ValueError(f"context_mode={context_mode!r} is not one of {CONTEXT_MODES}")
+        if context_mode == "exact":
+            if keep is not None:
+                raise ValueError(f"keep={keep!r} applies to context_mode 'shift' only "
+                                 f"('exact' keeps block_size = {B} tokens)")
+            keep = B
+        elif keep is None:
+            keep = max(1, B // 2)
+        elif isinstance(keep, bool) or int(keep) != keep or not 1 <= keep <= B:
+            raise ValueError(f"keep={keep!r} must be an integer in [1, {B}] (block_size)")
+        self.reserve(len(prompts))
+        return self._steps(windows, [int(n) for n in budgets], samplers, int(keep), stop,
+                           stats if stats is not None else GenerationStats())
+
+    def _steps(self, windows, budgets, samplers, keep, stop, stats):
+        """The generation loop: prefill every row's window, then per step sample every
+        running row, and forward its token (decode, or past the context a re-prefill of the
+        last `keep` tokens of its window)."""
+        B, N, clock = self.config.block_size, len(windows), time.perf_counter
+        stats.rows += N
+        logits = [None] * N
+        running = [r for r in range(N) if budgets[r] > 0]
+        for r in running:
+            t = clock()
+            logits[r] = self._prefill(windows[r], r, last_only=True)
+            stats.prefill_s += clock() - t
+            stats.prefill_tokens += len(windows[r])
+        while running:
+            tokens = [None] * N
+            t = clock()
+            for r in running:
+                tokens[r] = self._check_id(samplers[r](logits[r]))
+                self._mark("sample")
+            stats.sample_s += clock() - t
+            stats.new_tokens += len(running)
+            yield tokens
+            for r in running:
+                budgets[r] -= 1
+            running = [r for r in running
+                       if budgets[r] > 0 and not (stop is not None and stop(r, tokens[r]))]
+            decode = []
+            for r in running:
+                token = tokens[r]
+                if len(windows[r]) < B:  # room in the cache
+                    windows[r].append(token)
+                    decode.append(r)
+                    continue
+                windows[r] = (windows[r] + [token])[-keep:]  # full: re-prefill the last keep
+                t = clock()
+                logits[r] = self._prefill(windows[r], r, last_only=True)
+                stats.reprefill_s += clock() - t
+                stats.reprefills += 1
+                stats.reprefill_tokens += len(windows[r])
+            if decode:
+                t = clock()
+                for r, row_logits in zip(decode, self._decode_rows(decode, [windows[r][-1] for r in decode])):
+                    logits[r] = row_logits
+                stats.decode_s += clock() - t
+                stats.decode_steps += 1
+                stats.decode_tokens += len(decode)
 
 
 def load_engine(model_dir=None, backend: str | None = None):
@@ -326,11 +527,14 @@ class UnfusedPath:
     def __init__(self, engine: Engine):
         self.e, self.kb = engine, engine.kb
 
+    def reserve(self, rows: int) -> None:
+        """Nothing to allocate: the engine's caches are all this path keeps."""
+
     def buffer_bytes(self) -> int:
         """Bytes allocated once for this path beyond the weights and the KV cache: none."""
         return 0
 
-    def embed(self, idx: np.ndarray, start: int) -> np.ndarray:
+    def embed(self, idx: np.ndarray, start: int, row: int) -> np.ndarray:
         return self.e.wte[idx] + self.e.wpe[start:start + len(idx)]  # (T, C)
 
     def layernorm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -339,13 +543,16 @@ class UnfusedPath:
     def linear(self, x: np.ndarray, l: int, name: str) -> np.ndarray:
         return self.e.blocks[l][name](self.kb, x)
 
-    def attention(self, qkv: np.ndarray, l: int, start: int, att_out) -> np.ndarray:
+    def attention(self, qkv: np.ndarray, l: int, row: int, start: int, att_out, Tq: int) -> np.ndarray:
+        """Keys and values of qkv (T, 3C) into row's cache at start..start+T-1; attention
+        of its last Tq queries (Tq, C)."""
         e, C = self.e, self.e.config.d_model
         end = start + len(qkv)
-        e.k_cache[l, start:end] = qkv[:, C:2 * C]  # append this step's keys
-        e.v_cache[l, start:end] = qkv[:, 2 * C:]  # and values
-        return self.kb.attention(np.ascontiguousarray(qkv[:, :C]), e.k_cache[l, :end],
-                                 e.v_cache[l, :end], e.config.n_head, att_out)  # (T, C)
+        k_cache, v_cache = e.k_caches[row, l], e.v_caches[row, l]  # (block_size, C)
+        k_cache[start:end] = qkv[:, C:2 * C]  # append this step's keys
+        v_cache[start:end] = qkv[:, 2 * C:]  # and values
+        q = np.ascontiguousarray(qkv[len(qkv) - Tq:, :C])  # (Tq, C)
+        return self.kb.attention(q, k_cache[:end], v_cache[:end], e.config.n_head, att_out)
 
     def residual(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
         return x + a
@@ -353,14 +560,15 @@ class UnfusedPath:
     def gelu(self, f: np.ndarray) -> np.ndarray:
         return self.kb.gelu(f)
 
-    def head(self, x: np.ndarray, last_only: bool) -> np.ndarray:
+    def head(self, x: np.ndarray, row: int, last_only: bool) -> np.ndarray:
         logits = self.kb.matmul_nt(x, self.e.wte)  # (T, V)
         return logits[-1] if last_only else logits
 
 
 class FusedPath:
     """The fused path of a numba or cython engine: its prefill operations, stage by stage on
-    buffers allocated once, and `decode`, one compiled call per token.
+    buffers allocated once, and `decode_rows`, one compiled call per step for any number of
+    sequences.
 
     Args:
         engine: the engine, whose arrays are views into `weights`.
@@ -373,28 +581,43 @@ class FusedPath:
     its logits equal the unfused path's bit for bit. Otherwise the float matmuls of the
     prefill go to BLAS, attention runs per head on BLAS with a compiled causal softmax (the
     decode step: on a transposed copy of the KV cache, `kvT`, kept in step with the cache)
-    and GELU with a vectorized exp.
+    and GELU with a vectorized exp. A sequence decoded with others gets, bit for bit, the
+    logits it gets alone (`decode_rows`: each row's arithmetic does not depend on the
+    others).
     """
 
     NAME = "fused"
 
     def __init__(self, engine: Engine, fk, weights: layout.PackedWeights):
-        cfg = engine.config
         self.e, self.fk, self.weights = engine, fk, weights
         self.loops = engine.kb.loops  # the unfused backend's loops, unchecked
         self.exact = weights.exact
-        self.buffers = b = layout.Buffers(weights.tab, self.exact)
-        self.logits = b.logits  # (V,) the last row's logits, overwritten by every call
-        # each linear layer's output buffer (T rows of it are used)
-        self._out = {"attn.c_attn": b.qkv, "attn.c_proj": b.a, "mlp.c_fc": b.f, "mlp.c_proj": b.a}
         for l, blk in enumerate(engine.blocks):  # the W8A8 tiles, where accounting sees them
             for name in LINEARS:
                 if f"h.{l}.{name}" in weights.tiles:
                     blk[name].packed, blk[name].colsum = weights.tiles[f"h.{l}.{name}"]
-        self.eps = cfg.layer_norm_eps
-        self.decoder = fk.Decoder(b.logits, b.sf, b.si, engine.k_cache, engine.v_cache, b.kvT,
-                                  weights.pf, weights.pq, weights.pi, weights.tab, self.eps,
-                                  self.exact)
+        self.eps = engine.config.layer_norm_eps
+        self.buffers: layout.Buffers | None = None
+
+    def reserve(self, rows: int) -> None:
+        """Buffers for `rows` sequences (layout.Buffers), bound to the engine's caches."""
+        e, w = self.e, self.weights
+        old = self.buffers
+        self.buffers = b = layout.Buffers(w.tab, self.exact, rows)
+        if old is not None:  # the sequences already held keep their state
+            b.kvT[:old.rows], b.synced[:old.rows] = old.kvT, old.synced
+            b.logits[:old.rows] = old.logits
+        self.row_logits = list(b.logits)  # (V,) views, one per row, made once
+        # each linear layer's output buffer in the prefill (T rows of it are used)
+        self._out = {"attn.c_attn": b.qkv, "attn.c_proj": b.a, "mlp.c_fc": b.f, "mlp.c_proj": b.a}
+        self.decoder = self.fk.Decoder(b.logits, b.sf, b.si, e.k_caches, e.v_caches, b.kvT,
+                                       b.synced, w.pf, w.pq, w.pi, w.tab, b.ctl, self.eps,
+                                       self.exact)
+
+    @property
+    def logits(self) -> np.ndarray:
+        """Row 0's logits buffer (V,), overwritten by every call."""
+        return self.row_logits[0]
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of the packed weights (index table included), of kvT and of the scratch."""
@@ -406,21 +629,30 @@ class FusedPath:
         return self.weights.tab.nbytes + sum(self.buffers.nbytes().values())
 
     def decode(self, token: int, pos: int) -> np.ndarray:
-        """Logits (V,) of `token` at `pos`, its keys and values appended to the cache.
+        """Logits (V,) of `token` at `pos` of row 0, its keys and values appended to the
+        cache. Returns the row's logits buffer, overwritten by the next call."""
+        return self.decode_rows([0], [token], [pos])[0]
 
-        Returns the path's logits buffer, overwritten by the next call."""
-        self.decoder.step(token, pos)
-        return self.logits
+    def decode_rows(self, rows: list[int], tokens: list[int], positions: list[int]) -> list[np.ndarray]:
+        """One compiled step: token tokens[i] at position positions[rows[i]] of sequence
+        rows[i] (distinct rows, positions < block_size, ids checked), for every i.
+
+        Returns each row's logits buffer (V,), in the order of `rows`."""
+        ctl, n = self.buffers.ctl, len(rows)
+        for i, r in enumerate(rows):
+            ctl[layout.CTL_ROW, i], ctl[layout.CTL_TOKEN, i], ctl[layout.CTL_POS, i] = r, tokens[i], positions[r]
+        self.decoder.step(n)
+        return [self.row_logits[r] for r in rows]
 
     # ------------------------------------------------------------ prefill operations ----
-    # Each writes into its own buffer (layout.Buffers), so no output aliases an input:
-    # x: embedding and residuals; h: LayerNorm and attention; qkv, a, f: linear layers;
-    # g: GELU.
+    # One sequence (`row`) at a time. Each writes into its own buffer (layout.Buffers), so
+    # no output aliases an input: x: embedding and residuals; h: LayerNorm and attention;
+    # qkv, a, f: linear layers; g: GELU.
 
-    def embed(self, idx: np.ndarray, start: int) -> np.ndarray:
+    def embed(self, idx: np.ndarray, start: int, row: int) -> np.ndarray:
         assert start == 0, "the fused path prefills from position 0"
         b, T = self.buffers, len(idx)
-        b.si[layout.SI_STATE] = 0  # the transposed cache mirrors nothing until `head`
+        b.synced[row] = 0  # the transposed cache mirrors nothing until the last layer's attention
         x = b.x[:T]  # (T, C)
         np.take(self.e.wte, idx, axis=0, out=x)
         x += self.e.wpe[:T]
@@ -442,39 +674,46 @@ class FusedPath:
                 np.matmul(x, lin.weight, out=y)  # BLAS
                 y += lin.bias
         elif lin.mode == "w8a8":
-            Kp = layout.padded(x.shape[1], layout.TILE_K)
+            Kp, Mp = layout.padded(x.shape[1], layout.TILE_K), lin.colsum.size
             xq = b.xq_rows[:T * Kp].reshape(T, Kp)
-            self.fk.linear_w8a8_rows(y, xq, b.sx[:T], b.acc, x, lin.packed, lin.colsum,
+            acc = b.acc_rows[:T * Mp].reshape(T, Mp)
+            self.fk.linear_w8a8_rows(y, xq, b.sx[:T], acc, x, lin.packed, lin.colsum,
                                      lin.scale, lin.bias)
         else:
             self.loops.matmul_int8_weight_only(y, x, lin.weight_q, lin.scale, lin.bias)
         return y
 
-    def attention(self, qkv: np.ndarray, l: int, start: int, att_out) -> np.ndarray:
+    def attention(self, qkv: np.ndarray, l: int, row: int, start: int, att_out, Tq: int) -> np.ndarray:
+        """Keys and values of positions 0..T-1 into row's cache; attention of the last Tq
+        queries (Tq, C)."""
         e, b, cfg = self.e, self.buffers, self.e.config
         T, C, NH, HS = len(qkv), cfg.d_model, cfg.n_head, cfg.d_head
-        e.k_cache[l, :T] = qkv[:, C:2 * C]  # the cache: keys and values of positions 0..T-1
-        e.v_cache[l, :T] = qkv[:, 2 * C:]
-        q, out = b.q[:T], b.h[:T]  # (T, C)
-        q[...] = qkv[:, :C]
+        k_cache, v_cache = e.k_caches[row, l, :T], e.v_caches[row, l, :T]  # (T, C)
+        k_cache[...] = qkv[:, C:2 * C]  # the cache: keys and values of positions 0..T-1
+        v_cache[...] = qkv[:, 2 * C:]
+        q, out = b.q[:Tq], b.h[:Tq]  # (Tq, C)
+        q[...] = qkv[T - Tq:, :C]
         scale = np.float32(1.0 / np.sqrt(HS))  # as the checks compute it for the kernels
         if self.exact:  # feeds a quantization: the unfused kernel, bit for bit
-            att = b.att[:NH * T * T].reshape(NH, T, T)
-            self.loops.attention(out, att, q, e.k_cache[l, :T], e.v_cache[l, :T], NH, scale)
+            att = b.att[:NH * Tq * T].reshape(NH, Tq, T)
+            self.loops.attention(out, att, q, k_cache, v_cache, NH, scale)
             if att_out is not None:
                 att_out[...] = att
             return out
         # per head: scores and weighted sums by BLAS, the causal softmax compiled
-        b.kvT[0, l, :, :T] = qkv[:, C:2 * C].T  # the decode steps' transposed cache
-        b.kvT[1, l, :, :T] = qkv[:, 2 * C:].T
-        att = b.att[:T * T].reshape(T, T)
+        kT, vT = b.kvT[row, 0, l], b.kvT[row, 1, l]  # (C, Bp) the decode steps' transposed cache
+        kT[:, :T] = qkv[:, C:2 * C].T
+        vT[:, :T] = qkv[:, 2 * C:].T
+        if l == cfg.n_layer - 1:
+            b.synced[row] = T  # every layer's kvT now mirrors positions 0..T-1
+        att = b.att[:Tq * T].reshape(Tq, T)
         for hd in range(NH):
             cols = slice(hd * HS, (hd + 1) * HS)
-            np.matmul(q[:, cols], b.kvT[0, l, cols, :T], out=att)  # (T, T) scores
+            np.matmul(q[:, cols], kT[cols, :T], out=att)  # (Tq, T) scores
             self.fk.causal_softmax_rows(att, scale, b.ex)
             if att_out is not None:
                 att_out[hd] = att
-            np.matmul(att, e.v_cache[l, :T, cols], out=out[:, cols])  # (T, HS)
+            np.matmul(att, v_cache[:, cols], out=out[:, cols])  # (Tq, HS)
         return out
 
     def residual(self, x: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -489,13 +728,12 @@ class FusedPath:
             self.fk.gelu_fast_rows(g, f, self.buffers.ex)
         return g
 
-    def head(self, h: np.ndarray, last_only: bool) -> np.ndarray:
+    def head(self, h: np.ndarray, row: int, last_only: bool) -> np.ndarray:
         T, V = len(h), self.e.config.vocab_size
-        if not self.exact:
-            self.buffers.si[layout.SI_STATE] = T  # kvT now mirrors positions 0..T-1
-        if last_only:  # the tied head on the last row only, into the logits buffer
-            self.loops.matmul_nt(self.logits.reshape(1, V), h[T - 1:], self.e.wte)
-            return self.logits
+        if last_only:  # the tied head on the last row only, into the row's logits buffer
+            logits = self.row_logits[row]
+            self.loops.matmul_nt(logits.reshape(1, V), h[T - 1:], self.e.wte)
+            return logits
         logits = np.empty((T, V), np.float32)
         self.loops.matmul_nt(logits, h, self.e.wte)  # (T, V): the unfused kernel, not BLAS
         return logits

@@ -41,6 +41,9 @@ _TOP_P_SLACK = 1e-10
 # sample_token accepts probabilities whose sum is this close to 1 (float32 softmax output).
 _PROBS_SUM_ATOL = 1e-5
 
+# top-p sorts the largest 64 logits first (8x more each time the nucleus is larger).
+_TOP_P_CANDIDATES = 64
+
 
 # ----------------------------------------------------------------------------------------
 # validation
@@ -107,6 +110,8 @@ def _check_logits(logits) -> np.ndarray:
         raise ValueError(f"logits must be 1-D with shape (V,), got shape {x.shape}")
     if x.size == 0:
         raise ValueError("logits are empty (V=0); at least one token is needed")
+    if np.isfinite(x).all():  # the usual case: one pass, then the copy
+        return x.astype(np.float64)  # (V,) always a new array: callers may write into it
     nan = np.isnan(x)
     if nan.any():
         raise ValueError(f"logits contain NaN at positions {_positions(nan)}")
@@ -134,6 +139,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def _temperature(x: np.ndarray, temperature: float) -> np.ndarray:
     with np.errstate(over="ignore"):
         y = x / temperature  # (V,) HF TemperatureLogitsWarper: scores / temperature
+    if np.isfinite(y).all():
+        return y
     if np.isposinf(y).any() or np.isneginf(y).all():
         raise ValueError(
             f"logits / temperature overflows float64 at positions "
@@ -161,16 +168,31 @@ def _top_p(x: np.ndarray, top_p) -> np.ndarray:
     # Most probable first; among equal logits the lower index first (a stable sort). HF
     # sorts with torch.sort, which is not stable for V > 16, so which members of a tie group
     # straddling the boundary HF keeps is arbitrary; how many it keeps is the same as here.
-    order = np.argsort(-x, kind="stable")  # (V,)
-    p_sorted = probs[order]  # (V,) descending
-    mass_before = np.cumsum(p_sorted) - p_sorted  # (V,) probability of the tokens ranked above
-    # A token is kept while the tokens above it have not yet reached p, so the token that
-    # crosses p is kept. This is HF's rule `ascending cumsum <= 1 - p -> remove` seen from
-    # the other end, without the rounding that `1 - p` adds (see _TOP_P_SLACK).
-    keep_sorted = mass_before < top_p - _TOP_P_SLACK  # (V,) a prefix: mass_before only grows
-    keep_sorted[0] = True  # at least one token (HF's min_tokens_to_keep=1)
-    keep = np.empty(V, dtype=bool)
-    keep[order] = keep_sorted  # back to vocabulary order
+    # The nucleus is most often a few tokens: the sort runs on the n largest logits (every
+    # token tied with the n-th included, so they are a prefix of the whole sorted order),
+    # n growing until the set closes inside them; the result is the whole sort's. Tokens at
+    # -inf (filtered or masked) have probability 0 and come after all the others, where
+    # the mass of those already reaches p: they are never kept, and never sorted.
+    finite = np.flatnonzero(x > -np.inf)  # (F,) vocabulary order
+    n = min(finite.size, _TOP_P_CANDIDATES)
+    while True:
+        if n < finite.size:
+            cand = np.flatnonzero(x >= np.partition(x, V - n)[V - n])  # (>= n,) vocabulary order
+        else:
+            cand = finite
+        order = cand[np.argsort(-x[cand], kind="stable")]  # descending
+        p_sorted = probs[order]
+        mass_before = np.cumsum(p_sorted) - p_sorted  # probability of the tokens ranked above
+        # A token is kept while the tokens above it have not yet reached p, so the token that
+        # crosses p is kept. This is HF's rule `ascending cumsum <= 1 - p -> remove` seen from
+        # the other end, without the rounding that `1 - p` adds (see _TOP_P_SLACK).
+        keep_sorted = mass_before < top_p - _TOP_P_SLACK  # a prefix: mass_before only grows
+        keep_sorted[0] = True  # at least one token (HF's min_tokens_to_keep=1)
+        if not keep_sorted.all() or cand.size == finite.size:
+            break
+        n = min(finite.size, 8 * n)
+    keep = np.zeros(V, dtype=bool)
+    keep[order[keep_sorted]] = True  # back to vocabulary order
     return np.where(keep, x, -np.inf)  # (V,)
 
 
@@ -328,11 +350,16 @@ def sample_token(probs, coin) -> int:
         raise ValueError(f"probs must sum to 1 (within {_PROBS_SUM_ATOL}), but sum to {total!r}")
     if not _is_real(coin) or not (0 <= coin < 1):
         raise ValueError(f"coin={coin!r} is not allowed: it must be a number in [0, 1)")
+    return _draw(p, float(coin))
+
+
+def _draw(p: np.ndarray, coin: float) -> int:
+    """sample_token on checked probabilities p (V,) and coin in [0, 1)."""
     cdf = np.cumsum(p, dtype=np.float64)  # (V,)
     # coin < 1 makes coin * cdf[-1] < cdf[-1] in floating point too (the product is at most
     # cdf[-1] * (1 - 2**-53), which never rounds up to cdf[-1]), so the search always lands
     # on a token, and on one whose CDF step is not empty.
-    return int(np.searchsorted(cdf, float(coin) * cdf[-1], side="right"))
+    return int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
 
 
 class Sampler:
@@ -367,10 +394,14 @@ class Sampler:
         return probabilities(logits, self.temperature, self.top_k, self.top_p)
 
     def __call__(self, logits) -> int:
-        """Next token id for one logits vector (V,)."""
+        """Next token id for one logits vector (V,): `sample_token(self.probabilities(logits),
+        coin)`, the settings and the probabilities not checked again (the settings were at
+        construction; softmax output is a distribution)."""
+        x = _check_logits(logits)  # (V,) float64
         if self.temperature == 0:
-            return greedy(logits)
-        return sample_token(self.probabilities(logits), self.rng.random())
+            return int(np.argmax(x))
+        x = _top_p(_top_k(_temperature(x, float(self.temperature)), self.top_k), self.top_p)
+        return _draw(_softmax(x), self.rng.random())
 
     def __repr__(self) -> str:
         return (

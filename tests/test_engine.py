@@ -1,5 +1,7 @@
 """The inference engine against the training model's full forward pass (minitf.model, an
-independent code path through minitf.layers): prefill, KV-cache decode, sliding window."""
+independent code path through minitf.layers): prefill (all positions, and the last alone),
+KV-cache decode, the exact context mode past the context (tests/test_generation.py has
+the context modes and batches in full)."""
 
 import numpy as np
 import pytest
@@ -38,6 +40,13 @@ def test_prefill_matches_full_forward(model, backend):
         want = full_logits(config, params, ids[:T])
         err = np.abs(got - want).max()
         assert err <= ATOL, f"{backend} prefill T={T}: max |diff| {err:.2e}"
+        # the last position alone: the last layer's attention output, MLP and head on one row
+        err = np.abs(engine.prefill(ids[:T], last_only=True) - want[-1]).max()
+        assert err <= ATOL, f"{backend} prefill T={T}, last_only: max |diff| {err:.2e}"
+        got = engine.decode(ids[0]) if T < config.block_size else None  # its cache is complete
+        if got is not None:
+            want = full_logits(config, params, list(ids[:T]) + [ids[0]])[-1]
+            assert np.abs(got - want).max() <= ATOL, f"{backend} decode after a last_only prefill"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,13 +66,15 @@ def test_kv_cache_decode_matches_full_forward(model, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_slides_the_window_past_the_context(model, backend):
-    """Greedy generation beyond block_size: every step equals a full forward over the last
-    block_size tokens (nanoGPT's crop), and never raises an index error."""
+    """Greedy generation beyond block_size, context_mode exact: every step equals a full
+    forward over the last block_size tokens (nanoGPT's crop), and never raises an index
+    error."""
     config, params = model
     engine = Engine(config, params, backend)
     prompt = [1, 2, 3]
     n_new = 2 * config.block_size + 3
-    got = list(engine.generate(prompt, n_new, lambda logits: int(np.argmax(logits))))
+    got = list(engine.generate(prompt, n_new, lambda logits: int(np.argmax(logits)),
+                               context_mode="exact"))
     ids = list(prompt)
     for _ in range(n_new):
         ids.append(int(np.argmax(full_logits(config, params, ids[-config.block_size:])[-1])))

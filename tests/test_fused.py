@@ -164,13 +164,16 @@ def test_decode_allocates_nothing(config_params, backend, quant):
 
 
 def steps_in_compiled_loop(decoder, n):
-    """n decode steps from one call of a compiled loop."""
+    """n decode steps of row 0 from one call of a compiled loop."""
     _compiled_loop(decoder._arrays, n, decoder.eps, decoder.exact)
 
 
 def _loop(arrays, n, eps, exact):
+    ctl = arrays[-1]
     for pos in range(n):
-        numba_fused.decode_step(*arrays, pos % 5, pos % arrays[3].shape[1], eps, exact)
+        ctl[layout.CTL_ROW, 0], ctl[layout.CTL_TOKEN, 0] = 0, pos % 5
+        ctl[layout.CTL_POS, 0] = pos % arrays[3].shape[2]
+        numba_fused.decode_rows(*arrays, 1, eps, exact)
 
 
 try:
@@ -183,22 +186,26 @@ except ImportError:  # pragma: no cover - numba is a dependency
 
 @pytest.mark.parametrize("quant", [None, ("all", "w8a8")], ids=["float32", "all-w8a8"])
 def test_scratch_buffers_hold_every_region_apart(config_params, quant):
-    """The scratch row of the index table: regions in order, inside the buffers, the
-    float64 scores 8-byte aligned, the int8 row 64-byte aligned."""
+    """The scratch row of the index table: regions in order, inside a row of the buffers,
+    the float64 scores 8-byte aligned, the int8 row and every row 64-byte aligned."""
     config, params = config_params
     e = engines(config, params, "numba", quant)[1]
+    e.reserve(3)
     tab, b = e.fused.weights.tab, e.fused.buffers
     C, FF, NH, Bp = config.d_model, config.d_ff, config.n_head, int(tab[layout.ROW_DIMS, layout.DIM_BP])
     sc = tab[layout.ROW_SCRATCH]
+    assert b.sf.shape[0] == b.si.shape[0] == b.logits.shape[0] == b.kvT.shape[0] == 3
     sf_sizes = [(layout.SF_X, C), (layout.SF_H, C), (layout.SF_A, C), (layout.SF_QKV, 3 * C),
-                (layout.SF_F, FF), (layout.SF_G, FF), (layout.SF_ATT, NH * Bp), (layout.SF_S64, 2 * Bp)]
+                (layout.SF_F, FF), (layout.SF_G, FF), (layout.SF_ATT, NH * Bp),
+                (layout.SF_S64, 2 * Bp), (layout.SF_SX, 1)]
     for (col, n), (next_col, _) in zip(sf_sizes, sf_sizes[1:] + [(None, 0)]):
-        end = sc[next_col] if next_col is not None else b.sf.size
+        end = sc[next_col] if next_col is not None else b.sf.shape[1]
         assert sc[col] + n <= end, (col, sc[col], n, end)
     assert (sc[layout.SF_S64] * 4) % 8 == 0 and (sc[layout.SI_XQ] * 4) % 64 == 0
+    assert b.sf.shape[1] % layout.ROW_ALIGN == 0 and b.si.shape[1] % layout.ROW_ALIGN == 0
     Mp, Kp = tab[layout.ROW_DIMS, layout.DIM_MP], tab[layout.ROW_DIMS, layout.DIM_KP]
-    assert layout.SI_ACC + 4 * Mp <= sc[layout.SI_XQ] and sc[layout.SI_XQ] * 4 + Kp <= sc[layout.SI_EX] * 4
-    assert b.si.size - sc[layout.SI_EX] >= 2 * max(FF, Bp)
+    assert layout.SI_ACC + Mp <= sc[layout.SI_XQ] and sc[layout.SI_XQ] * 4 + Kp <= sc[layout.SI_EX] * 4
+    assert b.si.shape[1] - sc[layout.SI_EX] >= 2 * max(FF, Bp)
 
 
 def test_pack_vnni_holds_every_weight_once_in_tile_order():
@@ -230,7 +237,7 @@ def test_w8a8_prefill_rows_equal_the_unfused_kernel():
         for fk in (numba_fused, fused_kernels("cython")):
             y = np.zeros((N, M), np.float32)
             fk.linear_w8a8_rows(y, np.zeros((N, Kp), np.int8), np.zeros(N, np.float32),
-                                np.zeros(4 * Mp, np.int32), x, tiles, colsum, scale, bias)
+                                np.zeros((N, Mp), np.int32), x, tiles, colsum, scale, bias)
             np.testing.assert_array_equal(y, want, err_msg=f"{fk.__name__} N={N} K={K} M={M}")
 
 

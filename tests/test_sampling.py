@@ -272,6 +272,35 @@ def test_matches_hf_on_realistic_float32_logits_with_plain_tolerance():
             assert_matches_hf(x, temperature, top_k, top_p, TOL[("sampling", np.float32)])
 
 
+def test_top_p_on_a_large_vocabulary_keeps_what_a_full_sort_keeps():
+    """top_p_filter sorts only the largest logits until the nucleus closes among them; on a
+    GPT-2-sized vocabulary its kept set equals the one a full stable sort gives, whether
+    the nucleus has 1 token, a few hundred or most of the vocabulary, with ties at every
+    boundary and masked tokens."""
+
+    def full_sort(x, p):  # the definition: most probable first, lower index first on ties
+        e = np.exp(x - x.max())
+        q = e / e.sum()
+        order = np.argsort(-x, kind="stable")
+        before = np.cumsum(q[order]) - q[order]
+        keep = before < p - 1e-10
+        keep[0] = True
+        return np.sort(order[keep])
+
+    rng = np.random.default_rng(11)
+    V = 50257
+    for scale, lead in ((1.0, 12.0), (1.0, 6.0), (2.0, 0.0), (0.01, 0.0)):
+        for ties in (False, True):
+            x = rng.standard_normal(V) * scale
+            x[:20] += lead  # a few likely tokens, as a trained model's logits have
+            if ties:
+                x = np.round(x * 4) / 4
+            x[rng.random(V) < 0.1] = -np.inf
+            for p in (0.05, 0.5, 0.9, 0.99):
+                got = np.flatnonzero(np.isfinite(top_p_filter(x, p)))
+                np.testing.assert_array_equal(got, full_sort(x, p), err_msg=f"scale {scale} lead {lead} p {p}")
+
+
 # ----------------------------------------------------------------------------------------
 # drawing tokens
 

@@ -36,13 +36,15 @@ def tiny_model(block_size=32, seed=0):
     return cfg, params, tok
 
 
-def record(cfg, params, tok, prompt, n_new, out, backend="numpy", seed=0):
+def record(cfg, params, tok, prompt, n_new, out, backend="numpy", seed=0, context_mode="shift",
+           keep=None):
     """Generate n_new tokens with a Recorder attached; (engine, recorder, written paths)."""
     engine = Engine(cfg, params, backend)
     ids = [int(t) for t in tok.encode(prompt)]
     rec = Recorder(engine, tok, ids[-cfg.block_size:], out, model_name="tiny-test")
     rng = np.random.default_rng(seed)
-    new = list(engine.generate(ids, n_new, lambda logits: int(rng.integers(cfg.vocab_size))))
+    new = list(engine.generate(ids, n_new, lambda logits: int(rng.integers(cfg.vocab_size)),
+                               context_mode=context_mode, keep=keep))
     assert len(new) == n_new
     return engine, rec, rec.finish()
 
@@ -154,10 +156,11 @@ def test_memory_log_of_the_fused_path(backend, tmp_path):
     engine, rec, paths = record(cfg, params, tok, prompt, n, tmp_path, backend=backend)
     log, T, L, C = rec.log(), len(tok.encode(prompt)), cfg.n_layer, cfg.d_model
     assert engine.fused is not None and set(log["path"]) == {"fused"}
-    assert list(log["op"]) == pass_ops(L) + ["sample"] + ["decode_step", "sample"] * (n - 1) + ["decode_step"]
+    # the last token is sampled, never forwarded
+    assert list(log["op"]) == pass_ops(L) + ["sample"] + ["decode_step", "sample"] * (n - 1)
     steps = np.flatnonzero(log["op"] == "decode_step")
-    assert list(log["kv_cache_bytes"][steps]) == [2 * L * (T + k) * C * 4 for k in range(1, n + 1)]
-    assert list(log["step"][steps]) == list(range(1, n + 1))
+    assert list(log["kv_cache_bytes"][steps]) == [2 * L * (T + k) * C * 4 for k in range(1, n)]
+    assert list(log["step"][steps]) == list(range(1, n))
     buffers = engine.fused.buffer_bytes()
     assert buffers > 0 and np.all(log["buffers_bytes"] == buffers)
     assert np.all(log["activations_bytes"] >= buffers - 1024)  # the buffers, less any frees
@@ -187,14 +190,14 @@ def test_memory_log_of_a_fused_w8a8_model_counts_its_tiles(tmp_path):
 def test_memory_log_has_one_row_per_operation(run):
     cfg, log, n = run["cfg"], run["log"], run["n_new"]
     per_pass = pass_ops(cfg.n_layer)
-    # prefill + one decode per token (generate decodes the last token too), a sample per token
-    expected = per_pass + ["sample"] + (per_pass + ["sample"]) * (n - 1) + per_pass
+    # prefill + one decode per token but the last (sampled, never forwarded), a sample per token
+    expected = per_pass + ["sample"] + (per_pass + ["sample"]) * (n - 1)
     assert list(log["op"]) == expected
     assert list(log["index"]) == list(range(len(expected)))
     first = len(per_pass) + 1
     assert set(log["phase"][:first]) == {"prefill"} and set(log["phase"][first:]) == {"decode"}
     assert list(log["step"][:first]) == [0] * first
-    assert set(log["step"][first:]) == set(range(1, n + 1))
+    assert set(log["step"][first:]) == set(range(1, n))
     with open(run["rec"].out_dir / "memory_log.csv") as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == CSV_COLUMNS
@@ -269,24 +272,32 @@ def test_activations_are_measured_and_exclude_the_recorder(tmp_path):
     assert log["attention_capture_bytes"][0] == cfg.n_layer * cfg.n_head * T * T * 4
 
 
-def test_sliding_window_keeps_the_prompt_attention(tmp_path):
+@pytest.mark.parametrize("context_mode", ["exact", "shift"])
+def test_sliding_window_keeps_the_prompt_attention(tmp_path, context_mode):
     cfg, params, tok = tiny_model(block_size=16)
-    prompt, n = "ROMEO:\nBut", 20  # 10 tokens + 20 > 16: the window slides
-    engine, rec, paths = record(cfg, params, tok, prompt, n, tmp_path)
+    prompt, n, keep = "ROMEO:\nBut", 20, 5  # 10 tokens + 20 > 16: the window moves
+    keep = None if context_mode == "exact" else keep
+    engine, rec, paths = record(cfg, params, tok, prompt, n, tmp_path, context_mode=context_mode,
+                                keep=keep)
     ids = [int(t) for t in tok.encode(prompt)]
     log = rec.log()
-    L, C = cfg.n_layer, cfg.d_model
+    L, C, B = cfg.n_layer, cfg.d_model, cfg.block_size
     assert len(rec.attention) == L and rec.attention[0].shape[1:] == (len(ids), len(ids))
     ref = reference_attention(params, cfg, ids)
     np.testing.assert_allclose(rec.attention[1], ref[1], rtol=1e-4, atol=1e-5)
-    assert log["kv_cache_bytes"].max() == 2 * L * cfg.block_size * C * 4
+    assert log["kv_cache_bytes"].max() == 2 * L * B * C * 4
     assert np.all(log["kv_cache_bytes"] <= log["kv_cache_allocated_bytes"])
+    # positions in the cache after each forward pass (the prompt's prefill, then one per
+    # token but the last): exact keeps block_size once full, shift falls back to keep
+    tokens, filled = [], len(ids)
+    for _ in range(n):
+        tokens.append(filled)
+        filled = filled + 1 if filled < B else (B if keep is None else keep)
     heads = np.flatnonzero(log["op"] == "head")
-    tokens = [min(len(ids) + k, cfg.block_size) for k in range(n + 1)]
     assert list(log["kv_cache_bytes"][heads]) == [2 * L * t * C * 4 for t in tokens]
     re_prefills = set(log["step"][(log["phase"] == "prefill")]) - {0}
-    assert re_prefills == set(range(cfg.block_size - len(ids) + 1, n + 1))  # once pos == block_size
-    assert len(log["op"]) == (n + 1) * len(pass_ops(L)) + n
+    assert re_prefills == {k for k in range(1, n) if tokens[k - 1] == B}  # once pos == block_size
+    assert len(log["op"]) == n * len(pass_ops(L)) + n
     assert_png(tmp_path / "memory_log.png")
 
 
@@ -336,7 +347,7 @@ def test_generate_cli_writes_the_pictures(checkpoint, tmp_path, backend, path):
     L, C, T = cfg.n_layer, cfg.d_model, len("ROMEO:")
     assert {r["path"] for r in rows} == {path}
     decode_ops = pass_ops(L) if path == "unfused" else ["decode_step"]  # one compiled call
-    assert len(rows) == len(pass_ops(L)) + n * (len(decode_ops) + 1)
+    assert len(rows) == len(pass_ops(L)) + n + (n - 1) * len(decode_ops)  # the last: no forward
     for row in rows:
         if row["phase"] == "decode" and row["op"] in ("ln_f", "head", "decode_step", "sample"):
             assert int(row["kv_cache_bytes"]) == 2 * L * (T + int(row["step"])) * C * 4

@@ -16,6 +16,9 @@ TOL = {
     ("torch_adamw_loss", np.float64): 1e-6,
     # KV-cache decode logits vs full forward, absolute
     ("kv_cache_logits", np.float32): 1e-5,
+    # the same for W8A8, relative to the largest logit: float stages that round 1 ulp apart
+    # (a 1-row and a T-row product) can put an activation in the next int8 step
+    ("kv_cache_logits_w8a8", np.float32): 5e-2,
     # kernel backends vs the numpy reference: (rtol, atol)
     ("kernel", np.float32): (1e-5, 1e-6),
     ("kernel", np.float64): (1e-12, 1e-14),
