@@ -114,7 +114,8 @@ class StopText:
 
 def stats_lines(stats: GenerationStats, total_s: float, backend: str, path: str, mode: str,
                 keep: int | None) -> list[str]:
-    """The --stats report: prefill, in-context decode and re-prefill apart, then overall."""
+    """The --stats report: prefill, in-context decode and re-prefill apart, then overall,
+    then which build and int8 tile the backend ran (`minitf.kernels.describe`)."""
     per = lambda s, n: f"{s / n * 1e3:.3f} ms/token, {n / s:,.0f} tokens/s"
     context = f"context {mode}" + (f", keep {keep}" if mode == "shift" else "")
     lines = [f"stats: backend {backend}, {path} path, {stats.rows} sample(s), {context} "
@@ -138,7 +139,8 @@ def stats_lines(stats: GenerationStats, total_s: float, backend: str, path: str,
     if stats.decode_tokens:
         model += f", {forward_s / stats.new_tokens / (stats.decode_s / stats.decode_tokens):.2f}x the in-context decode"
     lines += [model, f"  sampling     {stats.new_tokens:>6} tokens  {stats.sample_s / stats.new_tokens * 1e3:.3f} ms/token"]
-    return lines + [f"  all          {stats.new_tokens:>6} tokens  {per(total_s, stats.new_tokens)} (the whole run: the model, sampling and text)"]
+    return lines + [f"  all          {stats.new_tokens:>6} tokens  {per(total_s, stats.new_tokens)} (the whole run: the model, sampling and text)",
+                    f"  kernels      {describe(backend)}"]
 
 
 @guarded
@@ -255,7 +257,6 @@ def main(argv=None) -> int:
         keep = args.keep if args.keep is not None else max(1, B // 2)
         for line in stats_lines(stats, total, engine.backend, engine.path.NAME, args.context_mode, keep):
             print(line, file=sys.stderr)
-        print(f"kernels: {describe(engine.backend)}", file=sys.stderr)
     return 0
 
 

@@ -92,7 +92,7 @@ def test_stats_report_prefill_decode_and_re_prefill_apart(capsys, mode):
     lines = err.strip().splitlines()
     assert lines[0].startswith(f"stats: backend cython, fused path, 1 sample(s), context {mode}")
     names = [line.split()[0] for line in lines[1:]]
-    assert names == ["prefill", "decode", "re-prefill", "model", "sampling", "all"]
+    assert names == ["prefill", "decode", "re-prefill", "model", "sampling", "all", "kernels"]
     decodes = int(re.search(r"decode +(\d+) tokens +[\d.]+ ms/token, [\d,]+ tokens/s", err).group(1))
     re_prefills, size = map(int, re.search(r"re-prefill +(\d+) x (\d+) tokens", err).groups())
     # 299 forwarded tokens ("ROMEO:" is 6): 122 fill the context, then shift re-prefills 64
@@ -106,7 +106,7 @@ def test_stats_of_one_token_say_no_decode_ran(capsys):
     assert status == 0, err
     assert "decode            0 tokens  (every token came from a prefill's logits)" in err
     names = [line.split()[0] for line in err.strip().splitlines()[1:]]
-    assert names == ["prefill", "decode", "model", "sampling", "all"]  # no re-prefill ran
+    assert names == ["prefill", "decode", "model", "sampling", "all", "kernels"]  # no re-prefill ran
     assert "0.000 ms/token over 0 tokens" not in err
 
 
