@@ -42,7 +42,7 @@ AUTO_ORDER = ("numba", "cython", "numpy")
 ENV_VAR = "MINITF_BACKEND"
 
 # the module holding each backend's loops (its LOOPS class), and its fused kernels
-_MODULES = {"numpy": "numpy_loops", "numba": "numba_kernels", "cython": "cython_kernels"}
+_MODULES = {"numpy": "numpy_loops", "numba": "numba_train", "cython": "cython_train"}
 FUSED_MODULES = {"numba": "numba_fused", "cython": "_cython_fused"}
 _FIXES = {
     "numpy": "reinstall minitf and numpy with `pip install .`",

@@ -32,12 +32,14 @@ from .checkpoint import (CheckpointError, check_writable, is_checkpoint, load_ch
 from .config import PRESETS, GPTConfig, num_params
 from .data import get_batch
 from .dataset import Data, load_data
+from .kernels import get_backend
 from .metrics import evaluate
-from .model import GPT, init_params
-from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .model import GPT, DropoutMasks, init_params
+from .optim import AdamW, CosineSchedule, clip_coefficient
 from .plots import plot_loss_curve
 
 LOSS_CURVE_FILE = "loss_curve.png"
+BEST_DIR = "best"  # with keep_best: the checkpoint of the best validation, inside the run's
 
 
 class Diverged(RuntimeError):
@@ -62,14 +64,19 @@ class TrainSettings:
     eval_interval: int = 250  # validate and checkpoint every N steps
     eval_windows: int = 100  # validation windows during training
     final_eval_windows: int | None = None  # validation windows at the last step; None: all
-    seed: int = 1337  # seed for initialisation and batches
+    seed: int = 1337  # seed for initialisation, batches and dropout masks
     dtype: str = "float32"  # training precision, "float32" or "float64"
+    backend: str | None = None  # kernel backend of the step; None: $MINITF_BACKEND, else auto
+    keep_best: bool = False  # also keep the checkpoint of the best validation in out/best
 
 
 def train_step(model: GPT, optimizer: AdamW, x: np.ndarray, y: np.ndarray, lr: float,
-               grad_clip: float) -> tuple[float, float]:
-    """One optimizer step on the batch (x, y): forward, backward, clipping, AdamW.
+               grad_clip: float, masks: DropoutMasks | None = None) -> tuple[float, float]:
+    """One optimizer step on the batch (x, y): forward, backward into the optimizer's flat
+    gradient buffer, global-norm clipping folded into the AdamW pass.
 
+    Args:
+        masks: the step's dropout masks (`model.draw_masks`), or None for no dropout.
     Returns:
         (loss in nats/token, the gradient's global norm before clipping; 0.0 if grad_clip
         is 0, which turns clipping off).
@@ -79,12 +86,13 @@ def train_step(model: GPT, optimizer: AdamW, x: np.ndarray, y: np.ndarray, lr: f
     # overflow in a diverging run is caught explicitly (loss, norm and weights are checked),
     # so numpy's warnings would only add noise
     with np.errstate(over="ignore", invalid="ignore"):
-        loss, grads = model.loss_and_grads(x, y)
-        norm = clip_grad_norm(grads, grad_clip) if grad_clip > 0 else 0.0
+        loss, _ = model.loss_and_grads(x, y, masks, optimizer.grads)
+        norm = optimizer.grad_norm() if grad_clip > 0 else 0.0
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise Diverged(f"loss {loss}, gradient norm {norm}")
+    coef = clip_coefficient(norm, grad_clip) if grad_clip > 0 else 1.0
     with np.errstate(over="ignore", invalid="ignore"):
-        optimizer.step(grads, lr=lr)
+        optimizer.step(lr=lr, grad_scale=coef)
     return loss, norm
 
 
@@ -92,9 +100,11 @@ class Trainer:
     """A training run writing checkpoints to `out`: build it with `start` or `resume`, then
     `train()`.
 
-    Attributes: out, config, tokenizer, params ({name: array}, updated in place), model
-    (GPT), optimizer (AdamW), schedule (CosineSchedule), rng (the data RNG), step (optimizer
-    steps done), history ({"train": [[step, loss]], "val": [[step, loss]]}), settings (with
+    Attributes: out, config, tokenizer, params ({name: array}, views into the optimizer's
+    flat buffer, updated in place), backend (the kernel backend of the step), model (GPT),
+    optimizer (AdamW), schedule (CosineSchedule), rng (the training RNG: batches and
+    dropout masks), step (optimizer steps done), history ({"train": [[step, loss]], "val":
+    [[step, loss]]}, and "best": {"step", "val_loss"} with keep_best), settings (with
     decay_steps resolved), train_tokens, val_tokens.
     """
 
@@ -106,10 +116,12 @@ class Trainer:
         self.config, self.tokenizer, self.params = config, tokenizer, params
         self.settings = settings
         self.train_tokens, self.val_tokens = data.train, data.val  # arrays or TokenFiles
-        self.model = GPT(config, params)
         s = settings
+        self.backend = get_backend(s.backend)
+        self.model = GPT(config, params, self.backend)
+        # the parameters move into the optimizer's flat buffer (params[name] become views)
         self.optimizer = AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2),
-                               weight_decay=s.weight_decay)
+                               weight_decay=s.weight_decay, ops=self.backend)
         decay_steps = s.steps if s.decay_steps is None else s.decay_steps
         self.schedule = CosineSchedule(max_lr=s.lr, min_lr=s.min_lr, warmup=s.warmup,
                                        decay_steps=decay_steps)
@@ -246,9 +258,10 @@ class Trainer:
         while self.step < s.steps:
             t0 = time.perf_counter()
             x, y = get_batch(self.train_tokens, s.batch_size, cfg.block_size, self.rng)
+            masks = self.model.draw_masks(self.rng, s.batch_size)  # None without dropout
             lr = self.schedule(self.step)
             try:
-                loss, _ = train_step(self.model, self.optimizer, x, y, lr, s.grad_clip)
+                loss, _ = train_step(self.model, self.optimizer, x, y, lr, s.grad_clip, masks)
             except Diverged as e:
                 raise self._diverged(str(e)) from None
             self.step += 1
@@ -286,8 +299,29 @@ class Trainer:
         if final:
             result = {"step": self.step, "wall_seconds": round(time.perf_counter() - t_start, 1),
                       "val": val, "train": self.evaluate(self.train_tokens, s.eval_windows)}
+        improved = s.keep_best and self._record_best(
+            val if not final or s.final_eval_windows == s.eval_windows
+            else self.evaluate(self.val_tokens, s.eval_windows))
         self.save(val, result)
+        if improved:
+            self._save_best()
         if plot:
             plot_loss_curve(self.history, self.schedule, self.out / LOSS_CURVE_FILE,
                             title=f"minitf {self.out.name}: {num_params(self.config):,} parameters")
         return result
+
+    def _record_best(self, val: dict) -> bool:
+        """With keep_best: whether `val` (the validation on eval_windows windows, the same
+        windows at every step) is the best so far; if so, record it in the history (which
+        the run's checkpoint keeps, so a resumed run knows it)."""
+        best = self.history.get("best")
+        if best is not None and best["val_loss"] <= val["loss"]:
+            return False
+        self.history["best"] = {"step": self.step, "val_loss": val["loss"], "val": val}
+        return True
+
+    def _save_best(self) -> None:
+        """Write the model to out/best: a checkpoint without optimizer state, for
+        `python -m minitf.evaluate --model` and `generate --model`."""
+        meta = {"command": self.command, "args": self.record, **self.history["best"]}
+        save_checkpoint(self.out / BEST_DIR, self.params, self.config, self.tokenizer, meta=meta)

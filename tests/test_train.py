@@ -59,9 +59,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
     real = GPT.loss_and_grads
     calls = {"n": 0}
 
-    def poisoned(self, x, y):
+    def poisoned(self, x, y, *args):
         calls["n"] += 1
-        loss, grads = real(self, x, y)
+        loss, grads = real(self, x, y, *args)
         return (float("nan") if calls["n"] == 6 else loss), grads
 
     monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
