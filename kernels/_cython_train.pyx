@@ -23,7 +23,7 @@ import numpy as np
 include "_cython_loops.pxi"  # the shared loops: `real`, GELU_C, _exp_into
 
 DEF ROWS = 64  # rows per parallel block of the row loops
-DEF ELEMS = 16384  # elements per parallel block of the elementwise loops
+DEF ELEMS = 4096  # elements per parallel block of the elementwise loops
 
 
 cdef inline Py_ssize_t _blocks(Py_ssize_t n, Py_ssize_t size) noexcept nogil:

@@ -249,11 +249,13 @@ class Backend:
     # to write, a tuple in the order of the return values (see _checks.output), which is
     # how a training step reuses its buffers. The matmuls are numpy's BLAS matmul writing
     # into the outputs, the same on every backend; the loops do the elementwise and
-    # reduction work between them.
+    # reduction work between them. "Within TOL[("train_grad", dtype)]" means: for each
+    # output, max |out - reference| <= tol * max |reference|.
 
     def matmul_forward(self, x, w, bias=None, *, out=None):
-        """y = x @ w + bias by BLAS, a linear layer of the training forward. Equals
-        `numpy_ref.matmul` within TOL[("kernel_dot", dtype)].
+        """y = x @ w + bias by BLAS, a linear layer of the training forward (the unfused
+        inference path's `matmul` is the backend's own loop). Equals
+        `numpy_ref.matmul` (the same BLAS call) within TOL[("train_grad", dtype)].
 
         Args:
             x: (N, K) float32 or float64; w: (K, M); bias: (M,) or None; dtype of x.
@@ -271,7 +273,7 @@ class Backend:
 
     def matmul_backward(self, dy, x, w, *, out=None):
         """Gradients of y = x @ w + bias by BLAS. Equals `numpy_ref.matmul_backward` within
-        TOL[("kernel_dot", dtype)].
+        TOL[("train_grad", dtype)].
 
         Args:
             dy: (N, M); x: (N, K), the forward's input; w: (K, M); one float dtype.
@@ -289,7 +291,7 @@ class Backend:
 
     def matmul_nt_forward(self, x, w, *, out=None):
         """y = x @ w.T by BLAS (the tied head's logits, w = wte). Equals
-        `numpy_ref.matmul_nt` within TOL[("kernel_dot", dtype)].
+        `numpy_ref.matmul_nt` within TOL[("train_grad", dtype)].
 
         Args:
             x: (N, K) float32 or float64; w: (M, K), dtype of x. out: None or (y (N, M),).
@@ -303,7 +305,7 @@ class Backend:
 
     def matmul_nt_backward(self, dy, x, w, *, out=None):
         """Gradients of y = x @ w.T by BLAS. Equals `numpy_ref.matmul_nt_backward` within
-        TOL[("kernel_dot", dtype)].
+        TOL[("train_grad", dtype)].
 
         Args:
             dy: (N, M); x: (N, K); w: (M, K); one float dtype. out: None or (dx, dw).
@@ -334,7 +336,7 @@ class Backend:
 
     def embedding_backward(self, dx, idx, vocab_size, block_size, *, out=None):
         """Gradients of `embedding`: every row of dx added into the row of its token and of
-        its position. Equals `numpy_ref.embedding_backward` within TOL[("kernel", dtype)].
+        its position. Equals `numpy_ref.embedding_backward` within TOL[("train_grad", dtype)].
 
         Args:
             dx: (B, T, C) float; idx: (B, T) ids in [0, vocab_size); block_size >= T.
@@ -350,7 +352,7 @@ class Backend:
 
     def layernorm_forward(self, x, weight, bias, eps=1e-5, *, out=None):
         """LayerNorm of the rows of x and the row statistics. Equals
-        `numpy_ref.layernorm_forward` within TOL[("kernel", dtype)].
+        `numpy_ref.layernorm_forward` within TOL[("train_grad", dtype)].
 
         Args:
             x: (N, C) float32 or float64; weight, bias: (C,); eps > 0.
@@ -367,7 +369,7 @@ class Backend:
 
     def layernorm_backward(self, dy, x, mean, rstd, weight, *, out=None):
         """Gradients of `layernorm_forward`. Equals `numpy_ref.layernorm_backward` within
-        TOL[("kernel_grad", dtype)].
+        TOL[("train_grad", dtype)].
 
         Args:
             dy, x: (N, C); mean, rstd: (N,) from the forward; weight: (C,); one float dtype.
@@ -384,7 +386,7 @@ class Backend:
 
     def gelu_forward(self, x, *, out=None):
         """GELU and the tanh(u) its backward needs. Equals `numpy_ref.gelu_forward` within
-        TOL[("kernel", dtype)].
+        TOL[("train_grad", dtype)].
 
         Args:
             x: any shape, float32 or float64. out: None or (y, tanh_u), x's shape.
@@ -399,7 +401,7 @@ class Backend:
 
     def gelu_backward(self, dy, x, tanh_u, *, out=None):
         """Gradient of `gelu_forward`. Equals `numpy_ref.gelu_backward` within
-        TOL[("kernel", dtype)].
+        TOL[("train_grad", dtype)].
 
         Args:
             dy, x, tanh_u: one shape and float dtype. out: None or (dx,).
@@ -416,7 +418,7 @@ class Backend:
     def attention_forward(self, qkv, n_head, mask=None, *, out=None, dropped=None):
         """Causal self-attention for training: scores and the weighted values by BLAS, the
         causal softmax (and dropout) by the backend's loop. Equals
-        `numpy_ref.attention_forward` within TOL[("kernel_grad", dtype)].
+        `numpy_ref.attention_forward` within TOL[("train_grad", dtype)].
 
         Args:
             qkv: (B, T, 3C) float, queries, keys, values side by side; n_head: NH dividing C.
@@ -444,7 +446,7 @@ class Backend:
     def attention_backward(self, dy, qkv, att, n_head, mask=None, *, out=None, dropped=None,
                            datt=None):
         """Gradient of `attention_forward` with respect to qkv. Equals
-        `numpy_ref.attention_backward` within TOL[("kernel_grad", dtype)].
+        `numpy_ref.attention_backward` within TOL[("train_grad", dtype)].
 
         Args:
             dy: (B, T, C); qkv: (B, T, 3C); att: (B, NH, T, T) the forward's weights; n_head;
@@ -477,7 +479,7 @@ class Backend:
 
     def cross_entropy_forward(self, logits, targets, *, out=None):
         """Softmax cross-entropy per row and the probabilities. Equals
-        `numpy_ref.cross_entropy_forward` within TOL[("kernel", dtype)].
+        `numpy_ref.cross_entropy_forward` within TOL[("train_grad", dtype)].
 
         Args:
             logits: (N, V) float; targets: (N,) ids in [0, V). out: None or (loss, probs).
@@ -492,7 +494,7 @@ class Backend:
 
     def cross_entropy_backward(self, dloss, probs, targets, *, out=None):
         """dlogits of the per-row losses. Equals `numpy_ref.cross_entropy_backward` within
-        TOL[("kernel", dtype)].
+        TOL[("train_grad", dtype)].
 
         Args:
             dloss: (N,); probs: (N, V); targets: (N,) ids in [0, V). out: None or (dlogits,).
@@ -537,7 +539,8 @@ class Backend:
         return y
 
     def residual_add(self, x, a, mask=None, *, out=None):
-        """y = x + a * mask (mask None: x + a). Equals `numpy_ref.residual_add` bit for bit.
+        """y = x + a * mask (mask None: x + a). Equals `numpy_ref.residual_add` within
+        TOL[("train_grad", dtype)] (a compiled loop may fuse the multiply-add).
 
         Args:
             x, a: one shape and float dtype; mask: like a, or None.
@@ -554,7 +557,7 @@ class Backend:
 
     def global_norm(self, g) -> float:
         """sqrt(sum g^2) of the flat gradient buffer, summed in float64. Equals
-        `numpy_ref.global_norm` within TOL[("kernel", float64)].
+        `numpy_ref.global_norm` within TOL[("train_grad", dtype)].
 
         Args:
             g: (P,) float32 or float64.
@@ -570,7 +573,7 @@ class Backend:
     def adamw(self, p, g, m, v, n_decay, lr, beta1, beta2, eps, weight_decay, step,
               grad_scale=1.0, *, out=None):
         """One AdamW step over flat buffers, one pass. Equals `numpy_ref.adamw` within
-        TOL[("kernel", dtype)].
+        TOL[("train_grad", dtype)].
 
         Args:
             p, g, m, v: (P,) of one float dtype; n_decay: decay p[:n_decay]; lr, beta1,

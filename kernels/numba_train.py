@@ -32,7 +32,7 @@ from .numba_kernels import NumbaLoops
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _ROWS = 64  # rows per parallel block of the row loops
-_ELEMS = 16384  # elements per parallel block of the elementwise loops
+_ELEMS = 4096  # elements per parallel block of the elementwise loops (32 KiB of exp scratch)
 
 
 # ------------------------------------------------------------------------- helpers ----
