@@ -54,10 +54,8 @@ def kernel_extension(name: str) -> Extension:
     )
 
 
-# The training kernels run their loops in parallel over a batch's rows (OpenMP prange).
-train = kernel_extension("_cython_train")
-train.extra_compile_args, train.extra_link_args = [*COMPILE_ARGS, "-fopenmp"], ["-fopenmp"]
-extensions = [kernel_extension("_cython_kernels"), kernel_extension("_cython_fused"), train]
+extensions = [kernel_extension("_cython_kernels"), kernel_extension("_cython_fused"),
+              kernel_extension("_cython_train")]
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),

@@ -326,14 +326,15 @@ def measure(engines, prompt_128, repeats: int) -> dict[str, dict[str, list[float
     return res
 
 
-def training_steps(config, params) -> dict[str, object]:
-    """{engine: step()} for a TRAIN_BATCH x block_size batch: `minitf.trainer.train_step`
-    (forward, hand-written backward, clipping, AdamW) on each backend, and PyTorch eager
-    (autograd, clip_grad_norm_, torch.optim.AdamW) on the same weights and batch."""
+def training_steps(config, params, threads: int) -> dict[str, object]:
+    """{engine: step()} for a TRAIN_BATCH x block_size batch on `threads` threads:
+    `minitf.trainer.train_step` (forward, hand-written backward, clipping, AdamW) on each
+    backend, with `StepThreads` as `python -m minitf.train --threads` runs it, and PyTorch
+    eager (autograd, clip_grad_norm_, torch.optim.AdamW) on the same weights and batch."""
     from minitf.kernels import get_backend
     from minitf.model import GPT
     from minitf.optim import AdamW
-    from minitf.trainer import train_step
+    from minitf.trainer import StepThreads, train_step
 
     rng = np.random.default_rng(0)
     T = config.block_size
@@ -344,7 +345,8 @@ def training_steps(config, params) -> dict[str, object]:
         K = get_backend(backend)
         p = {k: v.copy() for k, v in params.items()}
         model, opt = GPT(config, p, K), AdamW(p, lr=1e-4, ops=K)
-        steps[f"minitf {backend}"] = partial(train_step, model, opt, x, y, 1e-4, 1.0)
+        steps[f"minitf {backend}"] = partial(train_step, model, opt, x, y, 1e-4, 1.0, None,
+                                             StepThreads(model, opt, threads))
     try:
         import torch
         import torch.nn.functional as F
@@ -377,7 +379,6 @@ def training(sizes: dict, threads: list[int], repeats: int) -> list[tuple[str, s
     short enough that a busy machine slows every engine alike."""
     rows = []
     for label, (config, params) in sizes.items():
-        steps = training_steps(config, params)
         for n in threads:
             set_threads(n)
             try:
@@ -386,6 +387,7 @@ def training(sizes: dict, threads: list[int], repeats: int) -> list[tuple[str, s
                 torch.set_num_threads(n)
             except ImportError:
                 pass
+            steps = training_steps(config, params, n)
             for step in steps.values():  # warm up: compilation, buffers, thread pools
                 for _ in range(2):
                     step()
@@ -396,6 +398,7 @@ def training(sizes: dict, threads: list[int], repeats: int) -> list[tuple[str, s
                     times[name] += [time_call(step) for _ in range(TIMED_STEPS)]
             tokens = TRAIN_BATCH * config.block_size
             rows += [(label, name, n, tokens / statistics.median(ts)) for name, ts in times.items()]
+            del steps  # free this size's buffers before the next
     return rows
 
 

@@ -12,10 +12,6 @@ loop on the 2-core target (thread wake-up costs more than a decode-size kernel t
 the threads compete with BLAS's and the other backends'); run several engines in parallel
 instead.
 
-The training loops (`numba_train`) are the exception: they work on all B * T rows of a
-batch at once (4096 at the default batch), where a `prange` over blocks of rows does pay;
-they take `TRAIN_JIT_OPTIONS`, the same options with `parallel=True`.
-
 `cache=True` keys a compiled function by its own source file: a change in another module
 it calls or reads constants from (numba_kernels' loops, layout.py's offsets) does not
 recompile it. After such a change, clear kernels/__pycache__.
@@ -38,12 +34,3 @@ JIT_OPTIONS = dict(
 def njit(fn):
     """`numba.njit` with JIT_OPTIONS."""
     return numba.njit(**JIT_OPTIONS)(fn)
-
-
-# The training loops: the same options, in parallel (see above).
-TRAIN_JIT_OPTIONS = dict(JIT_OPTIONS, parallel=True)
-
-
-def njit_parallel(fn):
-    """`numba.njit` with TRAIN_JIT_OPTIONS (loops over a whole training batch)."""
-    return numba.njit(**TRAIN_JIT_OPTIONS)(fn)

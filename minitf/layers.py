@@ -261,11 +261,13 @@ class Layers:
         losses, probs = self.ops.cross_entropy_forward(logits.reshape(-1, V), t, out=out)
         return float(losses.mean()), CrossEntropyCache(probs, t, logits.shape)
 
-    def cross_entropy_backward(self, name: str, cache: CrossEntropyCache) -> np.ndarray:
-        """dloss/dlogits (B, T, V) for dloss = 1."""
+    def cross_entropy_backward(self, name: str, cache: CrossEntropyCache,
+                               weight: float = 1.0) -> np.ndarray:
+        """dloss/dlogits (B, T, V) for dloss = weight (1: the gradient of this batch's mean
+        loss; a batch split into parts weighs each by its share of the rows)."""
         N = cache.targets.shape[0]
         dloss, dlogits = self._out(name, cache.probs.dtype, dloss=(N,), dlogits=cache.probs.shape)
-        dloss.fill(1.0 / N)  # (N,) the mean's weights
+        dloss.fill(weight / N)  # (N,) the mean's weights
         self.ops.cross_entropy_backward(dloss, cache.probs, cache.targets, out=(dlogits,))
         return dlogits.reshape(cache.shape)  # (B, T, V)
 

@@ -85,6 +85,11 @@ class DropoutMasks:
     embedding: np.ndarray  # (B, T, C) on wte[idx] + wpe
     blocks: list[BlockMasks]
 
+    def rows(self, rows: slice) -> "DropoutMasks":
+        """The masks of the batch rows `rows` (views), for a batch split into parts."""
+        return DropoutMasks(self.embedding[rows], [BlockMasks(b.att[rows], b.attn[rows], b.mlp[rows])
+                                                   for b in self.blocks])
+
 
 @dataclass
 class BlockCache:
@@ -252,17 +257,19 @@ class GPT:
             loss, ce = L.cross_entropy_forward("loss", logits, targets)  # nats/token
         return logits, loss, GPTCache(embedding, blocks, ln_f, head, ce)
 
-    def backward(self, cache: GPTCache,
-                 grads: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Gradient of the mean loss for every parameter, `{name: array}` like `params`:
-        written into `grads` (e.g. the views of the optimizer's flat gradient buffer), or
-        into new arrays if it is None."""
+    def backward(self, cache: GPTCache, grads: dict[str, np.ndarray] | None = None,
+                 weight: float = 1.0) -> dict[str, np.ndarray]:
+        """Gradient of `weight` times the mean loss for every parameter, `{name: array}`
+        like `params`: written into `grads` (e.g. the views of the optimizer's flat gradient
+        buffer), or into new arrays if it is None. (A batch split into parts weighs each
+        part by its share of the rows, so that the parts' gradients add up to the whole
+        batch's.)"""
         if cache.loss is None:
             raise ValueError("backward needs a forward pass that was given targets")
         L, P = self.layers, self.params
         if grads is None:
             grads = {name: np.empty_like(p) for name, p in P.items()}
-        dlogits = L.cross_entropy_backward("grad.loss", cache.loss)  # (B, T, V)
+        dlogits = L.cross_entropy_backward("grad.loss", cache.loss, weight)  # (B, T, V)
         dwte_head = L.buffer("grad.head.dwte", P["wte"].shape, P["wte"].dtype)  # (V, C)
         dx = L.head_backward("grad.head", dlogits, cache.head, dwte_head)  # (B, T, C)
         dx = L.layernorm_backward("grad.ln_f", dx, cache.ln_f, grads["ln_f.weight"],
@@ -277,8 +284,8 @@ class GPT:
 
     def loss_and_grads(self, idx: np.ndarray, targets: np.ndarray,
                        masks: DropoutMasks | None = None,
-                       grads: dict[str, np.ndarray] | None = None):
-        """(loss in nats/token, grads) for one batch; masks and grads as for forward and
-        backward."""
+                       grads: dict[str, np.ndarray] | None = None, weight: float = 1.0):
+        """(loss in nats/token, grads) for one batch; masks, grads and weight as for
+        forward and backward."""
         _, loss, cache = self.forward(idx, targets, masks)
-        return loss, self.backward(cache, grads)
+        return loss, self.backward(cache, grads, weight)

@@ -69,19 +69,24 @@ class AdamW:
         P = sum(sizes.values())
         self.flat_params = np.empty(P, dtype=dtype)
         self.flat_grads, self.flat_m, self.flat_v = (np.zeros(P, dtype=dtype) for _ in range(3))
-        offsets, start = {}, 0
+        self._offsets, start = {}, 0
         for n in order:
-            offsets[n] = slice(start, start + sizes[n])
+            self._offsets[n] = slice(start, start + sizes[n])
             start += sizes[n]
-        view = lambda flat, n: flat[offsets[n]].reshape(params[n].shape)  # noqa: E731
-        self.grads = {n: view(self.flat_grads, n) for n in params}  # in the params' order
-        self.m = {n: view(self.flat_m, n) for n in params}  # first moments
-        self.v = {n: view(self.flat_v, n) for n in params}  # second moments
+        self._shapes = {n: params[n].shape for n in params}
+        self.grads = self.views(self.flat_grads)  # in the params' order
+        self.m = self.views(self.flat_m)  # first moments
+        self.v = self.views(self.flat_v)  # second moments
         for n in params:
-            self.flat_params[offsets[n]] = params[n].reshape(-1)
-            params[n] = view(self.flat_params, n)
+            self.flat_params[self._offsets[n]] = params[n].reshape(-1)
+        params.update(self.views(self.flat_params))
         self.params = params
         self.t = 0  # number of steps taken
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """{name: view} of a (P,) buffer laid out as `flat_params` (e.g. another process's or
+        thread's gradients, to be summed into `flat_grads`)."""
+        return {n: flat[self._offsets[n]].reshape(shape) for n, shape in self._shapes.items()}
 
     def grad_norm(self) -> float:
         """The global L2 norm of the gradients in `flat_grads` (inf or nan if one is not

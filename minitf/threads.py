@@ -18,12 +18,10 @@ def set_threads(n: int | None) -> None:
     cores = os.cpu_count() or 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cores:
         raise ValueError(f"threads={n!r} must be an integer in [1, {cores}] (this machine's cores)")
+    threadpool_limits(limits=n)
     try:
         import numba  # here, not at the top: importing numba takes ~0.5 s, needed only now
 
         numba.set_num_threads(n)
     except ImportError:  # numba is a dependency; without it only BLAS threads matter
         pass
-    # after numba: starting its OpenMP workers resets OpenMP's thread count to all cores,
-    # which the Cython kernels' OpenMP loops would then use
-    threadpool_limits(limits=n)

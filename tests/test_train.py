@@ -71,7 +71,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
 
     monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
     out = tmp_path / "run"
-    code = train.main(["--data", str(corpus_path), "--out", str(out), *TINY, "--steps", "8", "--eval-interval", "4"])
+    code = train.main(["--data", str(corpus_path), "--out", str(out), *TINY, "--steps", "8", "--eval-interval", "4",
+                       "--threads", "1"])  # one forward and backward per step
     assert code == 1
     err = capsys.readouterr().err
     assert "diverged at step 5" in err and "loss nan" in err

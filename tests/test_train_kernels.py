@@ -32,7 +32,7 @@ from minitf.kernels import BACKENDS, get_backend
 from minitf.kernels import numpy_ref as ref
 from minitf.model import GPT, init_params
 from minitf.optim import AdamW, decays
-from minitf.trainer import train_step
+from minitf.trainer import StepThreads, train_step
 from tolerances import TOL
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -246,29 +246,53 @@ def test_a_training_step_equals_the_reference(name, dtype, dropout):
                key="train_params")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_step_on_threads_equals_the_single_threaded_step(name, threads):
+    """StepThreads: the batch's rows split across threads (3 rows on 2 threads: 1 + 2; on 3:
+    one each), each part weighted by its share; the same loss, gradients and step as one
+    thread, up to float rounding."""
+    results = {}
+    for n in (1, threads):
+        model, opt, x, y, masks = step_case(np.float64, 0.2, name)
+        workers = StepThreads(model, opt, n)
+        loss, norm = train_step(model, opt, x, y, 1e-3, 0.5, masks, workers)
+        results[n] = (loss, norm, opt.flat_grads.copy(), opt.flat_params.copy())
+    (loss, norm, grads, params), (loss_t, norm_t, grads_t, params_t) = results[1], results[threads]
+    tol = TOL[("train_grad", np.float64)]
+    assert abs(loss_t - loss) <= tol * loss and abs(norm_t - norm) <= tol * norm
+    assert_rel(grads_t, grads, np.float64, f"{threads} threads: gradients")
+    assert_rel(params_t, params, np.float64, f"{threads} threads: parameters")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", COMPILED)
-def test_a_step_reuses_its_buffers(name):
+def test_a_step_reuses_its_buffers(name, threads):
     """After the first step of a batch shape, a step allocates nothing near the size of one
     activation, let alone of the parameters: every activation, gradient, mask and optimizer
-    buffer is reused. (What remains is small: numpy's 32 KiB ufunc buffers, views, ids.)"""
-    config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, d_model=64,
-                       dropout=0.1)
+    buffer is reused, on one thread or several. (What remains is small and does not grow
+    with the model: numpy's 32 KiB ufunc and reduction buffers, a few per thread, views,
+    ids.)"""
+    B, T, C = 16, 64, 256
+    config = GPTConfig(vocab_size=65, block_size=T, n_layer=2, n_head=4, d_model=C, dropout=0.1)
     params = init_params(config, seed=0)
     model, K = GPT(config, params, get_backend(name)), get_backend(name)
     opt = AdamW(params, ops=K)
     rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 65, (8, 32)), rng.integers(0, 65, (8, 32))
+    x, y = rng.integers(0, 65, (B, T)), rng.integers(0, 65, (B, T))
+    workers = StepThreads(model, opt, threads)
     for _ in range(2):
-        train_step(model, opt, x, y, 1e-3, 1.0, model.draw_masks(rng, 8))
-    activation = 8 * 32 * 64 * 4  # the smallest, one (B, T, C) float32 array: 64 KiB
-    assert opt.flat_params.nbytes > 4 * activation
+        train_step(model, opt, x, y, 1e-3, 1.0, model.draw_masks(rng, B), workers)
+    activation = B // threads * T * C * 4  # the smallest of a thread, one (B, T, C) float32
+    small = activation // 2
+    assert 3 * threads * 32 * 1024 < small and activation < opt.flat_params.nbytes
     tracemalloc.start()
     try:
-        train_step(model, opt, x, y, 1e-3, 1.0, model.draw_masks(rng, 8))
+        train_step(model, opt, x, y, 1e-3, 1.0, model.draw_masks(rng, B), workers)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 48 * 1024, f"{name}: a step allocated up to {peak} bytes at once"
+    assert peak < small, f"{name}: a step allocated up to {peak} bytes at once"
 
 
 def test_the_optimizer_keeps_flat_buffers():
