@@ -6,10 +6,12 @@
 
 Every training op of the backend (minitf.kernels.backend.Backend: the BLAS matmuls, the
 compiled loops, the optimizer's two passes) is timed at each call of a full training step
-(forward, backward, gradient norm, AdamW; with --dropout also the mask draws), and so are
-the attention's causal-softmax loops inside their ops. Figures are medians over --repeats
-steps; "other" is the rest of the step (Python, the layers' bookkeeping). The machine may
-be shared: compare rows of one run, not runs.
+(`minitf.trainer.train_step` on --threads threads, as `python -m minitf.train` runs it;
+with --dropout also the mask draws), and so are the attention's causal-softmax loops inside
+their ops. On several threads an op's time is summed over the threads (thread time, each
+running its block of the batch's rows); "step" is the wall time. Figures are medians over
+--repeats steps; "other" is the thread time no op accounts for (Python, the layers'
+bookkeeping, waiting). The machine may be shared: compare rows of one run, not runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import collections
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,11 +33,15 @@ from minitf.config import PRESETS  # noqa: E402
 from minitf.kernels import BACKENDS, get_backend  # noqa: E402
 from minitf.layers import OPS  # noqa: E402
 from minitf.model import GPT, init_params  # noqa: E402
-from minitf.optim import AdamW, clip_coefficient  # noqa: E402
+from minitf.optim import AdamW  # noqa: E402
 from minitf.threads import set_threads  # noqa: E402
+from minitf.trainer import StepThreads, train_step  # noqa: E402
 
 TIMED = (*OPS, "global_norm", "adamw")
 INNER = ("causal_softmax", "causal_softmax_backward")  # loops inside the attention ops
+
+
+_LOCK = threading.Lock()  # the step's threads add to one table
 
 
 def timed(times: dict, op: str, fn):
@@ -42,7 +49,8 @@ def timed(times: dict, op: str, fn):
     def call(*args, **kwargs):
         t = time.perf_counter()
         result = fn(*args, **kwargs)
-        times[op] += time.perf_counter() - t
+        with _LOCK:
+            times[op] += time.perf_counter() - t
         return result
     return call
 
@@ -56,7 +64,8 @@ class Timed:
         self.NAME = backend.NAME
 
 
-def profile(backend_name: str, preset: str, batch: int, dropout: float, repeats: int):
+def profile(backend_name: str, preset: str, batch: int, dropout: float, threads: int,
+            repeats: int):
     """{op: [seconds per step]} and [step seconds] over `repeats` steps."""
     config = PRESETS[preset].__class__(**{**PRESETS[preset].to_dict(), "dropout": dropout})
     backend = get_backend(backend_name)
@@ -75,13 +84,13 @@ def profile(backend_name: str, preset: str, batch: int, dropout: float, repeats:
         x = rng.integers(0, config.vocab_size, (batch, T))
         y = rng.integers(0, config.vocab_size, (batch, T))
 
+        workers = StepThreads(model, opt, threads)
+
         def step():
             t = time.perf_counter()
             masks = model.draw_masks(rng, batch)
             times["draw_masks"] += time.perf_counter() - t
-            model.loss_and_grads(x, y, masks, opt.grads)
-            norm = opt.grad_norm()
-            opt.step(lr=1e-4, grad_scale=clip_coefficient(norm, 1.0))
+            train_step(model, opt, x, y, 1e-4, 1.0, masks, workers)
 
         for _ in range(2):  # warm up: compilation, buffers, thread pools
             step()
@@ -116,7 +125,8 @@ def main(argv=None) -> int:
     print(f"training step profile: preset {args.preset} (d_model {cfg.d_model}, {cfg.n_layer} "
           f"layers), batch {args.batch_size} x {cfg.block_size}, dropout {args.dropout}, "
           f"{args.threads} thread(s); ms per step, medians of {args.repeats}")
-    results = {n: profile(n, args.preset, args.batch_size, args.dropout, args.repeats) for n in names}
+    results = {n: profile(n, args.preset, args.batch_size, args.dropout, args.threads, args.repeats)
+               for n in names}
     ops = [op for op in (*TIMED, *INNER, "draw_masks") if any(op in r[0] for r in results.values())]
     print(f"{'op':<28}" + "".join(f"{n:>12}" for n in names))
     for op in ops:
@@ -124,13 +134,12 @@ def main(argv=None) -> int:
         print(f"{label:<28}" + "".join(
             f"{statistics.median(results[n][0][op]) * 1e3:>12.2f}" if op in results[n][0] else f"{'':>12}"
             for n in names))
-    for n in names:  # the rest: what no op accounts for
+    for n in names:  # the rest: the thread time no op accounts for
         per_op, totals = results[n]
-        results[n] = (per_op, totals,
-                      statistics.median(totals) - sum(statistics.median(v) for k, v in per_op.items()
-                                                      if k not in INNER))
-    print(f"{'other (Python, layers)':<28}" + "".join(f"{results[n][2] * 1e3:>12.2f}" for n in names))
-    print(f"{'step':<28}" + "".join(f"{statistics.median(results[n][1]) * 1e3:>12.2f}" for n in names))
+        results[n] = (per_op, totals, args.threads * statistics.median(totals)
+                      - sum(statistics.median(v) for k, v in per_op.items() if k not in INNER))
+    print(f"{'other (Python, waiting)':<28}" + "".join(f"{results[n][2] * 1e3:>12.2f}" for n in names))
+    print(f"{'step (wall)':<28}" + "".join(f"{statistics.median(results[n][1]) * 1e3:>12.2f}" for n in names))
     tokens = args.batch_size * cfg.block_size
     print(f"{'tokens/s':<28}" + "".join(f"{tokens / statistics.median(results[n][1]):>12,.0f}"
                                          for n in names))
