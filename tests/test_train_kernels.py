@@ -33,6 +33,8 @@ from minitf.kernels import numpy_ref as ref
 from minitf.model import GPT, init_params
 from minitf.optim import AdamW, decays
 from minitf.trainer import StepThreads, train_step
+from test_kernels import (  # the check of the inference ops, for the training ones
+    test_every_backend_refuses_the_same_bad_call_with_the_same_error as refused_alike)
 from tolerances import TOL
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -344,15 +346,11 @@ def test_the_optimizer_keeps_flat_buffers():
      ValueError, r"attention_forward: qkv has shape \(1, 2, 9\), n_head=2"),
 ])
 def test_every_backend_refuses_the_same_bad_training_call(what, call, exception, pattern):
-    messages = {}
-    for name in BACKENDS:
-        with pytest.raises(exception, match=pattern) as info:
-            call(get_backend(name))
-        messages[name] = str(info.value)
-    assert len(set(messages.values())) == 1, f"{what}: the backends disagree: {messages}"
+    refused_alike(what, exception, pattern, call)
 
 
 def test_training_loops_options_come_from_one_place():
+    """numba_train's loops take kernels/_jit.py's options, as numba_kernels' do."""
     from minitf.kernels import _jit, numba_train
 
     jitted = [n for n in dir(numba_train) if hasattr(getattr(numba_train, n), "targetoptions")]
@@ -360,10 +358,8 @@ def test_training_loops_options_come_from_one_place():
         assert "_layernorm_backward" in jitted and "_adamw" in jitted
     for name in jitted:
         options = getattr(numba_train, name).targetoptions
-        parallel = _jit.TRAIN_JIT_OPTIONS["parallel"] if options["parallel"] else False
-        allowed = _jit.TRAIN_JIT_OPTIONS if parallel else _jit.JIT_OPTIONS
         for key in ("fastmath", "parallel", "nogil", "error_model"):
-            assert options[key] == allowed[key], f"{name}: {key}={options[key]!r}"
+            assert options[key] == _jit.JIT_OPTIONS[key], f"{name}: {key}={options[key]!r}"
         assert type(getattr(numba_train, name)._cache).__name__ == "FunctionCache", name
 
 
