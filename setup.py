@@ -37,7 +37,7 @@ from setuptools._distutils.sysconfig import customize_compiler
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, CompileError
 
-MODULES = ("_cython_kernels", "_cython_fused")  # one pair per build, always built together
+MODULES = ("_cython_kernels", "_cython_fused", "_cython_train")  # per build, always together
 DEPENDS = ["kernels/_cython_loops.pxi", "kernels/int8_tile.h"]  # what the modules include
 
 # -fassociative-math (with the two flags it requires) lets the compiler vectorize float sums

@@ -4,6 +4,7 @@
     python bench/compare.py --model runs/bpe --repeats 9
     python bench/compare.py --threads 2 --no-train
     python bench/compare.py --no-long --no-batch     # the decode workload only
+    python bench/compare.py --train-only --repeats 7        # training tokens/s only
 
 Workloads (always `decode`, which the others' ratios need; `long` and `batch` unless
 --no-long, --no-batch):
@@ -16,8 +17,9 @@ Workloads (always `decode`, which the others' ratios need; `long` and `batch` un
 - prefill-128 ms: one forward pass over 128 tokens that fills the KV cache and returns the
   last position's logits (what generation needs; HF: `logits_to_keep=1`);
 - training tokens/s (unless --no-train): forward, backward, gradient clipping and an AdamW
-  step on a 32 x 128 batch, minitf's hand-written backward (`GPT.loss_and_grads`) against
-  PyTorch eager autograd, with --train-threads threads;
+  step (`minitf.trainer.train_step` on every backend) on a batch of 32 windows of the
+  model's context, against PyTorch eager autograd on the same weights, at each of
+  --train-threads thread counts, for the model and for the `small` preset;
 and each figure's ratio to the fastest minitf row (> 1: slower than minitf). Medians over
 --repeats runs; engines take turns within each run, so a busy machine slows all of them.
 
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import os
 import platform
@@ -58,6 +61,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +79,7 @@ PROMPT, NEW, PREFILL = 16, 112, 128
 LONG_NEW, KEEP = 1000, 64  # the long workload: new tokens, and the tokens shift keeps
 BATCH_ROWS = 16  # the batch workload: prompts of PROMPT tokens, NEW new tokens each
 TRAIN_BATCH = 32
+TIMED_STEPS = 2  # training steps timed per engine per turn
 CHECK_ATOL = 1e-4
 
 
@@ -468,58 +473,121 @@ def measure_batch(batch_engines, prompts, repeats: int) -> dict[str, dict[str, l
     return res
 
 
-def training(config, params, threads: int, repeats: int) -> list[tuple[str, float]]:
-    """[(engine, tokens/s)] of one training step on a TRAIN_BATCH x block_size batch."""
+def training_steps(config, params, threads: int) -> dict[str, object]:
+    """{engine: step()} for a TRAIN_BATCH x block_size batch on `threads` threads:
+    `minitf.trainer.train_step` (forward, hand-written backward, clipping, AdamW) on each
+    backend, with `StepThreads` as `python -m minitf.train --threads` runs it, and PyTorch
+    eager (autograd, clip_grad_norm_, torch.optim.AdamW) on the same weights and batch."""
+    from minitf.kernels import get_backend
     from minitf.model import GPT
-    from minitf.optim import AdamW, clip_grad_norm
+    from minitf.optim import AdamW
+    from minitf.trainer import StepThreads, train_step
 
     rng = np.random.default_rng(0)
     T = config.block_size
     x = rng.integers(0, config.vocab_size, size=(TRAIN_BATCH, T))
     y = rng.integers(0, config.vocab_size, size=(TRAIN_BATCH, T))
-    set_threads(threads)
-    p = {k: v.copy() for k, v in params.items()}
-    model, opt = GPT(config, p), AdamW(p, lr=1e-4)
-
-    def minitf_step():
-        _, grads = model.loss_and_grads(x, y)
-        clip_grad_norm(grads, 1.0)
-        opt.step(grads)
-
-    steps = {"minitf (numpy, hand-written backward)": minitf_step}
+    steps = {}
+    for backend in BACKENDS:
+        K = get_backend(backend)
+        p = {k: v.copy() for k, v in params.items()}
+        model, opt = GPT(config, p, K), AdamW(p, lr=1e-4, ops=K)
+        steps[f"minitf {backend}"] = partial(train_step, model, opt, x, y, 1e-4, 1.0, None,
+                                             StepThreads(model, opt, threads))
     try:
         import torch
         import torch.nn.functional as F
-
-        torch.set_num_threads(threads)
-        tm = torch_model(config, params).train()
-        decay = [q for n, q in tm.named_parameters() if q.dim() == 2]
-        no_decay = [q for n, q in tm.named_parameters() if q.dim() != 2]
-        topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.99))
-        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-
-        def torch_step():
-            logits = tm(tx)
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ty.view(-1))
-            topt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
-            topt.step()
-
-        steps["PyTorch eager (autograd, torch.optim.AdamW)"] = torch_step
     except ImportError as exc:
         print(f"training: PyTorch skipped ({exc})")
+        return steps
+    tm = torch_model(config, params).train()
+    decay = [q for n, q in tm.named_parameters() if q.dim() == 2]
+    no_decay = [q for n, q in tm.named_parameters() if q.dim() != 2]
+    topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.99))
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def torch_step():
+        logits = tm(tx)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ty.view(-1))
+        topt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
+        topt.step()
+
+    steps["PyTorch eager"] = torch_step
+    return steps
+
+
+def training(sizes: dict, threads: list[int], repeats: int) -> list[tuple[str, str, int, float]]:
+    """[(size, engine, threads, tokens/s)]: the median step of every engine, per size and
+    thread count. Engines take turns, a few steps each (one untimed, then TIMED_STEPS):
+    long enough for the thread pools one leaves spinning (OpenBLAS, OpenMP) to settle,
+    short enough that a busy machine slows every engine alike."""
     rows = []
-    for name, step in steps.items():  # one engine after the other: the thread pools of one
-        for _ in range(3):  # (OpenBLAS, OpenMP) spin for a while after their work and would
-            step()  # slow the other; warm up: allocator, thread pools, AdamW state
-        ts = [time_call(step) for _ in range(repeats)]
-        rows.append((name, TRAIN_BATCH * T / statistics.median(ts)))
+    for label, (config, params) in sizes.items():
+        for n in threads:
+            set_threads(n)
+            try:
+                import torch
+
+                torch.set_num_threads(n)
+            except ImportError:
+                pass
+            steps = training_steps(config, params, n)
+            for step in steps.values():  # warm up: compilation, buffers, thread pools
+                for _ in range(2):
+                    step()
+            times = {name: [] for name in steps}
+            for _ in range(repeats):
+                for name, step in steps.items():
+                    step()
+                    times[name] += [time_call(step) for _ in range(TIMED_STEPS)]
+            tokens = TRAIN_BATCH * config.block_size
+            rows += [(label, name, n, tokens / statistics.median(ts)) for name, ts in times.items()]
+            del steps  # free this size's buffers before the next
     return rows
 
 
+def training_sizes(config, params) -> dict:
+    """{label: (config, float32 params)}: the compared model, and the `small` preset with its
+    vocabulary (init_params, seed 0)."""
+    from minitf.config import PRESETS
+    from minitf.model import init_params
+
+    small = dataclasses.replace(PRESETS["small"], vocab_size=config.vocab_size)
+    return {"model": (config, params), "small": (small, init_params(small, seed=0))}
+
+
+def print_training(rows, sizes) -> None:
+    """One table per size: tokens/s of each engine at each thread count, and its ratio to
+    PyTorch eager at the same threads."""
+    for label, (config, _) in sizes.items():
+        print()
+        print(f"training step, {label}: d_model {config.d_model}, {config.n_layer} layers, vocab "
+              f"{config.vocab_size}, batch {TRAIN_BATCH} x {config.block_size} (forward + backward "
+              f"+ clip + AdamW), medians:")
+        threads = sorted({n for size, _, n, _ in rows if size == label})
+        print(f"{'engine':<24}" + "".join(f"{f'{n} thr tok/s':>15}{'x torch':>9}" for n in threads))
+        table = {(name, n): tps for size, name, n, tps in rows if size == label}
+        for name in dict.fromkeys(name for size, name, _, _ in rows if size == label):
+            cells = ""
+            for n in threads:
+                torch_tps = table.get(("PyTorch eager", n))
+                ratio = f"{table[(name, n)] / torch_tps:>9.2f}" if torch_tps else f"{'':>9}"
+                cells += f"{table[(name, n)]:>15,.0f}{ratio}"
+            print(f"{name:<24}{cells}")
+
+
 # ----------------------------------------------------------------------------------------
+
+
+def thread_list(text: str) -> list[int]:
+    """--train-threads: "1,2" -> [1, 2]."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -533,20 +601,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 model directory (default: the shipped model, else a default-size "
                         "model with vocab 1024 from init_params)")
     p.add_argument("--threads", type=int, default=1, help="threads for decode and prefill (BLAS, numba, torch)")
-    p.add_argument("--train-threads", type=int, default=2, help="threads for the training step")
+    p.add_argument("--train-threads", type=thread_list, default=[1, 2],
+                   help="comma-separated thread counts for the training step (default: 1,2)")
     p.add_argument("--repeats", type=int, default=5, help="runs per engine; figures are medians")
     p.add_argument("--no-train", action="store_true", help="skip the training comparison")
     p.add_argument("--no-long", action="store_true", help=f"skip the long workload ({LONG_NEW} tokens past the context)")
     p.add_argument("--no-batch", action="store_true", help=f"skip the batch workload ({BATCH_ROWS} prompts together)")
+    p.add_argument("--train-only", action="store_true", help="only the training comparison")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cores = os.cpu_count() or 1
-    for name in ("threads", "train_threads"):
-        if not 1 <= getattr(args, name) <= cores:
-            build_parser().error(f"--{name.replace('_', '-')} {getattr(args, name)} must be in [1, {cores}]")
+    if not 1 <= args.threads <= cores:
+        build_parser().error(f"--threads {args.threads} must be in [1, {cores}]")
+    if not all(1 <= n <= cores for n in args.train_threads):
+        build_parser().error(f"--train-threads {args.train_threads} must each be in [1, {cores}]")
     if args.repeats < 1:
         build_parser().error(f"--repeats {args.repeats} must be >= 1")
     try:  # before set_threads: once numba.set_num_threads has started numba's OpenMP
@@ -554,7 +625,12 @@ def main(argv=None) -> int:
     except ImportError:  # training step 13x slower (two OpenMP runtimes spinning)
         pass
     config, params, source = load_model(args.model)
-    train_rows = [] if args.no_train else training(config, params, args.train_threads, args.repeats)
+    sizes = training_sizes(config, params)
+    train_rows = [] if args.no_train else training(sizes, args.train_threads, args.repeats)
+    if args.train_only:
+        print(f"minitf training side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}")
+        print_training(train_rows, sizes)
+        return 0
     set_threads(args.threads)
     versions = [f"numpy {np.__version__}"]
     import numba
@@ -698,13 +774,7 @@ def main(argv=None) -> int:
             print("  " + line)
 
     if train_rows:
-        ref = train_rows[0][1]
-        print()
-        print(f"training step, batch {TRAIN_BATCH} x {config.block_size}, {args.train_threads} threads "
-              f"(forward + backward + clip + AdamW):")
-        print(f"{'engine':<46} {'tokens/s':>15} {'x minitf':>9}")
-        for name, tps in train_rows:
-            print(f"{name:<46} {tps:>15,.0f} {tps / ref:>9.2f}")
+        print_training(train_rows, sizes)
     return 0
 
 

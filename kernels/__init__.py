@@ -48,7 +48,7 @@ AUTO_ORDER = ("numba", "cython", "numpy")
 ENV_VAR = "MINITF_BACKEND"
 
 # the module holding each backend's loops (its LOOPS class), and its fused kernels
-_MODULES = {"numpy": "numpy_loops", "numba": "numba_kernels", "cython": "cython_kernels"}
+_MODULES = {"numpy": "numpy_loops", "numba": "numba_train", "cython": "cython_train"}
 # the module of each fused path (cython: the one cython_kernels picked, its FUSED)
 FUSED_MODULES = {"numba": "numba_fused", "cython": "cython_kernels"}
 _FIXES = {
@@ -224,7 +224,11 @@ def describe(name: str) -> str:
 
 
 def report() -> str:
-    """Every backend's `describe` line, then what "auto" picks (python -m minitf.kernels)."""
+    """Every backend's `describe` line, then what "auto" picks (python -m minitf.kernels).
+
+    Raises _isa.ISAError for an unknown $MINITF_ISA (one that names a variant this CPU
+    cannot run is a backend's "cannot load" line instead)."""
+    _isa.requested()
     lines = [describe(name) for name in BACKENDS]
     status = available_backends()
     auto = next((n for n in AUTO_ORDER if status[n] is None), None)

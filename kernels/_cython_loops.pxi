@@ -382,3 +382,40 @@ cdef inline void _attention(real* out, real* att, const real* q, const real* k, 
                 vj = v + j * C + h * HS
                 for c in range(HS):
                     o[c] += p * vj[c]
+
+
+# ------------------------------------------------------------------ float32 exp ----
+
+
+# float32 exp, vectorizable (libm's expf is a call per element): Cephes' expf, as in
+# numba_fused; the fused path's fast stages and the training kernels use it. x = k ln 2 + r
+# with |r| <= ln(2) / 2, exp(r) by a degree-7 polynomial (~1 ulp), 2^k from its IEEE
+# exponent bits. Arguments are clamped to [-87, 88]: never inf,
+# and at least 1.6e-38 where the reference underflows to 0 (invisible in softmax and GELU).
+
+cdef extern from *:
+    """
+    static inline float minitf_exp2i(int32_t k) {  /* 2^k as a float, -126 <= k <= 127 */
+        int32_t bits = (k + 127) << 23;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    """
+    float minitf_exp2i(int32_t k) noexcept nogil
+
+
+cdef inline void _exp_into(float* y, const float* x, float shift, Py_ssize_t n) noexcept nogil:
+    """y[i] = exp(x[i] - shift) for i < n, float32, within 2 ulp of expf; y may be x."""
+    cdef Py_ssize_t i
+    cdef float v, k, r, p
+    cdef int32_t ki
+    for i in range(n):
+        v = x[i] - shift
+        v = -87.0 if v < -87.0 else (88.0 if v > 88.0 else v)
+        ki = <int32_t>(v * <float>1.44269504088896341 + <float>128.5) - 128  # floor(v log2 e + 1/2)
+        k = <float>ki
+        r = v - k * <float>0.693359375 - k * <float>-2.12194440e-4  # ln 2 in two parts
+        p = (((((<float>1.9875691500e-4 * r + <float>1.3981999507e-3) * r + <float>8.3334519073e-3) * r
+               + <float>4.1665795894e-2) * r + <float>1.6666665459e-1) * r + <float>5.0000001201e-1)
+        y[i] = (p * r * r + r + 1) * minitf_exp2i(ki)

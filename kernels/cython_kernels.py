@@ -8,12 +8,12 @@ fused-type dispatch on every call). If the extension is missing, importing this 
 fails with ImportError, which `minitf.kernels.get_backend` turns into a BackendError that
 says why and how to build it. There is no pure-Python fallback.
 
-Builds. On x86-64 the extension modules exist twice (setup.py): the baseline pair
-`_cython_kernels` / `_cython_fused`, which runs on every x86-64 CPU, and the x86-64-v3 pair
-`_cython_kernels_v3` / `_cython_fused_v3`. The baseline fused module, safe to import
-anywhere, tells whether this CPU runs v3 code; `_isa.cython_suffix` picks the pair, and
-both modules of the chosen pair are used together (`FUSED` is the fused path's module),
-so the fused path rounds exactly as these loops do.
+Builds. On x86-64 the extension modules exist twice (setup.py): the baseline set
+`_cython_kernels` / `_cython_fused` / `_cython_train`, which runs on every x86-64 CPU, and
+the x86-64-v3 set with the suffix `_v3`. The baseline fused module, safe to import
+anywhere, tells whether this CPU runs v3 code; `_isa.cython_suffix` picks the set (the
+"pair" of its messages), and its modules are used together (`FUSED` is the fused path's
+module, `TRAIN` the training loops'), so the fused path rounds exactly as these loops do.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _HAS_V3 = importlib.util.find_spec(f"{__package__}._cython_kernels{_isa.V3_SUFFI
 SUFFIX, WHY = _isa.cython_suffix(_baseline.CPU_RUNS_X86_64_V3, _HAS_V3)  # the pair, and why
 _ck = importlib.import_module(f"{__package__}._cython_kernels{SUFFIX}")
 FUSED = importlib.import_module(f"{__package__}._cython_fused{SUFFIX}")  # the fused path
+TRAIN = importlib.import_module(f"{__package__}._cython_train{SUFFIX}")  # training loops
 BUILD = FUSED.BUILD  # what the pair was compiled for: x86-64, x86-64-v3, native, aarch64
 
 

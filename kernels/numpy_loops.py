@@ -12,12 +12,21 @@ here: the reference computes them itself.
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import numpy_ref as ref
 
-# The loop ops of every backend. `matmul_int8` has two, one per mode.
+# The loop ops of every backend. `matmul_int8` has two, one per mode. The training ops'
+# matmuls are BLAS calls in `Backend`, the same for every backend; their loops are the rest
+# (the attention's causal softmax and its backward, between the BLAS products).
 LOOP_OPS = ("matmul", "matmul_nt", "quantize_rows", "matmul_int8_acc",
             "matmul_int8_weight_only", "matmul_w8a8", "softmax", "layernorm", "gelu",
-            "attention")
+            "attention",
+            # training
+            "embedding_forward", "embedding_backward", "layernorm_forward",
+            "layernorm_backward", "gelu_forward", "gelu_backward", "causal_softmax",
+            "causal_softmax_backward", "cross_entropy_forward", "cross_entropy_backward",
+            "dropout_mask", "dropout", "residual_add", "global_norm", "adamw")
 
 
 class ReferenceLoops:
@@ -76,6 +85,100 @@ class ReferenceLoops:
     def attention(out, att, q, k, v, n_head, scale):
         """out (Tq, C), weights att (NH, Tq, Tk) of causal attention; scale: unused."""
         out[...] = ref.attention(q, k, v, n_head, att_out=att)
+
+    # ------------------------------------------------------------------------ training --
+
+    @staticmethod
+    def embedding_forward(x, idx, wte, wpe):
+        """x (B, T, C) = wte[idx] + wpe[:T]; idx (B, T) int64."""
+        x[...] = ref.embedding(idx, wte, wpe)
+
+    @staticmethod
+    def embedding_backward(dwte, dwpe, dx, idx):
+        """dwte (V, C) and dwpe (block_size, C) from dx (B, T, C) and idx (B, T) int64."""
+        dwte[...], dwpe[...] = ref.embedding_backward(dx, idx, dwte.shape[0], dwpe.shape[0])
+
+    @staticmethod
+    def layernorm_forward(y, mean, rstd, x, weight, bias, eps):
+        """y (N, C), mean and rstd (N,) of the rows of x (N, C), weight and bias (C,)."""
+        y[...], mean[...], rstd[...] = ref.layernorm_forward(x, weight, bias, eps)
+
+    @staticmethod
+    def layernorm_backward(dx, dweight, dbias, dy, x, mean, rstd, weight):
+        """dx (N, C), dweight and dbias (C,) from dy, x (N, C), mean, rstd (N,), weight."""
+        dx[...], dweight[...], dbias[...] = ref.layernorm_backward(dy, x, mean, rstd, weight)
+
+    @staticmethod
+    def gelu_forward(y, tanh_u, x):
+        """y and tanh_u (n,) of the flat array x (n,)."""
+        y[...], tanh_u[...] = ref.gelu_forward(x)
+
+    @staticmethod
+    def gelu_backward(dx, dy, x, tanh_u):
+        """dx (n,) from the flat arrays dy, x, tanh_u (n,)."""
+        dx[...] = ref.gelu_backward(dy, x, tanh_u)
+
+    @staticmethod
+    def causal_softmax(att, dropped, mask, scale):
+        """In place, the scores att (R, T, T) become the causal softmax weights of scale *
+        scores (zero above the diagonal); dropped (R, T, T) = att * mask, both None without
+        dropout."""
+        T = att.shape[-1]
+        causal = np.triu(np.full((T, T), -np.inf, dtype=att.dtype), k=1)  # (T, T)
+        att[...] = ref.softmax(att * scale + causal)
+        if mask is not None:
+            dropped[...] = ref.dropout(att, mask)
+
+    @staticmethod
+    def causal_softmax_backward(datt, att, mask, scale):
+        """In place, datt (R, T, T), the gradient of the (dropped) weights, becomes scale *
+        the gradient of the scores, from att (R, T, T) and the dropout mask (or None)."""
+        if mask is not None:
+            datt[...] = ref.dropout(datt, mask)
+        datt[...] = ref.softmax_backward(datt, att) * scale
+
+    @staticmethod
+    def cross_entropy_forward(loss, probs, logits, targets):
+        """loss (N,) and probs (N, V) of logits (N, V) and targets (N,) int64."""
+        loss[...], probs[...] = ref.cross_entropy_forward(logits, targets)
+
+    @staticmethod
+    def cross_entropy_backward(dlogits, dloss, probs, targets):
+        """dlogits (N, V) from dloss (N,), probs (N, V), targets (N,) int64."""
+        dlogits[...] = ref.cross_entropy_backward(dloss, probs, targets)
+
+    @staticmethod
+    def dropout_mask(mask, u, p):
+        """mask = 1 / (1 - p) where u >= p, else 0; flat arrays (n,); mask may be u."""
+        mask[...] = ref.dropout_mask(u, p)
+
+    @staticmethod
+    def dropout(y, x, mask):
+        """y = x * mask, flat arrays (n,)."""
+        y[...] = ref.dropout(x, mask)
+
+    @staticmethod
+    def residual_add(y, x, a, mask):
+        """y = x + a * mask (mask None: x + a), flat arrays (n,); y may be x."""
+        y[...] = ref.residual_add(x, a, mask)
+
+    @staticmethod
+    def global_norm(total, g):
+        """total (1,) float64 = the L2 norm of g (P,)."""
+        total[0] = ref.global_norm(g)
+
+    @staticmethod
+    def adamw(p, m, v, g, n_decay, lr, beta1, beta2, eps, weight_decay, step, grad_scale):
+        """One AdamW step in place on p, m, v (P,) from g (P,). The reference's temporaries
+        are made a slice at a time, so no parameter-sized array is allocated per step."""
+        for start in range(0, p.shape[0], _CHUNK):
+            s = slice(start, start + _CHUNK)
+            decayed = min(max(n_decay - start, 0), _CHUNK)  # of this slice, the first `decayed`
+            p[s], m[s], v[s] = ref.adamw(p[s], g[s], m[s], v[s], decayed, lr, beta1, beta2, eps,
+                                         weight_decay, step, grad_scale)
+
+
+_CHUNK = 1 << 16  # elements per slice of ReferenceLoops.adamw
 
 
 LOOPS = ReferenceLoops

@@ -423,12 +423,14 @@ def _merge_heads(x: np.ndarray) -> np.ndarray:
     return x.swapaxes(-3, -2).reshape(*batch, T, NH * HS)  # (..., T, C)
 
 
-def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray):
+def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                      mask: np.ndarray | None = None):
     """softmax(q k^T / sqrt(HS) + causal mask) v for each head, and the softmax weights.
 
     q (..., NH, Tq, HS), k and v (..., NH, Tk, HS) with Tq <= Tk: query i sits at absolute
-    position Tk - Tq + i and sees keys 0 .. Tk - Tq + i. Returns out (..., NH, Tq, HS) and
-    att (..., NH, Tq, Tk), zero where the mask hides a key.
+    position Tk - Tq + i and sees keys 0 .. Tk - Tq + i. With a dropout `mask` (..., NH, Tq,
+    Tk) the weights are dropped before they weigh v (training). Returns out (..., NH, Tq,
+    HS) and att (..., NH, Tq, Tk), before dropout, zero where the causal mask hides a key.
     """
     Tq, Tk, HS = q.shape[-2], k.shape[-2], q.shape[-1]
     scores = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(HS))  # (..., NH, Tq, Tk)
@@ -436,7 +438,8 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray):
     # there, 0 elsewhere
     scores += np.triu(np.full((Tq, Tk), -np.inf, dtype=scores.dtype), k=Tk - Tq + 1)
     att = softmax(scores)  # (..., NH, Tq, Tk)
-    return att @ v, att  # (..., NH, Tq, HS), (..., NH, Tq, Tk)
+    dropped = att if mask is None else dropout(att, mask)  # (..., NH, Tq, Tk)
+    return dropped @ v, att  # (..., NH, Tq, HS), (..., NH, Tq, Tk)
 
 
 def attention(
@@ -478,7 +481,7 @@ def attention(
     return _merge_heads(out)  # (Tq, C)
 
 
-def attention_forward(qkv: np.ndarray, n_head: int):
+def attention_forward(qkv: np.ndarray, n_head: int, mask: np.ndarray | None = None):
     """Causal self-attention of a batch of sequences for training: the output and the
     softmax weights the backward needs. Hot in training (its softmax).
 
@@ -486,30 +489,36 @@ def attention_forward(qkv: np.ndarray, n_head: int):
         qkv: (B, T, 3C) float, the output of c_attn: queries, keys and values side by side
             (GPT-2's layout), each with head h in columns h*HS:(h+1)*HS.
         n_head: NH; must divide C.
+        mask: None, or a (B, NH, T, T) dropout mask of qkv's dtype (see `dropout_mask`)
+            applied to the softmax weights before they weigh the values, as GPT-2 does.
     Returns:
-        y (B, T, C), the heads side by side, and att (B, NH, T, T), the softmax weights,
-        zero above the diagonal.
+        y (B, T, C), the heads side by side, and att (B, NH, T, T), the softmax weights
+        (before dropout), zero above the diagonal.
     """
     q, k, v = (_split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))  # (B, NH, T, HS)
-    y, att = _causal_attention(q, k, v)  # (B, NH, T, HS), (B, NH, T, T)
+    y, att = _causal_attention(q, k, v, mask)  # (B, NH, T, HS), (B, NH, T, T)
     return _merge_heads(y), att  # (B, T, C), (B, NH, T, T)
 
 
-def attention_backward(dy: np.ndarray, qkv: np.ndarray, att: np.ndarray, n_head: int):
+def attention_backward(dy: np.ndarray, qkv: np.ndarray, att: np.ndarray, n_head: int,
+                       mask: np.ndarray | None = None):
     """Gradient of `attention_forward` with respect to qkv. Hot in training.
 
     Args:
         dy: (B, T, C) dL/dy; qkv: (B, T, 3C) the forward's input; att: (B, NH, T, T) its
-            softmax weights; n_head: NH.
+            softmax weights; n_head: NH; mask: the forward's dropout mask or None.
     Returns:
         dqkv: (B, T, 3C).
     """
     q, k, v = (_split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))  # (B, NH, T, HS)
     scale = 1.0 / math.sqrt(q.shape[-1])
     dy = _split_heads(dy, n_head)  # (B, NH, T, HS)
-    # forward was y = att @ v
-    datt = dy @ v.swapaxes(-1, -2)  # (B, NH, T, T)
-    dv = att.swapaxes(-1, -2) @ dy  # (B, NH, T, HS)
+    dropped = att if mask is None else dropout(att, mask)  # (B, NH, T, T) what weighed v
+    # forward was y = dropped @ v
+    ddropped = dy @ v.swapaxes(-1, -2)  # (B, NH, T, T)
+    dv = dropped.swapaxes(-1, -2) @ dy  # (B, NH, T, HS)
+    # forward was dropped = att * mask: the gradient passes where the mask kept a weight
+    datt = ddropped if mask is None else dropout(ddropped, mask)  # (B, NH, T, T)
     # forward was att = softmax(scores) row by row; masked scores have att = 0, so they get
     # no gradient
     dscores = softmax_backward(datt, att)  # (B, NH, T, T)
@@ -553,3 +562,104 @@ def embedding_backward(dx: np.ndarray, idx: np.ndarray, vocab_size: int, block_s
     dwpe = np.zeros((block_size, C), dtype=dx.dtype)  # (block_size, C)
     dwpe[:T] = dx.sum(axis=0)  # (T, C) every sequence in the batch used the same positions
     return dwte, dwpe
+
+
+# The training forwards of the linear layers and the embedding are their value-only ops:
+# they keep nothing but their inputs.
+matmul_forward = matmul
+matmul_nt_forward = matmul_nt
+embedding_forward = embedding
+
+
+# ----------------------------------------------------------------------------------------
+# dropout (Srivastava et al. 2014), "inverted" as torch.nn.Dropout: kept values are scaled
+# by 1 / (1 - p) while training, so evaluation and generation use the weights unchanged
+
+
+def dropout_mask(u: np.ndarray, p: float) -> np.ndarray:
+    """The dropout mask of uniform numbers u in [0, 1): 1 / (1 - p) where u >= p (kept, with
+    probability 1 - p), 0 elsewhere (dropped, with probability p); E[mask] = 1.
+
+    Args:
+        u: any shape, float32 or float64, uniform in [0, 1) (drawn from the training RNG).
+        p: the dropout probability, 0 <= p < 1.
+    Returns:
+        mask: shape and dtype of u.
+    """
+    scale = 1.0 / (1.0 - p)
+    return np.where(u >= p, scale, 0.0).astype(u.dtype)
+
+
+def dropout(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """y = x * mask, with a mask from `dropout_mask`. The product is also its own backward:
+    dx = dy * mask.
+
+    Args:
+        x, mask: same shape and float dtype.
+    Returns:
+        y: shape and dtype of x.
+    """
+    return x * mask
+
+
+def residual_add(x: np.ndarray, a: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """A residual connection, y = x + dropout(a, mask) (GPT-2 drops the branch before adding
+    it); without a mask, y = x + a, which also sums the gradients of two paths into one
+    tensor.
+
+    Args:
+        x, a: same shape and float dtype; mask: like a, or None.
+    Returns:
+        y: shape and dtype of x.
+    """
+    return x + (a if mask is None else dropout(a, mask))
+
+
+# ----------------------------------------------------------------------------------------
+# the optimizer's passes over the flat parameter and gradient buffers
+
+
+def global_norm(g: np.ndarray) -> float:
+    """The L2 norm of every gradient together, sqrt(sum g^2), summed in float64 (the norm
+    that global-norm clipping scales by, as torch.nn.utils.clip_grad_norm_). Hot in training.
+
+    Args:
+        g: (P,) float32 or float64, the flat gradient buffer.
+    Returns:
+        the norm as a Python float (inf or nan if a gradient is not finite).
+    """
+    g64 = g.astype(np.float64)  # (P,)
+    return math.sqrt(float(np.dot(g64, g64)))
+
+
+def adamw(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, n_decay: int, lr: float,
+          beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+          grad_scale: float = 1.0):
+    """One AdamW step over flat buffers (Loshchilov & Hutter 2019, "Decoupled Weight Decay
+    Regularization", algorithm 2), as torch.optim.AdamW computes it:
+
+        g = grad_scale * g                      (global-norm clipping, folded in)
+        p = p * (1 - lr * weight_decay)         (decoupled decay, the first n_decay only)
+        m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+        p = p - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
+
+    Hot in training: a compiled backend does it in one pass over the four buffers.
+
+    Args:
+        p, g, m, v: (P,) of one float dtype: parameters, gradients, first and second moments.
+        n_decay: weight decay applies to p[:n_decay] (the buffer holds the decayed tensors
+            first).
+        lr, beta1, beta2, eps, weight_decay: the hyperparameters; step: this step's number,
+            counting from 1 (for the bias corrections).
+        grad_scale: multiplies the gradients first (the clipping coefficient; 1: none).
+    Returns:
+        the new p, m, v (new arrays).
+    """
+    g = g * grad_scale  # (P,)
+    p = p.copy()  # (P,)
+    p[:n_decay] *= 1.0 - lr * weight_decay  # decoupled: shrink before the Adam step
+    m = beta1 * m + (1.0 - beta1) * g  # (P,)
+    v = beta2 * v + (1.0 - beta2) * (g * g)  # (P,)
+    denom = np.sqrt(v) / math.sqrt(1.0 - beta2**step) + eps  # (P,)
+    p -= (lr / (1.0 - beta1**step)) * (m / denom)  # (P,)
+    return p, m, v

@@ -62,6 +62,7 @@ class GPTConfig:
     n_head: int = 4  # attention heads per block
     d_model: int = 240  # residual stream width (C); d_head = d_model // n_head = 60
     layer_norm_eps: float = 1e-5  # GPT-2's LayerNorm epsilon
+    dropout: float = 0.0  # training only: probability of dropping, where GPT-2 drops
 
     def __post_init__(self) -> None:
         for name in SIZE_FIELDS:
@@ -86,6 +87,9 @@ class GPTConfig:
             )
         if not (isinstance(self.layer_norm_eps, float) and self.layer_norm_eps > 0):
             raise ValueError(f"config layer_norm_eps={self.layer_norm_eps!r} must be a float > 0")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"config dropout={self.dropout!r} must be a number in [0, 1)")
 
     @property
     def d_head(self) -> int:
@@ -108,7 +112,7 @@ class GPTConfig:
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ValueError(f"config has unknown keys {unknown}; allowed: {sorted(fields)}")
-        missing = sorted(fields - set(d) - {"layer_norm_eps"})
+        missing = sorted(fields - set(d) - {"layer_norm_eps", "dropout"})  # both have defaults
         if missing:
             raise ValueError(f"config is missing keys {missing}")
         d = dict(d)

@@ -3,11 +3,14 @@
     python -m minitf.train --out runs/char                   # the default model, char-level
     python -m minitf.train --tokenizer bpe --out runs/bpe     # byte-level BPE, vocab 1024
     python -m minitf.train --out runs/char --resume --steps 4000
+    python -m minitf.train --backend numba --threads 2 --dropout 0.1 --keep-best --out runs/d
 
 Each step: a random batch of windows from the training split, forward, backward, global-norm
-clipping, AdamW at the scheduled learning rate. Every --eval-interval steps: validation loss
-(nats/token, perplexity, bits/char) and an atomic checkpoint with the optimizer state and the
-data RNG, so --resume continues exactly where the run stopped. A NaN or inf loss stops the
+clipping, AdamW at the scheduled learning rate, on the kernel backend --backend names (its
+compiled elementwise kernels between BLAS matmuls; --threads for both), with --dropout.
+Every --eval-interval steps: validation loss (nats/token, perplexity, bits/char) and an
+atomic checkpoint with the optimizer state and the training RNG (batches and dropout
+masks), so --resume continues exactly where the run stopped. A NaN or inf loss stops the
 run and leaves the last good checkpoint in place.
 
 The training itself is minitf.trainer (Trainer, TrainSettings); this module parses and
@@ -21,9 +24,10 @@ import math
 import shlex
 import sys
 
-from .cli import (Parser, add_data_argument, add_threads_argument, fail, guarded, nonneg_int,
+from .cli import (Parser, add_backend_argument, add_data_argument, fail, guarded, nonneg_int,
                   positive_int)
 from .config import PRESETS, GPTConfig
+from .kernels import get_backend
 from .threads import set_threads
 from .trainer import REQUIRABLE, Diverged, Interrupted, Trainer, TrainSettings
 
@@ -84,15 +88,22 @@ def build_parser() -> Parser:
     g.add_argument("--final-eval-windows", type=positive_int, default=d.final_eval_windows,
                    help="validation windows at the last step (default: the whole split)")
     g.add_argument("--seed", type=int, default=None,
-                   help=f"seed for initialisation and batches (default: {d.seed}; on --resume, "
-                        f"the checkpoint's random state continues)")
+                   help=f"seed for initialisation, batches and dropout masks (default: {d.seed}; "
+                        f"on --resume, the checkpoint's random state continues)")
     g.add_argument("--dtype", default=None, choices=("float32", "float64"),
                    help=f"training precision (default: {d.dtype}; on --resume, the checkpoint's)")
     g.add_argument("--no-plot", action="store_true", help="do not write loss_curve.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    # training runs the numpy reference ops (BLAS matmuls); --backend is for generation and
-    # evaluation
-    add_threads_argument(p)
+    g.add_argument("--keep-best", action="store_true",
+                   help="also keep the checkpoint of the best validation loss in OUT/best "
+                        "(its step in OUT/meta.json)")
+    g = p.add_argument_group("regularization and speed")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout probability where GPT-2 has it (embedding, attention weights, "
+                        "residual branches), training only (default: 0.0; on --resume, the "
+                        "run's own)")
+    # the step's elementwise kernels; its matmuls are BLAS on every backend
+    add_backend_argument(p)
     return p
 
 
@@ -112,12 +123,17 @@ def validate(parser: Parser, args) -> None:
             fail(parser, f"{flag} {getattr(args, name)} must be a finite number")
     if not args.grad_clip >= 0:
         fail(parser, f"--grad-clip {args.grad_clip} must be >= 0 (0 turns clipping off)")
+    if args.dropout is not None:
+        if not 0 <= args.dropout < 1:
+            fail(parser, f"--dropout {args.dropout} must be in [0, 1)")
+        if args.resume:
+            fail(parser, "--dropout cannot change on --resume: the run keeps its own (config.json)")
 
 
 def model_config(args) -> GPTConfig:
     """The preset with the fields the flags override (vocab_size: the tokenizer's, later)."""
     fields = PRESETS[args.preset or NEW_RUN["preset"]].to_dict()
-    for field in ("n_layer", "n_head", "d_model", "block_size"):
+    for field in ("n_layer", "n_head", "d_model", "block_size", "dropout"):
         if getattr(args, field) is not None:
             fields[field] = getattr(args, field)
     return GPTConfig(**fields)
@@ -152,6 +168,7 @@ def run(args, log=print) -> dict:
         ValueError, OSError: a bad value, corpus or checkpoint (CheckpointError is a
             ValueError).
     """
+    get_backend(args.backend)  # loaded first, so that --threads reaches its OpenMP threads too
     set_threads(args.threads)
     # meta.json records the command line and every flag
     command = "python -m minitf.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -31,29 +31,34 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .checkpoint import (CheckpointError, check_writable, is_checkpoint, load_checkpoint,
                          recover_checkpoint, save_checkpoint)
 from .config import PRESETS, GPTConfig, check_memory, num_params
 from .data import get_batch
 from .dataset import Data, load_data
+from .kernels import get_backend
 from .metrics import evaluate
-from .model import GPT, init_params
-from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .model import GPT, DropoutMasks, init_params
+from .optim import AdamW, CosineSchedule, clip_coefficient
 from .plots import plot_loss_curve
 from .rundir import DirectoryLock
 from .tensors import checkpoint_bytes, training_bytes
 
 LOSS_CURVE_FILE = "loss_curve.png"
+BEST_DIR = "best"  # with keep_best: the checkpoint of the best validation, inside the run's
 
 
 MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size")
@@ -102,14 +107,80 @@ class TrainSettings:
     eval_interval: int = 250  # validate and checkpoint every N steps
     eval_windows: int = 100  # validation windows during training
     final_eval_windows: int | None = None  # validation windows at the last step; None: all
-    seed: int = 1337  # seed for initialisation and batches
+    seed: int = 1337  # seed for initialisation, batches and dropout masks
     dtype: str = "float32"  # training precision, "float32" or "float64"
+    backend: str | None = None  # kernel backend of the step; None: $MINITF_BACKEND, else auto
+    threads: int | None = None  # threads of the step (see StepThreads); None: every core
+    keep_best: bool = False  # also keep the checkpoint of the best validation in out/best
+
+
+class StepThreads:
+    """The forward and backward of a training step, on several threads.
+
+    The batch's rows are split into `threads` blocks (as evenly as they go; fewer blocks
+    if the batch has fewer rows). Block i runs on a thread of its own through replica i of
+    the model (the same parameters, its own buffers), BLAS single-threaded while the step
+    runs, and writes its gradients, weighted by its share of the rows, into a flat buffer
+    of its own (block 0: the optimizer's `flat_grads`); the other blocks' buffers are then
+    added into `flat_grads`. The sum is the whole batch's gradient, up to float rounding
+    (which therefore depends on the number of threads, and on nothing else). On 2 cores,
+    two such streams were measured faster than one stream with 2-thread BLAS and faster
+    than parallel kernels, whose thread pools and BLAS's take turns spinning on the same
+    cores (docs/training.md).
+
+    Args:
+        model: the model (replica 0); optimizer: its AdamW (whose flat buffers are summed
+            into); threads: >= 1.
+    """
+
+    def __init__(self, model: GPT, optimizer: AdamW, threads: int):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be an integer >= 1")
+        self.optimizer = optimizer
+        self.models = [model] + [GPT(model.config, model.params, model.layers.ops)
+                                 for _ in range(threads - 1)]
+        self.flat = [optimizer.flat_grads] + [np.zeros_like(optimizer.flat_grads)
+                                              for _ in range(threads - 1)]
+        self.grads = [optimizer.views(flat) for flat in self.flat]
+        self.pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None  # block 0: here
+        self.blas = ThreadpoolController()
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, masks: DropoutMasks | None) -> float:
+        """The mean loss of the batch (x, y) (B, T), its gradient left in the optimizer's
+        flat_grads."""
+        B = x.shape[0]
+        n = min(len(self.models), B)
+        parts = [slice(i * B // n, (i + 1) * B // n) for i in range(n)]
+
+        def run(i: int) -> float:
+            rows, share = parts[i], (parts[i].stop - parts[i].start) / B
+            with np.errstate(over="ignore", invalid="ignore"):  # as train_step, per thread
+                loss, _ = self.models[i].loss_and_grads(
+                    x[rows], y[rows], None if masks is None else masks.rows(rows),
+                    self.grads[i], share)
+            return loss * share
+
+        if n == 1:
+            return run(0)
+        with self.blas.limit(limits=1, user_api="blas"):
+            others = [self.pool.submit(run, i) for i in range(1, n)]
+            loss = run(0) + sum(f.result() for f in others)
+        ops = self.models[0].layers.ops
+        for flat in self.flat[1:n]:
+            ops.residual_add(self.flat[0], flat, out=(self.flat[0],))  # the sum of the parts
+        return loss
 
 
 def train_step(model: GPT, optimizer: AdamW, x: np.ndarray, y: np.ndarray, lr: float,
-               grad_clip: float) -> tuple[float, float]:
-    """One optimizer step on the batch (x, y): forward, backward, clipping, AdamW.
+               grad_clip: float, masks: DropoutMasks | None = None,
+               threads: StepThreads | None = None) -> tuple[float, float]:
+    """One optimizer step on the batch (x, y): forward, backward into the optimizer's flat
+    gradient buffer, global-norm clipping folded into the AdamW pass.
 
+    Args:
+        masks: the step's dropout masks (`model.draw_masks`), or None for no dropout.
+        threads: run the forward and backward on these (`StepThreads` of this model and
+            optimizer); None: on this thread.
     Returns:
         (loss in nats/token, the gradient's global norm before clipping; 0.0 if grad_clip
         is 0, which turns clipping off).
@@ -119,12 +190,16 @@ def train_step(model: GPT, optimizer: AdamW, x: np.ndarray, y: np.ndarray, lr: f
     # overflow in a diverging run is caught explicitly (loss, norm and weights are checked),
     # so numpy's warnings would only add noise
     with np.errstate(over="ignore", invalid="ignore"):
-        loss, grads = model.loss_and_grads(x, y)
-        norm = clip_grad_norm(grads, grad_clip) if grad_clip > 0 else 0.0
+        if threads is None:
+            loss, _ = model.loss_and_grads(x, y, masks, optimizer.grads)
+        else:
+            loss = threads.loss_and_grads(x, y, masks)
+        norm = optimizer.grad_norm() if grad_clip > 0 else 0.0
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise Diverged(f"loss {loss}, gradient norm {norm}")
+    coef = clip_coefficient(norm, grad_clip) if grad_clip > 0 else 1.0
     with np.errstate(over="ignore", invalid="ignore"):
-        optimizer.step(grads, lr=lr)
+        optimizer.step(lr=lr, grad_scale=coef)
     return loss, norm
 
 
@@ -132,9 +207,11 @@ class Trainer:
     """A training run writing checkpoints to `out`: build it with `start` or `resume`, then
     `train()`.
 
-    Attributes: out, config, tokenizer, params ({name: array}, updated in place), model
-    (GPT), optimizer (AdamW), schedule (CosineSchedule), rng (the data RNG), step (optimizer
-    steps done), history ({"train": [[step, loss]], "val": [[step, loss]]}), settings (with
+    Attributes: out, config, tokenizer, params ({name: array}, views into the optimizer's
+    flat buffer, updated in place), backend (the kernel backend of the step), model (GPT),
+    optimizer (AdamW), threads (StepThreads), schedule (CosineSchedule), rng (the training RNG: batches and
+    dropout masks), step (optimizer steps done), history ({"train": [[step, loss]], "val":
+    [[step, loss]]}, and "best": {"step", "val_loss"} with keep_best), settings (with
     decay_steps resolved), train_tokens, val_tokens.
     """
 
@@ -146,10 +223,14 @@ class Trainer:
         self.config, self.tokenizer, self.params = config, tokenizer, params
         self.settings = settings
         self.train_tokens, self.val_tokens = data.train, data.val  # arrays or TokenFiles
-        self.model = GPT(config, params)
         s = settings
+        self.backend = get_backend(s.backend)
+        self.model = GPT(config, params, self.backend)
+        # the parameters move into the optimizer's flat buffer (params[name] become views)
         self.optimizer = AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2),
-                               weight_decay=s.weight_decay)
+                               weight_decay=s.weight_decay, ops=self.backend)
+        threads = min(s.threads or os.cpu_count() or 1, s.batch_size)
+        self.threads = StepThreads(self.model, self.optimizer, threads)
         decay_steps = s.steps if s.decay_steps is None else s.decay_steps
         self.schedule = CosineSchedule(max_lr=s.lr, min_lr=s.min_lr, warmup=s.warmup,
                                        decay_steps=decay_steps)
@@ -366,9 +447,11 @@ class Trainer:
         while self.step < s.steps:
             t0 = time.perf_counter()
             x, y = get_batch(self.train_tokens, s.batch_size, cfg.block_size, self.rng)
+            masks = self.model.draw_masks(self.rng, s.batch_size)  # None without dropout
             lr = self.schedule(self.step)
             try:
-                loss, _ = train_step(self.model, self.optimizer, x, y, lr, s.grad_clip)
+                loss, _ = train_step(self.model, self.optimizer, x, y, lr, s.grad_clip, masks,
+                                     self.threads)
             except Diverged as e:
                 raise self._diverged(str(e)) from None
             self.step += 1
@@ -408,8 +491,29 @@ class Trainer:
         if final:
             result = {"step": self.step, "wall_seconds": round(time.perf_counter() - t_start, 1),
                       "val": val, "train": self.evaluate(self.train_tokens, s.eval_windows)}
+        improved = s.keep_best and self._record_best(
+            val if not final or s.final_eval_windows == s.eval_windows
+            else self.evaluate(self.val_tokens, s.eval_windows))
         self.save(val, result, plot=plot)
+        if improved:
+            self._save_best()
         return result
+
+    def _record_best(self, val: dict) -> bool:
+        """With keep_best: whether `val` (the validation on eval_windows windows, the same
+        windows at every step) is the best so far; if so, record it in the history (which
+        the run's checkpoint keeps, so a resumed run knows it)."""
+        best = self.history.get("best")
+        if best is not None and best["val_loss"] <= val["loss"]:
+            return False
+        self.history["best"] = {"step": self.step, "val_loss": val["loss"], "val": val}
+        return True
+
+    def _save_best(self) -> None:
+        """Write the model to out/best: a checkpoint without optimizer state, for
+        `python -m minitf.evaluate --model` and `generate --model`."""
+        meta = {"command": self.command, "args": self.record, **self.history["best"]}
+        save_checkpoint(self.out / BEST_DIR, self.params, self.config, self.tokenizer, meta=meta)
 
 
 @contextlib.contextmanager
@@ -460,12 +564,14 @@ def _resume_meta(ckpt) -> tuple[dict, dict]:
             raise CheckpointError(f'{where}: "args"."{key}" must be an integer >= 0 or null, '
                                   f'got {value!r}')
     history = ckpt.meta.get("history", {"train": [], "val": []})
-    ok = isinstance(history, dict) and set(history) == {"train", "val"} and all(
+    keys = set(history) if isinstance(history, dict) else set()
+    ok = {"train", "val"} <= keys <= {"train", "val", "best"} and all(
         isinstance(rows, list) and all(
             isinstance(r, list) and len(r) == 2 and isinstance(r[0], int)
             and not isinstance(r[0], bool) and isinstance(r[1], (int, float))
             and not isinstance(r[1], bool) and math.isfinite(r[1]) for r in rows)
-        for rows in history.values())
+        for rows in (history["train"], history["val"]))
+    ok = ok and isinstance(history.get("best", {}), dict)  # --keep-best's record
     if not ok:
         raise CheckpointError(f'{where}: "history" must be {{"train": [[step, loss], ...], '
                               f'"val": [[step, loss], ...]}} with integer steps and finite losses')

@@ -48,7 +48,7 @@ def model(params, name):
     quant = MODELS[name]
     if quant is None:
         gpt = GPT(CONFIG, {k: v.astype(np.float64) for k, v in params.items()})
-        return params, "weight-only", lambda backend: lambda w: gpt.forward(np.array([w]))[0][0][-1]
+        return params, "weight-only", lambda backend: lambda w: gpt.forward(np.array([w]))[0][0][-1].copy()
     q, _ = quantize_model(params, CONFIG, quant[0])
     if quant[1] == "weight-only":  # the same float math on the dequantized weights
         deq = {k: v.astype(np.float64) for k, v in q.items() if not k.endswith("_scale")}
@@ -56,7 +56,7 @@ def model(params, name):
             if q[k].dtype == np.int8:
                 deq[k] = dequantize(q[k], q[k + "_scale"]).astype(np.float64)
         gpt = GPT(CONFIG, deq)
-        return q, "weight-only", lambda backend: lambda w: gpt.forward(np.array([w]))[0][0][-1]
+        return q, "weight-only", lambda backend: lambda w: gpt.forward(np.array([w]))[0][0][-1].copy()
 
     def w8a8_forward(backend):
         ref = Engine(CONFIG, q, backend, int8_mode="w8a8", fused=False)

@@ -3,7 +3,8 @@ steps with global-norm clipping and the warmup + cosine schedule.
 
 The PyTorch twin below is written independently with torch's own ops (F.layer_norm,
 F.gelu(approximate="tanh"), F.scaled_dot_product_attention, F.cross_entropy) on the same
-weights. PyTorch is a test-only dependency; these tests import it directly so that a missing
+weights; with dropout, the test draws the masks itself and hands the same masks to both
+(torch's own dropout draws its own, which could never match). PyTorch is a test-only dependency; these tests import it directly so that a missing
 torch fails the run instead of skipping the proof.
 """
 
@@ -15,27 +16,39 @@ import torch
 import torch.nn.functional as F
 
 from minitf.config import GPTConfig
-from minitf.model import GPT, init_params
+from minitf.model import GPT, BlockMasks, DropoutMasks, init_params
 from minitf.optim import AdamW, CosineSchedule, clip_grad_norm
 from tolerances import TOL
 
 
-def torch_gpt_loss(tp: dict, config: GPTConfig, idx: torch.Tensor, targets: torch.Tensor):
-    """GPT-2 forward in PyTorch on a {name: tensor} dict with minitf's names and layouts."""
+def torch_gpt_loss(tp: dict, config: GPTConfig, idx: torch.Tensor, targets: torch.Tensor,
+                   masks: DropoutMasks | None = None):
+    """GPT-2 forward in PyTorch on a {name: tensor} dict with minitf's names and layouts;
+    with `masks`, dropout where GPT-2 has it, each mask multiplied in as given."""
     B, T = idx.shape
     C, NH = config.d_model, config.n_head
-    x = tp["wte"][idx] + tp["wpe"][:T]
+    def drop(a, mask):
+        return a if mask is None else a * torch.as_tensor(mask)
+
+    x = drop(tp["wte"][idx] + tp["wpe"][:T], None if masks is None else masks.embedding)
     for i in range(config.n_layer):
         p = f"h.{i}."
+        m = None if masks is None else masks.blocks[i]
+        att_mask, attn_mask, mlp_mask = (None, None, None) if m is None else (m.att, m.attn, m.mlp)
         h = F.layer_norm(x, (C,), tp[p + "ln_1.weight"], tp[p + "ln_1.bias"], config.layer_norm_eps)
         q, k, v = (h @ tp[p + "attn.c_attn.weight"] + tp[p + "attn.c_attn.bias"]).split(C, dim=2)
         q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if att_mask is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the weights themselves, to drop them: softmax(q k^T / sqrt(d) + causal mask)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // NH)
+            causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+            a = drop(scores.masked_fill(causal, float("-inf")).softmax(-1), att_mask) @ v
         a = a.transpose(1, 2).reshape(B, T, C)
-        x = x + a @ tp[p + "attn.c_proj.weight"] + tp[p + "attn.c_proj.bias"]
+        x = x + drop(a @ tp[p + "attn.c_proj.weight"] + tp[p + "attn.c_proj.bias"], attn_mask)
         h = F.layer_norm(x, (C,), tp[p + "ln_2.weight"], tp[p + "ln_2.bias"], config.layer_norm_eps)
         h = F.gelu(h @ tp[p + "mlp.c_fc.weight"] + tp[p + "mlp.c_fc.bias"], approximate="tanh")
-        x = x + h @ tp[p + "mlp.c_proj.weight"] + tp[p + "mlp.c_proj.bias"]
+        x = x + drop(h @ tp[p + "mlp.c_proj.weight"] + tp[p + "mlp.c_proj.bias"], mlp_mask)
     x = F.layer_norm(x, (C,), tp["ln_f.weight"], tp["ln_f.bias"], config.layer_norm_eps)
     logits = x @ tp["wte"].T
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -56,13 +69,25 @@ def to_torch(params, dtype):
     return {n: torch.tensor(p, dtype=dtype, requires_grad=True) for n, p in params.items()}
 
 
+def make_masks(config, B, T, dtype, p=0.3, seed=9) -> DropoutMasks:
+    """Dropout masks built here, independently of minitf: 0 with probability p, else
+    1 / (1 - p)."""
+    rng = np.random.default_rng(seed)
+    mask = lambda *shape: np.where(rng.random(shape) >= p, 1.0 / (1.0 - p), 0.0).astype(dtype)
+    C, NH = config.d_model, config.n_head
+    return DropoutMasks(mask(B, T, C), [BlockMasks(mask(B, NH, T, T), mask(B, T, C), mask(B, T, C))
+                                        for _ in range(config.n_layer)])
+
+
+@pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("np_dtype,torch_dtype", [(np.float64, torch.float64), (np.float32, torch.float32)])
-def test_loss_and_every_gradient_match_autograd(np_dtype, torch_dtype):
+def test_loss_and_every_gradient_match_autograd(np_dtype, torch_dtype, dropout):
     config, params, idx, targets = make_case(np_dtype)
-    loss, grads = GPT(config, params).loss_and_grads(idx, targets)
+    masks = make_masks(config, *idx.shape, np_dtype) if dropout else None
+    loss, grads = GPT(config, params).loss_and_grads(idx, targets, masks)
 
     tp = to_torch(params, torch_dtype)
-    tloss = torch_gpt_loss(tp, config, torch.tensor(idx), torch.tensor(targets))
+    tloss = torch_gpt_loss(tp, config, torch.tensor(idx), torch.tensor(targets), masks)
     tloss.backward()
 
     tol = TOL[("torch_grad", np_dtype)]

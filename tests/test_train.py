@@ -1,4 +1,5 @@
-"""The training command: exact resume, divergence handling, bad flags, and a golden run."""
+"""The training command: exact resume (with dropout too), divergence handling, bad flags, the
+best checkpoint, and a golden run that every backend trains alike."""
 
 import dataclasses
 import json
@@ -11,6 +12,8 @@ import pytest
 from minitf import train
 from minitf.checkpoint import load_checkpoint
 from minitf.engine import Engine
+from minitf.kernels import BACKENDS
+from tolerances import TOL
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--eval-windows", "4", "--final-eval-windows", "8",
         "--quiet", "--no-plot",
@@ -22,10 +25,12 @@ def run_train(corpus_path, out, *extra):
     return train.run(args, log=lambda *a: None)
 
 
-def test_resume_continues_exactly(corpus_path, tmp_path):
-    """2N steps in one run equal N steps, then --resume for N more: same weights, same losses."""
-    run_train(corpus_path, tmp_path / "once", "--steps", "8", "--eval-interval", "4")
-    run_train(corpus_path, tmp_path / "twice", "--steps", "4", "--eval-interval", "4")
+@pytest.mark.parametrize("dropout", [[], ["--dropout", "0.2"]], ids=["plain", "dropout"])
+def test_resume_continues_exactly(corpus_path, tmp_path, dropout):
+    """2N steps in one run equal N steps, then --resume for N more: same weights, same losses
+    (bit for bit: the batches and the dropout masks both come from the checkpointed RNG)."""
+    run_train(corpus_path, tmp_path / "once", "--steps", "8", "--eval-interval", "4", *dropout)
+    run_train(corpus_path, tmp_path / "twice", "--steps", "4", "--eval-interval", "4", *dropout)
     run_train(corpus_path, tmp_path / "twice", "--steps", "8", "--eval-interval", "4", "--resume")
     once, twice = load_checkpoint(tmp_path / "once"), load_checkpoint(tmp_path / "twice")
     assert once.optimizer_state["step"] == twice.optimizer_state["step"] == 8
@@ -59,14 +64,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
     real = GPT.loss_and_grads
     calls = {"n": 0}
 
-    def poisoned(self, x, y):
+    def poisoned(self, x, y, *args):
         calls["n"] += 1
-        loss, grads = real(self, x, y)
+        loss, grads = real(self, x, y, *args)
         return (float("nan") if calls["n"] == 6 else loss), grads
 
     monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
     out = tmp_path / "run"
-    code = train.main(["--data", str(corpus_path), "--out", str(out), *TINY, "--steps", "8", "--eval-interval", "4"])
+    code = train.main(["--data", str(corpus_path), "--out", str(out), *TINY, "--steps", "8", "--eval-interval", "4",
+                       "--threads", "1"])  # one forward and backward per step
     assert code == 1
     err = capsys.readouterr().err
     assert "diverged at step 5" in err and "loss nan" in err
@@ -79,6 +85,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
     (["--n-head", "7"], "d_model=16 is not divisible by n_head=7"),
     (["--steps", "-3"], "-3 must be >= 0"),
     (["--tokenizer", "word"], "invalid choice: 'word'"),
+    (["--dropout", "1.5"], "--dropout 1.5 must be in [0, 1)"),
+    (["--backend", "fortran"], "unknown kernel backend 'fortran'"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(corpus_path, tmp_path, flags, message):
     proc = subprocess.run(
@@ -97,20 +105,51 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
 
 
 def test_golden_run_every_backend_agrees(corpus_path, tmp_path):
-    """A tiny model trained for 8 steps with a fixed seed: its losses fall, its checkpoint and
-    loss curve are written, and every backend greedily generates the same text from it."""
-    out = tmp_path / "golden"
-    result = run_train(corpus_path, out, "--steps", "8", "--eval-interval", "4", "--seed", "7")
-    ckpt = load_checkpoint(out)
-    losses = [loss for _, loss in ckpt.meta["history"]["train"]]
-    assert len(losses) == 8 and losses[-1] < losses[0] < np.log(65) + 0.1, losses
+    """A tiny model trained for 10 steps with a fixed seed: its losses fall, its checkpoint and
+    loss curve are written, every training backend gives the same 10 losses, and every
+    backend greedily generates the same text from the model."""
+    losses = {}
+    for backend in BACKENDS:
+        out = tmp_path / backend
+        result = run_train(corpus_path, out, "--steps", "10", "--eval-interval", "5", "--seed", "7",
+                           "--backend", backend)
+        ckpt = load_checkpoint(out)
+        losses[backend] = [loss for _, loss in ckpt.meta["history"]["train"]]
+        assert ckpt.meta["args"]["backend"] == backend
+    golden = losses["numpy"]
+    assert len(golden) == 10 and golden[-1] < golden[0] < np.log(65) + 0.1, golden
+    for backend, got in losses.items():
+        err = max(abs(a - b) / b for a, b in zip(got, golden))
+        assert err <= TOL[("train_losses", np.float32)], f"{backend}: losses {got} vs {golden}"
     assert 0 < result["val"]["bits_per_char"] < 6.1
+    ckpt = load_checkpoint(tmp_path / "numpy")
     texts = {}
-    for backend in ("numpy", "numba", "cython"):
+    for backend in BACKENDS:
         engine = Engine(ckpt.config, ckpt.params, backend)
         ids = list(engine.generate(ckpt.tokenizer.encode("ROMEO:"), 40, lambda l: int(np.argmax(l))))
         texts[backend] = ckpt.tokenizer.decode(ids)
     assert len(set(texts.values())) == 1, texts
+
+
+def test_keep_best_keeps_the_best_validation_checkpoint(corpus_path, tmp_path):
+    """--keep-best writes OUT/best, a checkpoint of the step with the lowest validation loss
+    (on the same windows at every validation), recorded in the run's history, which a
+    resumed run continues from."""
+    out = tmp_path / "run"
+    run_train(corpus_path, out, "--steps", "6", "--eval-interval", "2", "--keep-best")
+    run_ckpt, best = load_checkpoint(out), load_checkpoint(out / "best")
+    record = run_ckpt.meta["history"]["best"]
+    val = dict(run_ckpt.meta["history"]["val"])
+    assert record["step"] in val and best.meta["step"] == record["step"]
+    assert best.optimizer_state is None and best.config == run_ckpt.config
+    assert record["step"] == 6, run_ckpt.meta["history"]  # a short run still improves
+    for name, p in run_ckpt.params.items():  # so the best is the last
+        np.testing.assert_array_equal(best.params[name], p, err_msg=name)
+    # at the last step val is the whole split; "best" compares the same 4 windows every time
+    assert best.meta["val"]["windows"] == 4
+    run_train(corpus_path, out, "--steps", "8", "--eval-interval", "2", "--keep-best", "--resume")
+    again = load_checkpoint(out).meta["history"]["best"]
+    assert again["step"] >= record["step"] and again["val_loss"] <= record["val_loss"]
 
 
 def test_loss_curve_is_written(corpus_path, tmp_path):

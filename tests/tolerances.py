@@ -32,6 +32,16 @@ TOL = {
     # so per output |out - ref| <= tol * (1 + S) * sum_j p[i, j] * |v[j, c]|
     ("kernel_attention", np.float32): 2e-6,
     ("kernel_attention", np.float64): 1e-14,
+    # training ops and a whole training step on a compiled backend vs the numpy reference:
+    # for each tensor (every gradient, every op output), max |diff| / max |reference|
+    ("train_grad", np.float32): 1e-5,
+    ("train_grad", np.float64): 1e-10,
+    # parameters after an AdamW step vs the numpy reference: max |diff| / max |the step's
+    # change of the reference| (float32 parameters round the change to their own ulp)
+    ("train_params", np.float32): 1e-4,
+    ("train_params", np.float64): 1e-10,
+    # the losses of the golden training run on every backend vs the numpy backend, relative
+    ("train_losses", np.float32): 1e-5,
     # logits of a whole model across backends, absolute
     ("backend_logits", np.float32): 1e-5,
     # logits of minitf vs HF transformers on the same GPT-2 weights, absolute
