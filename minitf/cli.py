@@ -115,8 +115,9 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None,
         # 1 for inference: its matmuls are small, and a second BLAS thread that spins while
         # the other core is busy made quantize's validation 10x slower (measured)
-        help="BLAS threads (minitf's own kernels are serial) (default: 1 for generate, "
-             "evaluate and quantize, the BLAS library's own default for train)",
+        help="threads: for generate, evaluate and quantize, BLAS's (minitf's own kernels are "
+             "serial; default 1); for train, the step's, each running a block of the batch's "
+             "rows with single-threaded BLAS (default: every core)",
     )
 
 

@@ -126,7 +126,7 @@ class StepThreads:
     (which therefore depends on the number of threads, and on nothing else). On 2 cores,
     two such streams were measured faster than one stream with 2-thread BLAS and faster
     than parallel kernels, whose thread pools and BLAS's take turns spinning on the same
-    cores (docs/training.md).
+    cores (the README's Training section).
 
     Args:
         model: the model (replica 0); optimizer: its AdamW (whose flat buffers are summed
