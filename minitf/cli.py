@@ -31,8 +31,10 @@ from typing import Callable, NoReturn
 BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show "(default: X)" unless the help already says what the default is."""
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                         argparse.RawDescriptionHelpFormatter):
+    """Show "(default: X)" unless the help already says what the default is; the
+    description and the examples keep their own lines."""
 
     def _get_help_string(self, action):
         if "default:" in (action.help or "") or action.default is None or action.default is False:

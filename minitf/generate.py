@@ -191,9 +191,11 @@ def main(argv=None) -> int:
             Path(args.viz).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             fail(parser, f"--viz {args.viz!r}: cannot create the directory ({e.strerror or e})")
-        # one untraced pass first, so that loading compiled kernels (numba's cache) is not
-        # counted as activations in the memory log
+        # one untraced prefill and decode step first, so that loading compiled kernels
+        # (numba's cache, and what its first call keeps) is not counted as activations in
+        # the memory log; the generation's own prefill starts the cache again
         engine.prefill(prompt_ids[-B:])
+        engine.decode(prompt_ids[-1])
         recorder = Recorder(engine, tokenizer, prompt_ids[-B:], args.viz, model_name=str(ckpt.path.name))
 
     out = sys.stdout

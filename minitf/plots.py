@@ -164,11 +164,15 @@ def plot_memory_log(log: dict, path, title: str, prompt_tokens: int | None = Non
         label = "prefill" + (f" ({prompt_tokens} tokens)" if prompt_tokens else "")
         ax0.text(pre[0][0], 0.985, label, transform=xt, ha="left", va="top", fontsize=8.5, color="0.2")
     again = np.flatnonzero((phase == "prefill") & (steps > 0))
-    if len(again):
-        ax0.text(again[0], 0.92 if again[0] < 0.5 * xmax else 0.985,
-                 "context full: from here every step re-prefills the last block_size tokens "
-                 "(sliding window)", transform=xt, ha="left" if again[0] < 0.5 * xmax else "right",
-                 va="top", fontsize=8.5, color="0.2")
+    if len(again):  # re-prefills past the context: one per step (exact) or now and then (shift)
+        n_again = len(set(steps[again].tolist()))
+        later = len(set(steps[steps >= steps[again[0]]].tolist()))
+        how = ("every step re-prefills the last block_size tokens (context mode exact)"
+               if n_again == later else
+               f"{n_again} re-prefills of the kept tokens (context shift), decode between them")
+        ax0.text(again[0], 0.80, f"context full: from here {how}", transform=xt,
+                 ha="left" if again[0] < 0.5 * xmax else "right", va="top", fontsize=8.5,
+                 color="0.2")
     dspans = _spans(phase, "decode")
     if dspans:
         n_dec = len(set(steps[dec].tolist()))
