@@ -120,8 +120,12 @@ class MPIWorld(World):
         self.comm.Barrier()
 
     def abort(self, status: int) -> None:
+        sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(status)
+        # MPICH's MPI_Abort tells the launcher to end the job but may return before this
+        # process is ended (measured with MPICH 5.0): nothing else of this rank may run
+        os._exit(status)
 
 
 def _launcher_variable() -> str:
