@@ -616,6 +616,8 @@ def _sigint_stops_at_step_end(trainer: Trainer):
         if trainer._stop_requested:
             raise KeyboardInterrupt
         trainer._stop_requested = True
+        if not trainer.lead:  # the launcher gives every rank the signal: rank 0 says it
+            return
         warnings.warn(f"stopping after step {trainer.step + 1} to checkpoint it; Ctrl-C again "
                       f"stops at once (the checkpoint in {trainer.out} then stays as it is)",
                       Stopping, stacklevel=2)
