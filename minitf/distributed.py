@@ -8,8 +8,9 @@ of its own rows of it (minitf.data.batch_rows), and the ranks' gradients are sum
 MPI Allreduce of the optimizer's flat gradient buffer (AdamW.flat_grads) per step, each
 rank's gradient already weighted by its share of the global batch. Clipping and AdamW then
 run on the same reduced gradient on every rank, so the weights stay identical without ever
-being sent. A second, two-number Allreduce per step carries the loss (for the log) and
-whether a rank was asked to stop (SIGINT), so that every rank stops at the same step.
+being sent. Two Allreduces of one number each per step carry the loss (for the log and
+the divergence check) and whether a rank was asked to stop (SIGINT), so that every rank
+stops at the same step.
 
 A run is launched under MPI when the environment of an MPI launcher says so: PMI_SIZE
 (MPICH's Hydra, Intel MPI) or OMPI_COMM_WORLD_SIZE (Open MPI) greater than 1. Otherwise,
