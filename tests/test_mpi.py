@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 from tolerances import TOL
 
 from minitf.checkpoint import load_checkpoint
+from minitf.rundir import Recovered
 
 TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "16",
         "--batch-size", "4", "--warmup", "2", "--eval-windows", "2", "--final-eval-windows", "2",
@@ -182,7 +184,10 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_last_checkpoint(corpus_path, 
                 job.kill()
     assert status != 0
     assert _rank_pids(job.pid, 0) == []  # rank 0 is gone too
-    ckpt = load_checkpoint(out, dtype=None)
+    with warnings.catch_warnings():
+        # rank 0 may have been ended in the middle of a save: its unfinished copy is removed
+        warnings.simplefilter("ignore", Recovered)
+        ckpt = load_checkpoint(out, dtype=None)
     step = ckpt.optimizer_state["step"]
     assert step >= 3 and step % 3 == 0 and step == ckpt.meta["step"]
     assert all(np.all(np.isfinite(p)) for p in ckpt.params.values())
