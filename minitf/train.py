@@ -222,6 +222,8 @@ def _train(parser: Parser, args, argv, ranks: World) -> int:
         fail(parser, "out of memory: choose a smaller model (--d-model, --n-layer) or --batch-size")
     except Interrupted as e:
         again = resume_command(sys.argv[1:] if argv is None else argv)
+        if ranks.size > 1:
+            again = f"mpiexec -n {ranks.size} {again}"
         return _end_together(ranks, 130, (
             f"\n{parser.prog}: {e}; continue with: {again}" if e.saved is not None else
             f"\n{parser.prog}: {e}; start again with the same command"))
