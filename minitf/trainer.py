@@ -231,7 +231,8 @@ class Trainer:
     dropout masks), step (optimizer steps done), history ({"train": [[step, loss]], "val":
     [[step, loss]]}, and "best": {"step", "val_loss"} with keep_best), settings (with
     decay_steps resolved), train_tokens, val_tokens, world (the run's processes,
-    minitf.distributed; `world=` of start and resume, default this process alone).
+    minitf.distributed; `world=` of start and resume, default this process alone), root
+    (whether this process is rank 0).
 
     Data-parallel (world.size > 1): every rank holds the same model, optimizer and RNG and
     computes its rows of each global batch (minitf.data.batch_rows); rank 0 alone takes the
@@ -245,7 +246,7 @@ class Trainer:
                  history: dict | None = None, command: str | None = None,
                  record: dict | None = None, world: World = World()):
         self.out = Path(out)
-        self.world, self.lead = world, world.rank == 0
+        self.world, self.root = world, world.rank == 0
         self.config, self.tokenizer, self.params = config, tokenizer, params
         self.settings = settings
         self.train_tokens, self.val_tokens = data.train, data.val  # arrays or TokenFiles
@@ -278,7 +279,7 @@ class Trainer:
             self.saved_step = self.step
         self._stop_requested = False
         # the run's, until train() ends; only rank 0 writes
-        self._lock = DirectoryLock(self.out).acquire() if self.lead else _NoLock()
+        self._lock = DirectoryLock(self.out).acquire() if self.root else _NoLock()
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -301,8 +302,8 @@ class Trainer:
         """
         out = Path(out)
         world = kwargs.get("world", World())
-        with _rank_zero_first(world, out) as lead:
-            if lead:
+        with _rank_zero_first(world, out) as root:
+            if root:
                 recover_checkpoint(out)  # an interrupted save's checkpoint is found, kept
                 if is_checkpoint(out):
                     raise CheckpointError(f"--out {out} already holds a checkpoint; continue it "
@@ -310,7 +311,7 @@ class Trainer:
                 check_writable(out)  # a real write now, not after the first eval_interval steps
             splits = load_data(data, kind=tokenizer, vocab_size=vocab_size)
             config = dataclasses.replace(config, vocab_size=splits.tokenizer.vocab_size)
-            _check_resources(out, config, settings, lead)
+            _check_resources(out, config, settings, root)
             params = init_params(config, seed=settings.seed, dtype=np.dtype(settings.dtype).type)
             return cls(out, config, splits.tokenizer, params, splits, settings, **kwargs)
 
@@ -336,7 +337,7 @@ class Trainer:
         """
         out = Path(out)
         world = kwargs.get("world", World())
-        with _rank_zero_first(world, out) as lead:
+        with _rank_zero_first(world, out) as root:
             ckpt = load_checkpoint(out, dtype=None)  # recovers an interrupted save first
             if ckpt.optimizer_state is None:
                 raise CheckpointError(f"{out} has no optimizer state to resume from")
@@ -351,7 +352,7 @@ class Trainer:
                 # continue the first run's schedule: its cosine ended where that run's steps did
                 decay_steps = first.get("decay_steps") or first.get("steps")
                 settings = dataclasses.replace(settings, decay_steps=decay_steps)
-            _check_resources(out, ckpt.config, settings, lead)
+            _check_resources(out, ckpt.config, settings, root)
             splits = load_data(data, ckpt.tokenizer)
             return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, splits, settings,
                        state=ckpt.optimizer_state, history=history, **kwargs)
@@ -458,14 +459,14 @@ class Trainer:
     def _stop(self, plot: bool) -> None:
         """SIGINT was received (by some rank): checkpoint the step reached, unless it just
         was; stop (every rank, once rank 0 has saved)."""
-        if self.lead and self.saved_step != self.step:
+        if self.root and self.saved_step != self.step:
             self.save(None, plot=plot)
         self.world.barrier()
         raise Interrupted(self.out, self.step, self.saved_step)
 
     def _train(self, progress: bool, plot: bool, log) -> dict | None:
         s, cfg = self.settings, self.config
-        if not self.lead:  # rank 0 speaks for the run
+        if not self.root:  # rank 0 speaks for the run
             progress, log = False, lambda *args: None
         log(self.summary())
         bar = None
@@ -507,7 +508,7 @@ class Trainer:
                 self._stop(plot)
         if bar is not None:
             bar.close()
-        if not self.lead:
+        if not self.root:
             return None
         if result is None:  # nothing left to train (resumed at the last step): still report
             result = {"step": self.step, "wall_seconds": 0.0,
@@ -521,7 +522,7 @@ class Trainer:
         step. Every rank raises Diverged if rank 0 found NaN or inf."""
         failed = None
         result = None
-        if self.lead:
+        if self.root:
             try:
                 result = self._validate_and_save(loss, bar, log, t_start, plot)
             except Diverged as e:
@@ -590,16 +591,16 @@ def _rank_zero_first(world: World, out: Path):
     rank 0, holding the lock of `out` there; the other ranks wait for rank 0's checks (and
     recovery of an interrupted save), and only read. A failure on rank 0 leaves the others
     waiting: the command line ends the job then (minitf.distributed)."""
-    lead = world.rank == 0
-    if not lead:
+    root = world.rank == 0
+    if not root:
         world.barrier()
     # first: a second writer is refused before any work
-    lock = DirectoryLock(out).acquire() if lead else _NoLock()
+    lock = DirectoryLock(out).acquire() if root else _NoLock()
     try:
-        yield lead
+        yield root
     finally:
         lock.release()  # the Trainer has taken its own
-    if lead:
+    if root:
         world.barrier()
 
 
@@ -616,7 +617,7 @@ def _sigint_stops_at_step_end(trainer: Trainer):
         if trainer._stop_requested:
             raise KeyboardInterrupt
         trainer._stop_requested = True
-        if not trainer.lead:  # the launcher gives every rank the signal: rank 0 says it
+        if not trainer.root:  # the launcher gives every rank the signal: rank 0 says it
             return
         warnings.warn(f"stopping after step {trainer.step + 1} to checkpoint it; Ctrl-C again "
                       f"stops at once (the checkpoint in {trainer.out} then stays as it is)",
