@@ -4,6 +4,7 @@
     python -m minitf.train --tokenizer bpe --out runs/bpe     # byte-level BPE, vocab 1024
     python -m minitf.train --out runs/char --resume --steps 4000
     python -m minitf.train --backend numba --threads 2 --dropout 0.1 --keep-best --out runs/d
+    mpiexec -n 2 python -m minitf.train --out runs/char       # data-parallel over 2 processes
 
 Each step: a random batch of windows from the training split, forward, backward, global-norm
 clipping, AdamW at the scheduled learning rate, on the kernel backend --backend names (its
@@ -12,6 +13,13 @@ Every --eval-interval steps: validation loss (nats/token, perplexity, bits/char)
 atomic checkpoint with the optimizer state and the training RNG (batches and dropout
 masks), so --resume continues exactly where the run stopped. A NaN or inf loss stops the
 run and leaves the last good checkpoint in place.
+
+Under `mpiexec -n N` (N > 1; minitf.distributed) the run is data-parallel: each process
+computes its rows of every global batch of --batch-size windows, the gradients are summed
+over the processes, and rank 0 alone writes the checkpoints and reports; --threads is then
+per process (default: the machine's cores shared among its processes). The model is the one
+a single process trains from the same flags, up to float rounding. A process that fails ends
+the whole job (MPI_Abort) with its message.
 
 The training itself is minitf.trainer (Trainer, TrainSettings); this module parses and
 checks the flags, and reports.
@@ -27,6 +35,7 @@ import sys
 from .cli import (Parser, add_backend_argument, add_data_argument, fail, guarded, nonneg_int,
                   positive_int)
 from .config import PRESETS, GPTConfig
+from .distributed import MPIUnavailable, World, abort_on, world
 from .kernels import get_backend
 from .threads import set_threads
 from .trainer import REQUIRABLE, Diverged, Interrupted, Trainer, TrainSettings
@@ -160,8 +169,9 @@ def resume_command(argv: list[str]) -> str:
     return "python -m minitf.train " + shlex.join(flags)
 
 
-def run(args, log=print) -> dict:
-    """Train as the parsed flags `args` say; returns the final metrics.
+def run(args, log=print, world: World = World()) -> dict | None:
+    """Train as the parsed flags `args` say, as one rank of `world`; returns the final
+    metrics (None on ranks other than 0).
 
     Raises:
         Diverged: the run diverged (the last good checkpoint is kept).
@@ -169,15 +179,16 @@ def run(args, log=print) -> dict:
             ValueError).
     """
     get_backend(args.backend)  # loaded first, so that --threads reaches its OpenMP threads too
-    set_threads(args.threads)
+    # several processes on one machine share its cores (one BLAS pool each)
+    set_threads(args.threads if args.threads is not None or world.size == 1 else world.cores())
     # meta.json records the command line and every flag
     command = "python -m minitf.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.resume:
-        meta = {"command": command, "record": vars(args)}
+        meta = {"command": command, "record": vars(args), "world": world}
         trainer = Trainer.resume(args.out, args.data, settings(args), required(args), **meta)
     else:
         record = {**vars(args), **{k: NEW_RUN[k] for k in NEW_RUN if getattr(args, k) is None}}
-        meta = {"command": command, "record": record}
+        meta = {"command": command, "record": record, "world": world}
         trainer = Trainer.start(args.out, args.data, settings(args), model_config(args),
                                 record["tokenizer"], record["vocab_size"], **meta)
     return trainer.train(progress=not args.quiet, plot=not args.no_plot, log=log)
@@ -189,22 +200,47 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     validate(parser, args)
     try:
-        run(args)
+        ranks = world()
+    except MPIUnavailable as e:
+        fail(parser, str(e))
+    try:
+        return _train(parser, args, argv, ranks)
+    except BaseException as e:
+        if ranks.size > 1:  # this rank alone failed: end the job, not leave the others waiting
+            abort_on(ranks, e, parser.prog)
+        raise
+
+
+def _train(parser: Parser, args, argv, ranks: World) -> int:
+    """Train and report; the ends every rank reaches at the same step (divergence, SIGINT)
+    return their status on every rank, with rank 0's message."""
+    try:
+        run(args, world=ranks)
     except Diverged as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
-        return 1
+        return _end_together(ranks, 1, f"{parser.prog}: {e}")
     except MemoryError:
         fail(parser, "out of memory: choose a smaller model (--d-model, --n-layer) or --batch-size")
     except Interrupted as e:
         again = resume_command(sys.argv[1:] if argv is None else argv)
-        print(f"\n{parser.prog}: {e}; continue with: {again}" if e.saved is not None else
-              f"\n{parser.prog}: {e}; start again with the same command", file=sys.stderr)
-        return 130
+        if ranks.size > 1:
+            again = f"mpiexec -n {ranks.size} {again}"
+        return _end_together(ranks, 130, (
+            f"\n{parser.prog}: {e}; continue with: {again}" if e.saved is not None else
+            f"\n{parser.prog}: {e}; start again with the same command"))
     except KeyboardInterrupt:  # before training began
         print(f"\n{parser.prog}: interrupted before training began; {args.out} is as it was",
               file=sys.stderr)
         return 130
     return 0
+
+
+def _end_together(ranks: World, status: int, message: str) -> int:
+    """Rank 0 prints `message`; every rank returns `status` once it has (a rank that ended
+    first could make the launcher end rank 0 before it speaks)."""
+    if ranks.rank == 0:
+        print(message, file=sys.stderr)
+    ranks.barrier()
+    return status
 
 
 if __name__ == "__main__":

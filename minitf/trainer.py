@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -47,8 +46,9 @@ from threadpoolctl import ThreadpoolController
 from .checkpoint import (CheckpointError, check_writable, is_checkpoint, load_checkpoint,
                          recover_checkpoint, save_checkpoint)
 from .config import PRESETS, GPTConfig, check_memory, num_params
-from .data import get_batch
+from .data import batch_rows, get_batch
 from .dataset import Data, load_data
+from .distributed import World
 from .kernels import get_backend
 from .metrics import evaluate
 from .model import GPT, DropoutMasks, init_params
@@ -128,12 +128,17 @@ class StepThreads:
     than parallel kernels, whose thread pools and BLAS's take turns spinning on the same
     cores (the README's Training section).
 
+    In a data-parallel run (minitf.distributed) the batch is this rank's rows of the
+    global batch, each block weighted by its share of the global batch's rows, and the
+    threads' sum is then summed over the ranks: one Allreduce of `flat_grads`, in place,
+    and one of the loss.
+
     Args:
         model: the model (replica 0); optimizer: its AdamW (whose flat buffers are summed
-            into); threads: >= 1.
+            into); threads: >= 1; world: the processes of the run (default: this one alone).
     """
 
-    def __init__(self, model: GPT, optimizer: AdamW, threads: int):
+    def __init__(self, model: GPT, optimizer: AdamW, threads: int, world: World = World()):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an integer >= 1")
         self.optimizer = optimizer
@@ -144,16 +149,21 @@ class StepThreads:
         self.grads = [optimizer.views(flat) for flat in self.flat]
         self.pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None  # block 0: here
         self.blas = ThreadpoolController()
+        self.world = world
 
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, masks: DropoutMasks | None) -> float:
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, masks: DropoutMasks | None,
+                       batch_size: int | None = None) -> float:
         """The mean loss of the batch (x, y) (B, T), its gradient left in the optimizer's
-        flat_grads."""
+        flat_grads; with `batch_size` (the global batch's rows, in a data-parallel run),
+        (x, y) is this rank's part of it, and loss and gradient are the global batch's, on
+        every rank."""
         B = x.shape[0]
+        total = B if batch_size is None else batch_size  # the rows the mean is over
         n = min(len(self.models), B)
         parts = [slice(i * B // n, (i + 1) * B // n) for i in range(n)]
 
         def run(i: int) -> float:
-            rows, share = parts[i], (parts[i].stop - parts[i].start) / B
+            rows, share = parts[i], (parts[i].stop - parts[i].start) / total
             with np.errstate(over="ignore", invalid="ignore"):  # as train_step, per thread
                 loss, _ = self.models[i].loss_and_grads(
                     x[rows], y[rows], None if masks is None else masks.rows(rows),
@@ -161,19 +171,24 @@ class StepThreads:
             return loss * share
 
         if n == 1:
-            return run(0)
-        with self.blas.limit(limits=1, user_api="blas"):
-            others = [self.pool.submit(run, i) for i in range(1, n)]
-            loss = run(0) + sum(f.result() for f in others)
-        ops = self.models[0].layers.ops
-        for flat in self.flat[1:n]:
-            ops.residual_add(self.flat[0], flat, out=(self.flat[0],))  # the sum of the parts
+            loss = run(0)
+        else:
+            with self.blas.limit(limits=1, user_api="blas"):
+                others = [self.pool.submit(run, i) for i in range(1, n)]
+                loss = run(0) + sum(f.result() for f in others)
+            ops = self.models[0].layers.ops
+            for flat in self.flat[1:n]:
+                ops.residual_add(self.flat[0], flat, out=(self.flat[0],))  # the sum of the parts
+        if self.world.size > 1:  # the sum of the ranks' parts
+            self.world.sum_gradients(self.flat[0])
+            loss = float(self.world.sum_values(np.array([loss]))[0])
         return loss
 
 
 def train_step(model: GPT, optimizer: AdamW, x: np.ndarray, y: np.ndarray, lr: float,
                grad_clip: float, masks: DropoutMasks | None = None,
-               threads: StepThreads | None = None) -> tuple[float, float]:
+               threads: StepThreads | None = None,
+               batch_size: int | None = None) -> tuple[float, float]:
     """One optimizer step on the batch (x, y): forward, backward into the optimizer's flat
     gradient buffer, global-norm clipping folded into the AdamW pass.
 
@@ -181,6 +196,9 @@ def train_step(model: GPT, optimizer: AdamW, x: np.ndarray, y: np.ndarray, lr: f
         masks: the step's dropout masks (`model.draw_masks`), or None for no dropout.
         threads: run the forward and backward on these (`StepThreads` of this model and
             optimizer); None: on this thread.
+        batch_size: with `threads`, the global batch's rows when (x, y) is one rank's part
+            of it (`StepThreads.loss_and_grads`); the loss, the norm and the update are then
+            the global batch's, the same on every rank.
     Returns:
         (loss in nats/token, the gradient's global norm before clipping; 0.0 if grad_clip
         is 0, which turns clipping off).
@@ -193,7 +211,7 @@ def train_step(model: GPT, optimizer: AdamW, x: np.ndarray, y: np.ndarray, lr: f
         if threads is None:
             loss, _ = model.loss_and_grads(x, y, masks, optimizer.grads)
         else:
-            loss = threads.loss_and_grads(x, y, masks)
+            loss = threads.loss_and_grads(x, y, masks, batch_size)
         norm = optimizer.grad_norm() if grad_clip > 0 else 0.0
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise Diverged(f"loss {loss}, gradient norm {norm}")
@@ -212,14 +230,23 @@ class Trainer:
     optimizer (AdamW), threads (StepThreads), schedule (CosineSchedule), rng (the training RNG: batches and
     dropout masks), step (optimizer steps done), history ({"train": [[step, loss]], "val":
     [[step, loss]]}, and "best": {"step", "val_loss"} with keep_best), settings (with
-    decay_steps resolved), train_tokens, val_tokens.
+    decay_steps resolved), train_tokens, val_tokens, world (the run's processes,
+    minitf.distributed; `world=` of start and resume, default this process alone), root
+    (whether this process is rank 0).
+
+    Data-parallel (world.size > 1): every rank holds the same model, optimizer and RNG and
+    computes its rows of each global batch (minitf.data.batch_rows); rank 0 alone takes the
+    directory's lock, validates, and writes checkpoints, plots, logs and the progress bar.
+    start and resume run on rank 0 first (its checks, the recovery of an interrupted save),
+    then on the others, which only read.
     """
 
     def __init__(self, out, config: GPTConfig, tokenizer, params: dict[str, np.ndarray],
                  data: Data, settings: TrainSettings, *, state: dict | None = None,
                  history: dict | None = None, command: str | None = None,
-                 record: dict | None = None):
+                 record: dict | None = None, world: World = World()):
         self.out = Path(out)
+        self.world, self.root = world, world.rank == 0
         self.config, self.tokenizer, self.params = config, tokenizer, params
         self.settings = settings
         self.train_tokens, self.val_tokens = data.train, data.val  # arrays or TokenFiles
@@ -229,8 +256,13 @@ class Trainer:
         # the parameters move into the optimizer's flat buffer (params[name] become views)
         self.optimizer = AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2),
                                weight_decay=s.weight_decay, ops=self.backend)
-        threads = min(s.threads or os.cpu_count() or 1, s.batch_size)
-        self.threads = StepThreads(self.model, self.optimizer, threads)
+        if s.batch_size < world.size:
+            raise ValueError(f"--batch-size {s.batch_size} must be at least the number of MPI "
+                             f"processes ({world.size}): each computes some of its rows")
+        self.rows = batch_rows(s.batch_size, world.rank, world.size)  # this rank's
+        # every core by default, shared by the ranks on this machine
+        threads = min(s.threads or world.cores(), self.rows.stop - self.rows.start)
+        self.threads = StepThreads(self.model, self.optimizer, threads, world)
         decay_steps = s.steps if s.decay_steps is None else s.decay_steps
         self.schedule = CosineSchedule(max_lr=s.lr, min_lr=s.min_lr, warmup=s.warmup,
                                        decay_steps=decay_steps)
@@ -246,7 +278,8 @@ class Trainer:
             self._load_state(state)
             self.saved_step = self.step
         self._stop_requested = False
-        self._lock = DirectoryLock(self.out).acquire()  # the run's, until train() ends
+        # the run's, until train() ends; only rank 0 writes
+        self._lock = DirectoryLock(self.out).acquire() if self.root else _NoLock()
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -268,20 +301,19 @@ class Trainer:
             ValueError: a bad tokenizer kind or size.
         """
         out = Path(out)
-        lock = DirectoryLock(out).acquire()  # first: a second writer is refused before any work
-        try:
-            recover_checkpoint(out)  # an interrupted save's checkpoint is found, not overwritten
-            if is_checkpoint(out):
-                raise CheckpointError(f"--out {out} already holds a checkpoint; continue it with "
-                                      "--resume, or choose another --out")
-            check_writable(out)  # a real write now, not after the first eval_interval steps
+        world = kwargs.get("world", World())
+        with _rank_zero_first(world, out) as root:
+            if root:
+                recover_checkpoint(out)  # an interrupted save's checkpoint is found, kept
+                if is_checkpoint(out):
+                    raise CheckpointError(f"--out {out} already holds a checkpoint; continue it "
+                                          "with --resume, or choose another --out")
+                check_writable(out)  # a real write now, not after the first eval_interval steps
             splits = load_data(data, kind=tokenizer, vocab_size=vocab_size)
             config = dataclasses.replace(config, vocab_size=splits.tokenizer.vocab_size)
-            _check_resources(out, config, settings)
+            _check_resources(out, config, settings, root)
             params = init_params(config, seed=settings.seed, dtype=np.dtype(settings.dtype).type)
             return cls(out, config, splits.tokenizer, params, splits, settings, **kwargs)
-        finally:
-            lock.release()  # the Trainer has taken its own
 
     @classmethod
     def resume(cls, out, data=None, settings: TrainSettings = TrainSettings(),
@@ -304,8 +336,8 @@ class Trainer:
             OSError, minitf.config.SizeError: as for `start`.
         """
         out = Path(out)
-        lock = DirectoryLock(out).acquire()
-        try:
+        world = kwargs.get("world", World())
+        with _rank_zero_first(world, out) as root:
             ckpt = load_checkpoint(out, dtype=None)  # recovers an interrupted save first
             if ckpt.optimizer_state is None:
                 raise CheckpointError(f"{out} has no optimizer state to resume from")
@@ -320,12 +352,10 @@ class Trainer:
                 # continue the first run's schedule: its cosine ended where that run's steps did
                 decay_steps = first.get("decay_steps") or first.get("steps")
                 settings = dataclasses.replace(settings, decay_steps=decay_steps)
-            _check_resources(out, ckpt.config, settings)
+            _check_resources(out, ckpt.config, settings, root)
             splits = load_data(data, ckpt.tokenizer)
             return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, splits, settings,
                        state=ckpt.optimizer_state, history=history, **kwargs)
-        finally:
-            lock.release()
 
     def _load_state(self, state: dict) -> None:
         try:
@@ -427,13 +457,17 @@ class Trainer:
         self._lock.release()
 
     def _stop(self, plot: bool) -> None:
-        """SIGINT was received: checkpoint the step reached, unless it just was; stop."""
-        if self.saved_step != self.step:
+        """SIGINT was received (by some rank): checkpoint the step reached, unless it just
+        was; stop (every rank, once rank 0 has saved)."""
+        if self.root and self.saved_step != self.step:
             self.save(None, plot=plot)
+        self.world.barrier()
         raise Interrupted(self.out, self.step, self.saved_step)
 
-    def _train(self, progress: bool, plot: bool, log) -> dict:
+    def _train(self, progress: bool, plot: bool, log) -> dict | None:
         s, cfg = self.settings, self.config
+        if not self.root:  # rank 0 speaks for the run
+            progress, log = False, lambda *args: None
         log(self.summary())
         bar = None
         if progress:
@@ -446,12 +480,17 @@ class Trainer:
         t_start = time.perf_counter()
         while self.step < s.steps:
             t0 = time.perf_counter()
-            x, y = get_batch(self.train_tokens, s.batch_size, cfg.block_size, self.rng)
+            # every rank draws the whole batch's starts and masks (the same RNG), and keeps
+            # its rows
+            x, y = get_batch(self.train_tokens, s.batch_size, cfg.block_size, self.rng,
+                             rows=self.rows)
             masks = self.model.draw_masks(self.rng, s.batch_size)  # None without dropout
+            if masks is not None:
+                masks = masks.rows(self.rows)
             lr = self.schedule(self.step)
             try:
                 loss, _ = train_step(self.model, self.optimizer, x, y, lr, s.grad_clip, masks,
-                                     self.threads)
+                                     self.threads, s.batch_size)
             except Diverged as e:
                 raise self._diverged(str(e)) from None
             self.step += 1
@@ -462,10 +501,15 @@ class Trainer:
                 bar.update(1)
             if self.step % s.eval_interval == 0 or self.step == s.steps:
                 result = self._validate(loss, bar, log, t_start, plot)
+            if self.world.size > 1:  # a SIGINT reaching one rank stops them all, here
+                self._stop_requested = self.world.sum_values(
+                    np.array([float(self._stop_requested)]))[0] > 0
             if self._stop_requested:
                 self._stop(plot)
         if bar is not None:
             bar.close()
+        if not self.root:
+            return None
         if result is None:  # nothing left to train (resumed at the last step): still report
             result = {"step": self.step, "wall_seconds": 0.0,
                       "val": self.evaluate(self.val_tokens, s.final_eval_windows),
@@ -474,7 +518,22 @@ class Trainer:
         return result
 
     def _validate(self, loss: float, bar, log, t_start: float, plot: bool) -> dict | None:
-        """Validate, checkpoint and plot at the current step; the result at the last step."""
+        """Rank 0: validate, checkpoint and plot at the current step; the result at the last
+        step. Every rank raises Diverged if rank 0 found NaN or inf."""
+        failed = None
+        result = None
+        if self.root:
+            try:
+                result = self._validate_and_save(loss, bar, log, t_start, plot)
+            except Diverged as e:
+                failed = e
+        if self.world.broadcast_flag(failed is not None) and failed is None:
+            failed = self._diverged("rank 0's validation found NaN or inf")
+        if failed is not None:
+            raise failed
+        return result
+
+    def _validate_and_save(self, loss: float, bar, log, t_start: float, plot: bool) -> dict | None:
         s = self.settings
         final = self.step == s.steps
         bad = [n for n, p in self.params.items() if not np.all(np.isfinite(p))]
@@ -516,6 +575,35 @@ class Trainer:
         save_checkpoint(self.out / BEST_DIR, self.params, self.config, self.tokenizer, meta=meta)
 
 
+class _NoLock:
+    """The lock of a rank that does not write the run directory (rank 0 holds the real one)."""
+
+    def acquire(self) -> "_NoLock":
+        return self
+
+    def release(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _rank_zero_first(world: World, out: Path):
+    """Build a Trainer on rank 0 first, then on the others: yields whether this process is
+    rank 0, holding the lock of `out` there; the other ranks wait for rank 0's checks (and
+    recovery of an interrupted save), and only read. A failure on rank 0 leaves the others
+    waiting: the command line ends the job then (minitf.distributed)."""
+    root = world.rank == 0
+    if not root:
+        world.barrier()
+    # first: a second writer is refused before any work
+    lock = DirectoryLock(out).acquire() if root else _NoLock()
+    try:
+        yield root
+    finally:
+        lock.release()  # the Trainer has taken its own
+    if root:
+        world.barrier()
+
+
 @contextlib.contextmanager
 def _sigint_stops_at_step_end(trainer: Trainer):
     """While training: a first SIGINT asks `trainer` to stop at the end of its step, a
@@ -529,6 +617,8 @@ def _sigint_stops_at_step_end(trainer: Trainer):
         if trainer._stop_requested:
             raise KeyboardInterrupt
         trainer._stop_requested = True
+        if not trainer.root:  # the launcher gives every rank the signal: rank 0 says it
+            return
         warnings.warn(f"stopping after step {trainer.step + 1} to checkpoint it; Ctrl-C again "
                       f"stops at once (the checkpoint in {trainer.out} then stays as it is)",
                       Stopping, stacklevel=2)
@@ -540,14 +630,17 @@ def _sigint_stops_at_step_end(trainer: Trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-def _check_resources(out: Path, config: GPTConfig, settings: TrainSettings) -> None:
-    """Before anything is allocated: training fits in memory, and `out` has room for one
-    more checkpoint (tensors, optimizer moments, history, side files)."""
+def _check_resources(out: Path, config: GPTConfig, settings: TrainSettings,
+                     writes: bool = True) -> None:
+    """Before anything is allocated: training fits in memory, and (if this process `writes`
+    the checkpoints) `out` has room for one more (tensors, optimizer moments, history, side
+    files)."""
     itemsize = np.dtype(settings.dtype).itemsize
     check_memory(training_bytes(config, settings.batch_size, itemsize), "training",
                  "lower --batch-size, or the model's sizes (--d-model, --n-layer, --block-size)")
-    check_writable(out, checkpoint_bytes(config, itemsize) + SIDE_FILES_BYTES
-                   + HISTORY_BYTES_PER_STEP * settings.steps)
+    if writes:
+        check_writable(out, checkpoint_bytes(config, itemsize) + SIDE_FILES_BYTES
+                       + HISTORY_BYTES_PER_STEP * settings.steps)
 
 
 def _resume_meta(ckpt) -> tuple[dict, dict]:
