@@ -101,7 +101,8 @@ def _matmul_rows(sf, o, i0, w, n):
     Every row runs the same loop body (8 k per pass, k ascending, then the last k one by one), so a
     row's result does not depend on n. 8 k per pass rather than the unfused kernel's 4:
     half the loads and stores of the outputs per weight byte, which streamed GPT-2 small's
-    weights (9 MB a layer, read from memory) 1.3-1.5x faster; within
+    weights (9 MB a layer, read from memory) faster on Zen 4 (`bench/compare.py --config
+    gpt2` times the step); within
     TOL[("kv_cache_logits", float32)] of it (float32 models only: W8A8 ones take the
     unfused loops). Row views (one per group and row) keep the inner loop vectorized:
     indices offset by an argument would not be (numba's negative-index check)."""

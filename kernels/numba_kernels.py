@@ -120,7 +120,8 @@ def _matmul_nt_row(y, x, w):
     """y (M,) = x (K,) @ w.T, w (M, K): each output a contiguous dot product, one at a time.
 
     LLVM vectorizes the one sum (reassociated into vector lanes); four interleaved sums
-    streamed w from memory half as fast at V = 50,257 (the tied head of GPT-2 small).
+    streamed a w larger than the caches about half as fast (GPT-2 small's tied head, 50,257
+    x 768, on Zen 4; `bench/compare.py --config gpt2` times the decode step it ends).
     """
     M, K = w.shape
     for m in range(M):
