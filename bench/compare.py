@@ -5,6 +5,7 @@
     python bench/compare.py --threads 2 --no-train
     python bench/compare.py --no-long --no-batch     # the decode workload only
     python bench/compare.py --train-only --repeats 7        # training tokens/s only
+    python bench/compare.py --config gpt2 --repeats 3       # GPT-2 small's shape: docs/gpt2.md
 
 Workloads (always `decode`, which the others' ratios need; `long` and `batch` unless
 --no-long, --no-batch):
@@ -47,6 +48,12 @@ minitf (per-tensor activation scales), so its logits are reported, not checked. 
 and batch workloads check their greedy tokens too: every minitf row of a batch against
 the same engine's batch-1 generation, PyTorch's and HF's against minitf's numpy engine.
 PyTorch and transformers are optional (test extras): a missing one is skipped with a message.
+
+`--config gpt2` (`main_gpt2`): a random-weight model of GPT-2 small's exact shape, the same
+checks, then decode (GPT2_NEW new tokens) and prefill-128 at 1 and 2 threads for minitf's
+float32 and W8A8 engines, PyTorch eager and HF `generate`, each decode time also over the
+time of reading the engine's weights once at the memory bandwidth measured in the same run;
+then the peak memory of a float32 and an int8 generation, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -587,7 +594,7 @@ def print_training(rows, sizes) -> None:
 # --config gpt2: GPT-2 small's exact shape, random weights, decode and prefill only
 
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768)
-GPT2_NEW = 24  # new tokens per timed generation (fewer than NEW: a step is ~100x the default's)
+GPT2_NEW = 24  # new tokens per timed generation (fewer than NEW: a step takes tens of ms)
 GPT2_THREADS = (1, 2)
 BANDWIDTH_BYTES = 1 << 30  # the bandwidth buffer: 1 GiB, far larger than any L3
 
@@ -597,7 +604,7 @@ def memory_bandwidth(threads: int, repeats: int = 5) -> float:
     of a float32 dot product of a BANDWIDTH_BYTES buffer with itself (BLAS sdot on one
     thread each, one contiguous slice per thread; numpy releases the GIL in it). Each 4
     bytes read take one multiply-add on vector registers, so memory, not arithmetic, sets
-    its speed (numpy's sum, a pairwise sum, was measured a third slower): the speed a
+    its speed (numpy's sum, a pairwise sum, read slower here): the speed a
     decode step that reads each weight once could reach. The best time, not the median:
     on a shared machine the others' load only ever slows it, and a bandwidth taken too low
     would flatter the ratios."""
