@@ -5,6 +5,7 @@
     python bench/compare.py --threads 2 --no-train
     python bench/compare.py --no-long --no-batch     # the decode workload only
     python bench/compare.py --train-only --repeats 7        # training tokens/s only
+    python bench/compare.py --config gpt2 --repeats 3       # GPT-2 small's shape: docs/gpt2.md
 
 Workloads (always `decode`, which the others' ratios need; `long` and `batch` unless
 --no-long, --no-batch):
@@ -47,6 +48,12 @@ minitf (per-tensor activation scales), so its logits are reported, not checked. 
 and batch workloads check their greedy tokens too: every minitf row of a batch against
 the same engine's batch-1 generation, PyTorch's and HF's against minitf's numpy engine.
 PyTorch and transformers are optional (test extras): a missing one is skipped with a message.
+
+`--config gpt2` (`main_gpt2`): a random-weight model of GPT-2 small's exact shape, the same
+checks, then decode (GPT2_NEW new tokens) and prefill-128 at 1 and 2 threads for minitf's
+float32 and W8A8 engines, PyTorch eager and HF `generate`, each decode time also over the
+time of reading the engine's weights once at the memory bandwidth measured in the same run;
+then the peak memory of a float32 and an int8 generation, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -341,7 +348,7 @@ class HFEngine:
 # Checks and timing
 
 
-def check(engines, config, params, quantized, prompt_128) -> list[str]:
+def check(engines, config, params, quantized, prompt_128, new: int = NEW) -> list[str]:
     """Check every engine's logits over 128 tokens and its greedy tokens; raise SystemExit
     naming the first that differs. Float32 engines (minitf's, PyTorch's, HF's) against
     minitf's numpy engine; a minitf int8 engine against the same backend's unfused path:
@@ -351,7 +358,7 @@ def check(engines, config, params, quantized, prompt_128) -> list[str]:
     lines = []
     prompt = prompt_128[:PROMPT]
     reference = engines[0]
-    want_logits, want_tokens = reference.logits(prompt_128), reference.generate(prompt, NEW)
+    want_logits, want_tokens = reference.logits(prompt_128), reference.generate(prompt, new)
     int8_numpy = {}
     for e in engines[1:]:
         if "quantize_dynamic" in e.name:  # another int8 method: report, do not check
@@ -368,19 +375,20 @@ def check(engines, config, params, quantized, prompt_128) -> list[str]:
             scope_mode = quantized[label]
             ref = MinitfEngine(f"its unfused path", Engine(config, scope_mode[0], e.engine.backend,
                                                             int8_mode=scope_mode[1], fused=False))
-            ref_logits, ref_tokens = ref.logits(prompt_128), ref.generate(prompt, NEW)
-            across = np.abs(e.logits(prompt_128) - int8_numpy[label].logits(prompt_128)).max()
-            note = f" (vs minitf numpy int8 {label}: {across:.1e})"
+            ref_logits, ref_tokens = ref.logits(prompt_128), ref.generate(prompt, new)
+            if label in int8_numpy:
+                across = np.abs(e.logits(prompt_128) - int8_numpy[label].logits(prompt_128)).max()
+                note = f" (vs minitf numpy int8 {label}: {across:.1e})"
         err = float(np.abs(e.logits(prompt_128) - ref_logits).max())
         if not err <= CHECK_ATOL:
             sys.exit(f"compare.py: {e.name}: logits differ from {ref.name} by {err:.2e} > {CHECK_ATOL}")
         same = ""
         if "top-p" not in e.name:
-            got = e.generate(prompt, NEW)
+            got = e.generate(prompt, new)
             if got != ref_tokens:
                 first = next(i for i, (a, b) in enumerate(zip(got, ref_tokens)) if a != b)
                 sys.exit(f"compare.py: {e.name}: greedy tokens differ from {ref.name} at new token {first}")
-            same = f", {NEW} greedy tokens identical"
+            same = f", {new} greedy tokens identical"
         lines.append(f"  {e.name}: max |logit diff| vs {ref.name} {err:.1e}{same}{note}")
     return lines
 
@@ -391,22 +399,25 @@ def time_call(fn, *args) -> float:
     return time.perf_counter() - t
 
 
-def decode_per_token(e, prompt) -> float:
-    """The decode workload's figure: (time of NEW tokens - time of 1) / (NEW - 1), seconds."""
-    return (time_call(e.generate, prompt, NEW) - time_call(e.generate, prompt, 1)) / (NEW - 1)
+def decode_per_token(e, prompt, new: int = NEW) -> float:
+    """The decode workload's figure: (time of `new` tokens - time of 1) / (new - 1), seconds."""
+    return (time_call(e.generate, prompt, new) - time_call(e.generate, prompt, 1)) / (new - 1)
 
 
-def measure(engines, prompt_128, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Decode s/token and prefill-128 s per engine and repeat, engines taking turns."""
+def measure(engines, prompt_128, repeats: int, new: int = NEW,
+            prefill_best_of: int = 3) -> dict[str, dict[str, list[float]]]:
+    """Decode s/token (`new` tokens) and prefill-128 s (best of `prefill_best_of`) per
+    engine and repeat, engines taking turns."""
     prompt = prompt_128[:PROMPT]
     res = {e.name: {"decode": [], "prefill": []} for e in engines}
     for e in engines:  # warm up: compile, load caches, touch buffers
-        e.generate(prompt, NEW)
+        e.generate(prompt, new)
         e.prefill(prompt_128)
     for _ in range(repeats):
         for e in engines:
-            res[e.name]["decode"].append(decode_per_token(e, prompt))
-            res[e.name]["prefill"].append(min(time_call(e.prefill, prompt_128) for _ in range(3)))
+            res[e.name]["decode"].append(decode_per_token(e, prompt, new))
+            res[e.name]["prefill"].append(min(time_call(e.prefill, prompt_128)
+                                              for _ in range(prefill_best_of)))
     return res
 
 
@@ -580,6 +591,188 @@ def print_training(rows, sizes) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# --config gpt2: GPT-2 small's exact shape, random weights, decode and prefill only
+
+GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768)
+GPT2_NEW = 24  # new tokens per timed generation (fewer than NEW: a step takes tens of ms)
+GPT2_THREADS = (1, 2)
+BANDWIDTH_BYTES = 1 << 30  # the bandwidth buffer: 1 GiB, far larger than any L3
+
+
+def memory_bandwidth(threads: int, repeats: int = 5) -> float:
+    """Bytes per second that `threads` threads read from memory: the best of `repeats` times
+    of a float32 dot product of a BANDWIDTH_BYTES buffer with itself (BLAS sdot on one
+    thread each, one contiguous slice per thread; numpy releases the GIL in it). Each 4
+    bytes read take one multiply-add on vector registers, so memory, not arithmetic, sets
+    its speed (numpy's sum, a pairwise sum, read slower here): the speed a
+    decode step that reads each weight once could reach. The best time, not the median:
+    on a shared machine the others' load only ever slows it, and a bandwidth taken too low
+    would flatter the ratios."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    a = np.ones(BANDWIDTH_BYTES // 4, np.float32)  # written once: every page is resident
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool, threadpool_limits(1, user_api="blas"):
+        def read():
+            list(pool.map(lambda p: np.dot(p, p), parts))
+        read()
+        t = min(time_call(read) for _ in range(repeats))
+    return a.nbytes / t
+
+
+def weight_bytes(params: dict[str, np.ndarray]) -> int:
+    """Bytes a decode step must read at least once: every tensor but wpe (one row of it
+    per token), the tied head counted once, as stored (int8 weights and their scales)."""
+    return sum(a.nbytes for name, a in params.items() if name != "wpe")
+
+
+def gpt2_engines(config, params, quantized) -> tuple[list, list[str], list[str]]:
+    """(engines, versions, skipped) of the gpt2 comparison: minitf numpy (the reference),
+    numba and cython float32 and W8A8 (all linears), the minimal PyTorch GPT and HF
+    `generate`. The fused rows run the path the engine chooses (`fused=None`)."""
+    versions, skipped = [f"numpy {np.__version__}"], []
+    engines = [MinitfEngine("minitf numpy float32", Engine(config, params, "numpy"))]
+    for backend in BACKENDS[1:]:
+        engines.append(MinitfEngine(f"minitf {backend} float32", Engine(config, params, backend)))
+        engines.append(MinitfEngine(f"minitf {backend} int8 w8a8 (all)",
+                                    Engine(config, quantized["w8a8 (all)"][0], backend, int8_mode="w8a8")))
+    try:
+        import torch
+
+        versions.append(f"torch {torch.__version__}")
+        engines.append(TorchEngine("PyTorch eager, KV cache, float32", torch_model(config, params)))
+        try:
+            import transformers
+
+            versions.append(f"transformers {transformers.__version__}")
+            transformers.logging.set_verbosity_error()
+            engines.append(HFEngine("HF GPT2LMHeadModel.generate, greedy", hf_model(config, params)))
+        except ImportError as exc:
+            skipped.append(f"HF transformers skipped: {exc} (pip install transformers)")
+    except ImportError as exc:
+        skipped.append(f"PyTorch and HF transformers skipped: {exc} (pip install torch transformers)")
+    return engines, versions, skipped
+
+
+# the child of `peak_memory`: load the tensors, build the engine, generate; print peak RSS (Linux)
+_PEAK_RSS_CHILD = """
+import json, sys
+import numpy as np
+from safetensors.numpy import load_file
+from minitf.config import GPTConfig
+from minitf.engine import Engine
+path, config, mode, new = sys.argv[1], GPTConfig(**json.loads(sys.argv[2])), sys.argv[3], int(sys.argv[4])
+engine = Engine(config, load_file(path), "cython", int8_mode=mode)
+tokens = list(engine.generate(list(range(16)), new, lambda logits: int(np.argmax(logits))))
+with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss survives exec)
+    print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+"""
+
+
+def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16) -> dict[str, int]:
+    """{label: peak resident bytes} of a fresh process per model that loads its tensors from
+    a safetensors file (as a checkpoint is loaded), builds a cython Engine (fused path) and
+    generates `new` greedy tokens after a 16-token prompt: the child's VmHWM (Linux), which
+    includes Python, numpy and the compiled kernels (the same in every child). Not
+    getrusage's ru_maxrss: Linux carries it over exec from the parent, this whole run."""
+    import json
+    import subprocess
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (params, mode) in models.items():
+            path = os.path.join(tmp, "model.safetensors")
+            save_file(params, path)
+            done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, path,
+                                   json.dumps(dataclasses.asdict(config)), mode, str(new)],
+                                  capture_output=True, text=True, check=True)
+            out[label] = int(done.stdout.split()[-1])
+    return out
+
+
+def main_gpt2(args) -> int:
+    """`--config gpt2`: the decode and prefill table at GPT-2 small's size, at 1 and 2
+    threads, with the machine's memory bandwidth measured in the same run and each decode
+    time's ratio to the time of reading the engine's weights once."""
+    import numba
+
+    config = GPT2_SMALL
+    print(f"minitf side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}")
+    t = time.perf_counter()
+    from minitf.model import init_params
+
+    params = init_params(config, seed=0)
+    quantized = {"w8a8 (all)": (quantize_model(params, config, "all")[0], "w8a8")}
+    engines, versions, skipped = gpt2_engines(config, params, quantized)
+    versions.insert(1, f"numba {numba.__version__}")
+    set_threads(1)  # the checks' thread count, and what the kernels line reports
+    print(", ".join(versions))
+    print("kernels:", *(describe(name) for name in BACKENDS), sep="\n  ")
+    print(f"model: GPT-2 small's shape, random weights (init_params, seed 0): vocab {config.vocab_size}, "
+          f"d_model {config.d_model}, {config.n_layer} layers, {config.n_head} heads, context "
+          f"{config.block_size}; built in {time.perf_counter() - t:.0f} s")
+    print(f"workload decode: batch 1, {PROMPT}-token prompt + {GPT2_NEW} new tokens, greedy; prefill "
+          f"{PREFILL} tokens (last position's logits); medians of {args.repeats} runs")
+    for line in skipped:
+        print(line)
+    rng = np.random.default_rng(0)
+    prompt_128 = [int(t) for t in rng.integers(0, config.vocab_size, size=PREFILL)]
+    print("checks:")
+    for line in check(engines, config, params, quantized, prompt_128, GPT2_NEW):
+        print(line)
+    nbytes = {e.name: weight_bytes(quantized["w8a8 (all)"][0] if " int8 " in e.name else params)
+              for e in engines}
+    table, bandwidth = {}, {}
+    for n in GPT2_THREADS:
+        set_threads(n)
+        try:
+            import torch
+
+            torch.set_num_threads(n)
+        except ImportError:
+            pass
+        bandwidth[n] = memory_bandwidth(n)
+        res = measure(engines, prompt_128, args.repeats, GPT2_NEW, prefill_best_of=1)
+        table[n] = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in res.items()}
+        bandwidth[n] = max(bandwidth[n], memory_bandwidth(n))  # the best of before and after
+    hf = "HF GPT2LMHeadModel.generate, greedy"
+    print()
+    print("memory bandwidth (float32 dot over 1 GiB, best of 5 before and 5 after the timings): " +
+          ", ".join(f"{n} thread(s) {bandwidth[n] / 1e9:.1f} GB/s" for n in GPT2_THREADS))
+    print(f"weights read per decode step: float32 {weight_bytes(params) / 1e6:.0f} MB, "
+          f"int8 w8a8 (all) {weight_bytes(quantized['w8a8 (all)'][0]) / 1e6:.0f} MB (float32 head)")
+    head = f"{'engine':<40}"
+    for n in GPT2_THREADS:
+        head += f" | {f'{n} thr decode ms':>16} {'x read':>6} {'x HF':>5} {'prefill ms':>10} {'x HF':>5}"
+    print(head)
+    for e in engines:
+        line = f"{e.name:<40}"
+        for n in GPT2_THREADS:
+            d, p = table[n][e.name]["decode"], table[n][e.name]["prefill"]
+            read_once = nbytes[e.name] / bandwidth[n]
+            hf_d, hf_p = (table[n][hf]["decode"], table[n][hf]["prefill"]) if hf in table[n] else (None, None)
+            line += (f" | {d * 1e3:>16.1f} {d / read_once:>6.2f} "
+                     f"{d / hf_d if hf_d else float('nan'):>5.2f} {p * 1e3:>10.0f} "
+                     f"{p / hf_p if hf_p else float('nan'):>5.2f}")
+        print(line)
+    print(f"(x read: decode time / the time of reading the engine's weights once at the measured "
+          f"bandwidth; x HF: time / HF's at the same threads; decode = (time of {GPT2_NEW} tokens "
+          f"- time of 1) / {GPT2_NEW - 1}; prefill: one pass over {PREFILL} tokens)")
+    peak = peak_memory(config, {"float32": (params, "weight-only"), "int8 w8a8 (all)": quantized["w8a8 (all)"]})
+    print()
+    print("peak resident memory of a generation (a fresh process: load the safetensors file, build "
+          "a cython Engine, 16 new tokens; VmHWM): " +
+          ", ".join(f"{label} {n / 2**20:,.0f} MiB" for label, n in peak.items()) +
+          f"; int8 / float32 = {peak['int8 w8a8 (all)'] / peak['float32']:.2f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
 
 
 def thread_list(text: str) -> list[int]:
@@ -597,6 +790,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "eager and HF transformers, in one process, on the same weights.",
         epilog="example: python bench/compare.py --model runs/bpe --repeats 9",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", choices=["gpt2"], default=None,
+                   help="gpt2: a random-weight model of GPT-2 small's shape (vocab 50257, 12 layers, "
+                        "d_model 768, 12 heads, context 1024), decode and prefill at 1 and 2 threads "
+                        "against the memory bandwidth (no training, long or batch workloads)")
     p.add_argument("--model", default=None,
                    help="float32 model directory (default: the shipped model, else a default-size "
                         "model with vocab 1024 from init_params)")
@@ -620,6 +817,14 @@ def main(argv=None) -> int:
         build_parser().error(f"--train-threads {args.train_threads} must each be in [1, {cores}]")
     if args.repeats < 1:
         build_parser().error(f"--repeats {args.repeats} must be >= 1")
+    if args.config is not None:
+        if args.model is not None:
+            build_parser().error("--config gpt2 builds its own model: give --config or --model, not both")
+        try:  # before numba's thread pool starts (below)
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+        return main_gpt2(args)
     try:  # before set_threads: once numba.set_num_threads has started numba's OpenMP
         import torch  # noqa: F401  # workers, a torch imported later ran its 2-thread
     except ImportError:  # training step 13x slower (two OpenMP runtimes spinning)

@@ -54,7 +54,7 @@ cdef Py_ssize_t SF_ATT = _layout.SF_ATT, SF_S64 = _layout.SF_S64, SF_SX = _layou
 cdef Py_ssize_t SI_XQ = _layout.SI_XQ, SI_ACC = _layout.SI_ACC
 cdef Py_ssize_t CTL_ROW = _layout.CTL_ROW, CTL_TOKEN = _layout.CTL_TOKEN, CTL_POS = _layout.CTL_POS
 cdef Py_ssize_t TILE_K = _layout.TILE_K, TILE_M = _layout.TILE_M, HEAD_CHUNK = _layout.HEAD_CHUNK
-cdef Py_ssize_t MATMUL_BLOCK = _layout.MATMUL_BLOCK
+cdef Py_ssize_t MATMUL_BLOCK = _layout.MATMUL_BLOCK, MATMUL_L1_FLOATS = _layout.MATMUL_L1_FLOATS
 
 
 # ------------------------------------------------------------------------ int8 tile -----
@@ -166,33 +166,42 @@ cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
                        const weight_t* w, Py_ssize_t Kn, Py_ssize_t Mn,
                        Py_ssize_t n) noexcept nogil:
     """Row i < n of sf (sw floats each): [o, o+M) = [i0, i0+K) @ float(w (K, M)), w float or
-    int8 (weight-only: the caller applies the channel scale). Blocks of MATMUL_BLOCK outputs
-    outer, then groups of 4 k, then rows, so that the rows' outputs of a block stay in L1
-    while each group of weights is read once for all rows. Every row runs the same loop
-    body, in the order of `_matmul_row` (4 k per pass, k ascending), so a row's result does
-    not depend on n."""
+    int8 (weight-only: the caller applies the channel scale). Blocks of outputs (layout.py:
+    MATMUL_L1_FLOATS / n, at least MATMUL_BLOCK) outer, then groups of 8 k, then rows, so
+    that the rows' outputs of a block stay in L1 while each group of weights is read once
+    for all rows. Every row runs the same loop
+    body (8 k per pass, k ascending, then the last k one by one), so a row's result does not
+    depend on n. 8 k per pass rather than `_matmul_row`'s 4: half the loads and stores of
+    the outputs per weight byte (numba_fused._matmul_rows, measured there); float32 and
+    weight-only models only, W8A8 ones take `_matmul_row` (exact)."""
     cdef Py_ssize_t i, k, m, m0 = 0, m1
-    cdef float a0, a1, a2, a3
+    cdef Py_ssize_t block = MATMUL_L1_FLOATS // n // 16 * 16  # layout.py: MATMUL_BLOCK
+    cdef float a0, a1, a2, a3, a4, a5, a6, a7
     cdef float* y
     cdef const float* x
     cdef const weight_t* w0
+    if block < MATMUL_BLOCK:
+        block = MATMUL_BLOCK
     while m0 < Mn:
-        m1 = m0 + MATMUL_BLOCK if m0 + MATMUL_BLOCK < Mn else Mn
+        m1 = m0 + block if m0 + block < Mn else Mn
         for i in range(n):
             y = sf + i * sw + o
             for m in range(m0, m1):
                 y[m] = 0
         k = 0
-        while k + 4 <= Kn:
+        while k + 8 <= Kn:
             w0 = w + k * Mn
             for i in range(n):
                 y = sf + i * sw + o
                 x = sf + i * sw + i0
                 a0 = x[k]; a1 = x[k + 1]; a2 = x[k + 2]; a3 = x[k + 3]
+                a4 = x[k + 4]; a5 = x[k + 5]; a6 = x[k + 6]; a7 = x[k + 7]
                 for m in range(m0, m1):
-                    y[m] += (a0 * <float>w0[m] + a1 * <float>w0[Mn + m]
-                             + a2 * <float>w0[2 * Mn + m] + a3 * <float>w0[3 * Mn + m])
-            k += 4
+                    y[m] += ((a0 * <float>w0[m] + a1 * <float>w0[Mn + m]
+                              + a2 * <float>w0[2 * Mn + m] + a3 * <float>w0[3 * Mn + m])
+                             + (a4 * <float>w0[4 * Mn + m] + a5 * <float>w0[5 * Mn + m]
+                                + a6 * <float>w0[6 * Mn + m] + a7 * <float>w0[7 * Mn + m]))
+            k += 8
         while k < Kn:
             w0 = w + k * Mn
             for i in range(n):
@@ -427,7 +436,7 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
     m0 = 0
     while m0 < V:  # the tied head: a chunk of wte for all rows
         m1 = m0 + HEAD_CHUNK if m0 + HEAD_CHUNK < V else V
-        for i in range(n):  # (chunks of 4k outputs: each output sums as in the whole row)
+        for i in range(n):  # (each output sums as in the whole row)
             _matmul_nt(logits + rows[i] * V + m0, sf + i * sw + H, wte + m0 * C, 1, C, m1 - m0)
         m0 = m1
 

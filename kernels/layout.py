@@ -75,7 +75,11 @@ KEY_PAD = 16  # keys of the transposed cache padded to a multiple of 16 (one zmm
 SI_ACC = 0  # a row of si starts with the int32 sums
 ROW_ALIGN = 16  # rows of sf and si: a multiple of 16 elements (64 bytes)
 HEAD_CHUNK = 64  # the tied head runs 64 vocabulary rows at a time for all rows of a step
-MATMUL_BLOCK = 256  # float decode matmuls run 256 outputs at a time for all rows (Cython)
+# float decode matmuls (Cython) run a block of outputs at a time for all rows: as many as
+# keep every row's outputs of the block in 16 KB of L1 (MATMUL_L1_FLOATS), at least 256.
+# One row of GPT-2 small (3,072 outputs) is then one block, which streams each weight
+# once in order, rather than in strided 1 KB pieces.
+MATMUL_BLOCK, MATMUL_L1_FLOATS = 256, 4096
 
 
 def padded(n: int, multiple: int) -> int:

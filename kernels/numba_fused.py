@@ -95,27 +95,34 @@ def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
 @njit
 def _matmul_rows(sf, o, i0, w, n):
     """sf[i, o:o+M] = sf[i, i0:i0+K] @ float32(w (K, M)) for the step's rows i < n, w float32
-    or int8 (weight-only layers: the caller applies the channel scale). Groups of 4 k
-    outer, rows inner, so that the 4 weight rows of a group are read once for all rows.
+    or int8 (weight-only layers: the caller applies the channel scale). Groups of 8 k
+    outer, rows inner, so that the 8 weight rows of a group are read once for all rows.
 
-    Every row runs the same loop body, in the order of `numba_kernels._matmul_row` (4 k
-    per pass, k ascending), so a row's result does not depend on n. Row views (one per
-    group and row) keep the inner loop vectorized: indices offset by an argument would
-    not be (numba's negative-index check)."""
+    Every row runs the same loop body (8 k per pass, k ascending, then the last k one by one), so a
+    row's result does not depend on n. 8 k per pass rather than the unfused kernel's 4:
+    half the loads and stores of the outputs per weight byte, which streamed GPT-2 small's
+    weights (9 MB a layer, read from memory) faster on Zen 4 (`bench/compare.py --config
+    gpt2` times the step); within
+    TOL[("kv_cache_logits", float32)] of it (float32 models only: W8A8 ones take the
+    unfused loops). Row views (one per group and row) keep the inner loop vectorized:
+    indices offset by an argument would not be (numba's negative-index check)."""
     Kn, Mn = w.shape
     for i in range(n):
         y = sf[i, o:o + Mn]
         for m in range(Mn):
             y[m] = 0
     k = 0
-    while k + 4 <= Kn:
+    while k + 8 <= Kn:
         for i in range(n):
             y = sf[i, o:o + Mn]
             a0, a1, a2, a3 = sf[i, i0 + k], sf[i, i0 + k + 1], sf[i, i0 + k + 2], sf[i, i0 + k + 3]
+            a4, a5, a6, a7 = sf[i, i0 + k + 4], sf[i, i0 + k + 5], sf[i, i0 + k + 6], sf[i, i0 + k + 7]
             for m in range(Mn):
-                y[m] += (a0 * np.float32(w[k, m]) + a1 * np.float32(w[k + 1, m])
-                         + a2 * np.float32(w[k + 2, m]) + a3 * np.float32(w[k + 3, m]))
-        k += 4
+                y[m] += ((a0 * np.float32(w[k, m]) + a1 * np.float32(w[k + 1, m])
+                          + a2 * np.float32(w[k + 2, m]) + a3 * np.float32(w[k + 3, m]))
+                         + (a4 * np.float32(w[k + 4, m]) + a5 * np.float32(w[k + 5, m])
+                            + a6 * np.float32(w[k + 6, m]) + a7 * np.float32(w[k + 7, m])))
+        k += 8
     while k < Kn:
         for i in range(n):
             y = sf[i, o:o + Mn]
@@ -392,7 +399,7 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
     _layernorm_rows(sf, H, X, pf, tab[ROW_LNF], n, eps)
     for m0 in range(0, V, HEAD_CHUNK):  # the tied head: a chunk of wte for all rows
         m1 = min(m0 + HEAD_CHUNK, V)
-        for i in range(n):  # (chunks of 4k outputs: each output sums as in the whole row)
+        for i in range(n):  # (each output sums as in the whole row)
             _matmul_nt_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C], wte[m0:m1])
 
 

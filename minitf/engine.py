@@ -579,7 +579,7 @@ class FusedPath:
     with W8A8 layers (`exact`) runs every stage before a quantization with the unfused
     backend's own loops, because a 1-ulp difference there can flip an int8 activation;
     its logits equal the unfused path's bit for bit. Otherwise the float matmuls of the
-    prefill go to BLAS, attention runs per head on BLAS with a compiled causal softmax (the
+    prefill (the tied head of an all-rows prefill included) go to BLAS, attention runs per head on BLAS with a compiled causal softmax (the
     decode step: on a transposed copy of the KV cache, `kvT`, kept in step with the cache)
     and GELU with a vectorized exp. A sequence decoded with others gets, bit for bit, the
     logits it gets alone (`decode_rows`: each row's arithmetic does not depend on the
@@ -734,6 +734,9 @@ class FusedPath:
             logits = self.row_logits[row]
             self.loops.matmul_nt(logits.reshape(1, V), h[T - 1:], self.e.wte)
             return logits
-        logits = np.empty((T, V), np.float32)
-        self.loops.matmul_nt(logits, h, self.e.wte)  # (T, V): the unfused kernel, not BLAS
+        logits = np.empty((T, V), np.float32)  # (T, V)
+        if self.exact:  # a W8A8 model: the unfused kernel, as its logits equal the unfused path's
+            self.loops.matmul_nt(logits, h, self.e.wte)
+        else:  # BLAS, as the other float matmuls of the prefill
+            np.matmul(h, self.e.wte.T, out=logits)
         return logits

@@ -323,7 +323,8 @@ def test_matmul(backend, N, K, M, dtype):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize(
-    "N, K, V", [(1, 240, 65), (1, 240, 1024), (3, 7, 13), (128, 240, 65), (2, 0, 5)]
+    "N, K, V", [(1, 240, 65), (1, 240, 1024), (3, 7, 13), (128, 240, 65), (2, 0, 5),
+                (5, 24, 131)]  # several rows, over two chunks of 64 rows of wte and a part
 )
 def test_matmul_nt(backend, N, K, V, dtype):
     x, wte = randn((N, K), dtype, 4), randn((V, K), dtype, 5)
