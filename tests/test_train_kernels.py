@@ -19,7 +19,6 @@ tensor. A backend that cannot load fails its tests (get_backend raises), never s
 from __future__ import annotations
 
 import os
-import pathlib
 import subprocess
 import sys
 import tracemalloc
@@ -37,7 +36,6 @@ from test_kernels import (  # the check of the inference ops, for the training o
     test_every_backend_refuses_the_same_bad_call_with_the_same_error as refused_alike)
 from tolerances import TOL
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 FLOATS = (np.float32, np.float64)
 COMPILED = [b for b in BACKENDS if b != "numpy"]
 
@@ -363,7 +361,7 @@ def test_training_loops_options_come_from_one_place():
         assert type(getattr(numba_train, name)._cache).__name__ == "FunctionCache", name
 
 
-def test_numba_training_step_runs_with_the_jit_disabled():
+def test_numba_training_step_runs_with_the_jit_disabled(tmp_path):
     """NUMBA_DISABLE_JIT=1 turns the training loops into plain Python: still right."""
     script = """
 import numpy as np
@@ -383,6 +381,7 @@ for n, g in out["numpy"][1].items():
 print("ok")
 """
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+    # from a folder of its own: `python -c` puts the current folder first on sys.path
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
