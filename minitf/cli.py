@@ -28,6 +28,8 @@ import sys
 import warnings
 from typing import Callable, NoReturn
 
+from .tokenizer import MAX_BPE_VOCAB_SIZE
+
 BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
 
 
@@ -137,8 +139,23 @@ def int_at_least(low: int):
     return parse
 
 
+def int_between(low: int, high: int):
+    """An argparse type: an integer in [low, high], else a message naming the value."""
+    at_least = int_at_least(low)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be in [{low}, {high}]")
+        return value
+
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+bpe_vocab_size = int_between(256, MAX_BPE_VOCAB_SIZE)  # the 256 bytes, then merges
 
 
 # ----------------------------------------------------------------------------------------
@@ -234,7 +251,8 @@ def guarded(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def run(argv=None) -> int:
         spec = getattr(sys.modules.get(main.__module__), "__spec__", None)  # __main__ under -m
-        prog = "python -m " + (spec.name if spec is not None else main.__module__)
+        module = spec.name if spec is not None else main.__module__
+        prog = "python -m " + module.removesuffix(".__main__")  # a package's __main__: its name
         stdout_closed = _fill_closed_std_fds()
         real_stdout, real_showwarning = sys.stdout, warnings.showwarning
         sys.stdout = _Stdout(None if stdout_closed or real_stdout is None else real_stdout)

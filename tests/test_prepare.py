@@ -481,8 +481,12 @@ def test_bad_paths_and_options(tmp_path, capsys):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     assert "tokenizer file not found" in cli_error(
         capsys, str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "no-tok"))
-    assert "must be an integer >= 256" in cli_error(
+    assert "--vocab-size: 100 must be >= 256" in cli_error(
         capsys, str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", "bpe", "--vocab-size", "100")
+    # beyond what the BPE trainer can allocate (it would abort the process): refused by name
+    assert "--vocab-size: 99999999999 must be in [256, 16777216]" in cli_error(
+        capsys, str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", "bpe",
+        "--vocab-size", "99999999999")
     assert "--val-fraction 1.5 must be in (0, 1)" in cli_error(
         capsys, str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--val-fraction", "1.5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.txt", "mine"]
