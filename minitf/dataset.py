@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 from minitf import __version__
 from minitf.data import CorpusError, TokenFile, load_corpus, split_point, split_text
-from minitf.fileio import fsync_dir, read_json, save_json_atomic
+from minitf.fileio import fsync_dir, read_json, regular_file, save_json_atomic
 from minitf.rundir import (DirectoryLock, previous, probe_write, readable, recover, swap_in,
                            temporary)
 from minitf.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer, train_tokenizer
@@ -153,13 +153,12 @@ def _documents(source, glob: str, spool_dir: Path, stdin: BinaryIO | None, progr
                 out.write(data)
                 bar.update(len(data))
         return [_Document("-", copy)]
-    path = Path(source)
+    try:
+        path = regular_file(source, "source", folder=True)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     if path.is_file():
         return [_Document(str(source), path)]
-    if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    if not path.is_dir():
-        raise DatasetError(f"{source}: not a regular file or a folder")
     found = []
     for p in path.glob(glob):
         rel = p.relative_to(path)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .cli import Parser, add_backend_argument, fail, guarded, nonneg_int, positive_int
+from .data import read_text_bytes
 from .engine import CONTEXT_MODES, GenerationStats, load_engine
 from .kernels import describe
 from .sampling import Sampler, validate_sampling
@@ -67,12 +68,14 @@ def read_prompt(args) -> str:
     if args.prompt_file is None:
         return args.prompt or ""
     name = "standard input" if args.prompt_file == "-" else args.prompt_file
+    try:  # a file is refused by name if it is not a regular one, or too large to read
+        data = (sys.stdin.buffer.read() if args.prompt_file == "-"
+                else read_text_bytes(args.prompt_file, "--prompt-file"))
+    except FileNotFoundError:
+        raise OSError(f"--prompt-file {name}: cannot read it (no such file)") from None
     try:
-        data = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
-    except OSError as e:
-        raise OSError(f"--prompt-file {name}: cannot read it ({e.strerror or e})") from e
-    try:
-        return data.decode("utf-8")
+        # a byte-order mark is not part of the prompt (as Python's utf-8-sig reads it)
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {name}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
@@ -163,6 +166,7 @@ def main(argv=None) -> int:
         if not prompt_ids:  # e.g. a BPE tokenizer given only characters it merges away
             prompt_ids = [int(t) for t in tokenizer.encode("\n")]
         seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+        engine.check_rows(args.num_samples, "--num-samples")  # before a sampler is made
         samplers = [Sampler(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                             seed=seed + i) for i in range(args.num_samples)]
         rows = [StopText(tokenizer.decode_stream(), stops) for _ in samplers]
@@ -240,8 +244,12 @@ def main(argv=None) -> int:
                 else:
                     texts[r].append(piece)
             write_finished([rows[r].stopped or counts[r] == args.max_new_tokens for r in range(n)])
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C: the text so far ends its line; the status says it
+        if shown[0] == 0 and shown[1] != "\n":  # sample 0 streamed, and not at a line's end
+            out.write("\n")
+        out.flush()
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     except ValueError as e:  # e.g. logits that overflow to NaN in a damaged model
