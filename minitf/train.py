@@ -23,10 +23,12 @@ import dataclasses
 import math
 import shlex
 import sys
+from pathlib import Path
 
 from .cli import (Parser, add_backend_argument, add_data_argument, bpe_vocab_size, fail, guarded,
                   nonneg_int, positive_int)
 from .config import PRESETS, GPTConfig
+from .dataset import load_dataset, tokenizer_kind
 from .kernels import get_backend
 from .threads import set_threads
 from .trainer import REQUIRABLE, Diverged, Interrupted, Trainer, TrainSettings
@@ -144,6 +146,23 @@ def validate(parser: Parser, args) -> None:
             fail(parser, "--dropout cannot change on --resume: the run keeps its own (config.json)")
 
 
+def check_dataset_flags(parser: Parser, args) -> None:
+    """A new run on a dataset folder uses the folder's tokenizer: a --tokenizer or
+    --vocab-size that says otherwise is refused, not ignored."""
+    if args.resume or args.data is None or not Path(args.data).is_dir() or (
+            args.tokenizer is None and args.vocab_size is None):
+        return
+    ds = load_dataset(args.data)
+    kind, size = tokenizer_kind(ds.tokenizer), ds.tokenizer.vocab_size
+    flag = (f"--tokenizer {args.tokenizer}" if args.tokenizer not in (None, kind) else
+            f"--vocab-size {args.vocab_size}" if args.vocab_size is not None
+            and (kind != "bpe" or args.vocab_size != size) else None)
+    if flag is not None:
+        fail(parser, f"{flag} contradicts --data {args.data}, a dataset folder with its own "
+                     f"{kind} tokenizer of {size} tokens, which the run uses; leave the flag "
+                     f"out, or prepare the corpus with it (python -m minitf.prepare)")
+
+
 def model_config(args) -> GPTConfig:
     """The preset with the fields the flags override (vocab_size: the tokenizer's, later)."""
     fields = PRESETS[args.preset or NEW_RUN["preset"]].to_dict()
@@ -206,6 +225,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
+    check_dataset_flags(parser, args)
     try:
         run(args)
     except Diverged as e:
