@@ -203,7 +203,8 @@ def _blas() -> str:
 
     libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     return "; ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} "
-                     f"kernels, {i.get('num_threads')} threads)" for i in libs) or "unknown"
+                     f"kernels, {i.get('num_threads')} thread{'' if i.get('num_threads') == 1 else 's'})"
+                     for i in libs) or "unknown"
 
 
 def describe(name: str) -> str:

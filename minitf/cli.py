@@ -7,9 +7,11 @@ standard error and a defined exit status, never a traceback:
     0    done; also when the reader of standard output went away (`| head`)
     2    bad input or a failed write: a bad flag or value, a missing, damaged or locked
          checkpoint, a size beyond the limits, a full disk, a closed or full standard
-         output, text its encoding cannot hold
+         output, text its encoding cannot hold, a path in a symlink loop
     130  interrupted (SIGINT, Ctrl-C)
-    1    an internal error (a bug): the line says so, and MINITF_DEBUG=1 shows the traceback
+    1    an internal error (a bug): the line says so, and MINITF_DEBUG=1 shows the
+         traceback; also a training run that diverged (a NaN or inf loss: train says so
+         on one line and keeps the last good checkpoint)
 
 Warnings (e.g. the recovery of an interrupted save) are one line too. Free-text arguments
 (--prompt, --stop, --separator) that arrive as bytes that are not the locale's encoding but
@@ -277,6 +279,10 @@ def guarded(main: Callable[..., int]) -> Callable[..., int]:
             print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
             sys.exit(2)  # as `fail` and argparse do
         except Exception as e:  # noqa: BLE001 - a bug: say so on one line
+            if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop"):
+                # a path given in a loop of links (pathlib's resolve() before Python 3.13)
+                print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
+                sys.exit(2)
             if os.environ.get("MINITF_DEBUG"):
                 raise
             print(f"{prog}: internal error: {type(e).__name__}: {error_line(e)} (a bug in "

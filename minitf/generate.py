@@ -27,6 +27,7 @@ from .engine import CONTEXT_MODES, GenerationStats, load_engine
 from .kernels import describe
 from .sampling import Sampler, validate_sampling
 from .threads import set_threads
+from .tokenizer import TokenizerError, check_unicode
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
 
@@ -51,7 +52,7 @@ def build_parser() -> Parser:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 means greedy")
     p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0: off; above the vocabulary: off)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the smallest set reaching this probability, in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="random seed; sample i of --num-samples uses seed + i (default: fresh randomness, the seed is printed to stderr)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="random seed; sample i of --num-samples uses seed + i (default: fresh randomness, the seed is printed to stderr)")
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples of the prompt, decoded together")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end a sample before STRING (repeatable; \\n \\t \\r \\\\ are understood)")
     p.add_argument("--context-mode", choices=CONTEXT_MODES, default="shift", help="past the context: shift keeps the last --keep tokens and re-prefills them once; exact makes every token see the last block_size tokens (a re-prefill per token)")
@@ -157,6 +158,11 @@ def main(argv=None) -> int:
     stops = [unescape(s) for s in args.stop]
     if "" in stops:
         fail(parser, "--stop '' is empty: give the string the text should stop before")
+    for stop in stops:  # bytes that are not UTF-8 could never match the text: refused as prompts are
+        try:
+            check_unicode(stop)
+        except TokenizerError as e:
+            fail(parser, f"--stop: {e}")
     try:
         set_threads(args.threads if args.threads is not None else 1)
         engine, tokenizer, ckpt = load_engine(args.model, args.backend)

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     train, val = record["train"], record["val"]
     print(f"{args.out}: train {train['tokens']:,} tokens, val {val['tokens']:,} tokens "
           f"({record['dtype']}; {record['tokenizer']['kind']} tokenizer, {record['vocab_size']} "
-          f"tokens; {len(record['sources'])} source files)")
+          f"tokens; {len(record['sources'])} source file{'' if len(record['sources']) == 1 else 's'})")
     return 0
 
 

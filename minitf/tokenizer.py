@@ -274,7 +274,7 @@ def _describe(c: str) -> str:
     return f"{c!r} (U+{ord(c):04X})"
 
 
-def _check_unicode(text: str) -> None:
+def check_unicode(text: str) -> None:
     """TokenizerError unless `text` is valid Unicode (no lone surrogates, which UTF-8 and
     `tokenizers` cannot hold: they come from bytes that were not UTF-8)."""
     try:
@@ -373,7 +373,7 @@ class BPETokenizer(_Tokenizer):
         Unicode (a lone surrogate: bytes that were not UTF-8)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        _check_unicode(text)
+        check_unicode(text)
         return np.array(self._tk.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def decode(self, ids) -> str:

@@ -798,7 +798,8 @@ def test_absurd_sizes_in_a_checkpoint_and_on_the_python_api(run_dir, tmp_path, m
     with pytest.raises(SizeError, match=r"an Engine for this model needs at least .* memory of 10.0 kB"):
         Engine(small, params, "numpy")
     text = tmp_path / "text.txt"
-    text.write_text("to be or not to be, that is the question\n" * 50)
+    # small enough for reading it (TEXT_MEMORY_PER_BYTE), not for training
+    text.write_text("to be or not to be, that is the question\n" * 8)
     with pytest.raises(SizeError, match=r"^training needs at least"):
         Trainer.start(tmp_path / "new", text, config=small)
     assert leftovers(tmp_path, "run", "text.txt") == []
@@ -1023,7 +1024,7 @@ def test_an_internal_error_is_one_line_with_a_hint(monkeypatch, capsys):
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
 @pytest.mark.parametrize("prog, flags, fragment", [
-    ("train", ["--data", "/dev/zero", "--out", "{tmp}/run"], "/dev/zero: not a regular file"),
+    ("train", ["--data", "/dev/zero", "--out", "{tmp}/new"], "/dev/zero: not a regular file"),
     ("evaluate", ["--data", "/dev/zero", "--model", "{run}"], "/dev/zero: not a regular file"),
     ("generate", ["--prompt-file", "/dev/zero", "--model", "{run}"],
      "--prompt-file /dev/zero: not a regular file"),
@@ -1057,3 +1058,20 @@ def test_a_layer_norm_eps_that_is_not_a_small_positive_float(text, run_dir, caps
         load_checkpoint(run_dir)
     assert call(generate.main, "--model", run_dir, "--backend", "numpy") == 2
     assert "layer_norm_eps" in error_of(capsys, "generate")
+
+
+def test_a_stop_string_that_is_not_utf8_is_refused_like_a_prompt():
+    r = _cli("minitf.generate", "--backend", "numpy", "--stop", os.fsencode("ab\udcff"))
+    assert r.returncode == 2
+    (line,) = lines_of(r.stderr.decode(errors="replace"), "generate")
+    assert "--stop: " in line and "the byte 0xFF, which is not UTF-8" in line, line
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_a_symlink_loop_as_a_path_is_one_line_exit_2(corpus, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    assert call(generate.main, "--model", loop, "--backend", "numpy") == 2
+    assert str(loop) in error_of(capsys, "generate")
+    assert call(train.main, *train_args(corpus, loop, "--steps", "1")) == 2
+    assert str(loop) in error_of(capsys, "train")

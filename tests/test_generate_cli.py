@@ -120,6 +120,7 @@ def test_stats_of_one_token_say_no_decode_ran(capsys):
     (["--stop", ""], "--stop '' is empty"),
     (["--prompt", "a", "--prompt-file", "b"], "not allowed with argument --prompt"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file /nonexistent/prompt.txt: cannot read it"),
+    (["--seed", "-5"], "argument --seed: -5 must be >= 0"),
 ])
 def test_bad_flags_one_line_exit_2(capsys, args, message):
     status, _, err = run(capsys, "--backend", "numpy", *args)
