@@ -40,6 +40,26 @@ NEW_RUN = {"tokenizer": "char", "vocab_size": 1024, "preset": "default", "seed":
 
 
 PROG = "python -m minitf.train"
+# the optimization and evaluation flags, (TrainSettings field, type, what it sets), by group
+RUN_FLAGS = {
+    "optimization": [
+        ("steps", nonneg_int, "total optimizer steps"),
+        ("batch_size", positive_int, "windows per step"),
+        ("lr", float, "peak learning rate"),
+        ("min_lr", float, "learning rate at the end of the cosine decay"),
+        ("warmup", nonneg_int, "linear warmup steps"),
+        ("decay_steps", nonneg_int, "step where the cosine decay reaches --min-lr"),
+        ("weight_decay", float, "AdamW decoupled weight decay, 2-D weights only"),
+        ("beta1", float, "AdamW beta1"),
+        ("beta2", float, "AdamW beta2"),
+        ("grad_clip", float, "global-norm gradient clipping, 0: off"),
+    ],
+    "evaluation and output": [
+        ("eval_interval", positive_int, "validate and checkpoint every N steps"),
+        ("eval_windows", positive_int, "validation windows during training"),
+        ("final_eval_windows", positive_int, "validation windows at the last step"),
+    ],
+}
 
 
 def build_parser() -> Parser:
@@ -60,7 +80,8 @@ def build_parser() -> Parser:
                    help="character-level or byte-level BPE (default: char; on --resume, the "
                         "checkpoint's)")
     p.add_argument("--vocab-size", type=bpe_vocab_size, default=None,
-                   help=f"BPE vocabulary size, ignored for char (default: {NEW_RUN['vocab_size']})")
+                   help=f"BPE vocabulary size, for --tokenizer bpe only (default: "
+                        f"{NEW_RUN['vocab_size']})")
     g = p.add_argument_group("model (a preset, then single fields overridden)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="model size preset (default: default)")
@@ -71,34 +92,13 @@ def build_parser() -> Parser:
     d = DEFAULTS
     # the optimization and evaluation flags default to None too: a new run then takes the
     # TrainSettings default (shown), a resumed one the run's own value (meta.json "args")
-    run = "; on --resume, the run's"
-    g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=nonneg_int, default=None,
-                   help=f"total optimizer steps (default: {d.steps}{run})")
-    g.add_argument("--batch-size", type=positive_int, default=None,
-                   help=f"windows per step (default: {d.batch_size}{run})")
-    g.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default: {d.lr}{run})")
-    g.add_argument("--min-lr", type=float, default=None,
-                   help=f"learning rate at the end of the cosine decay (default: {d.min_lr}{run})")
-    g.add_argument("--warmup", type=nonneg_int, default=None,
-                   help=f"linear warmup steps (default: {d.warmup}{run})")
-    g.add_argument("--decay-steps", type=nonneg_int, default=None,
-                   help=f"step where the cosine decay reaches --min-lr (default: --steps{run})")
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help=f"AdamW decoupled weight decay, 2-D weights only (default: "
-                        f"{d.weight_decay}{run})")
-    g.add_argument("--beta1", type=float, default=None, help=f"AdamW beta1 (default: {d.beta1}{run})")
-    g.add_argument("--beta2", type=float, default=None, help=f"AdamW beta2 (default: {d.beta2}{run})")
-    g.add_argument("--grad-clip", type=float, default=None,
-                   help=f"global-norm gradient clipping, 0: off (default: {d.grad_clip}{run})")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=positive_int, default=None,
-                   help=f"validate and checkpoint every N steps (default: {d.eval_interval}{run})")
-    g.add_argument("--eval-windows", type=positive_int, default=None,
-                   help=f"validation windows during training (default: {d.eval_windows}{run})")
-    g.add_argument("--final-eval-windows", type=positive_int, default=None,
-                   help=f"validation windows at the last step (default: the whole split{run})")
+    for title, flags in RUN_FLAGS.items():
+        g = p.add_argument_group(title)
+        for name, kind, what in flags:
+            default = {"decay_steps": "--steps", "final_eval_windows": "the whole split"}.get(
+                name, getattr(d, name))
+            g.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                           help=f"{what} (default: {default}; on --resume, the run's)")
     g.add_argument("--seed", type=nonneg_int, default=None,
                    help=f"seed for initialisation, batches and dropout masks (default: {d.seed}; "
                         f"on --resume, the checkpoint's random state continues)")
@@ -121,6 +121,9 @@ def build_parser() -> Parser:
 
 def validate(parser: Parser, args) -> None:
     """Check the flags given (a resumed run's own values are checked by its Trainer)."""
+    if args.vocab_size is not None and args.tokenizer == "char":
+        fail(parser, f"--vocab-size {args.vocab_size} applies to --tokenizer bpe only (a char "
+                     f"vocabulary is the text's characters)")
     for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):

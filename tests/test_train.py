@@ -114,6 +114,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
     (["--tokenizer", "bpe", "--vocab-size", "99999999999"],
      "argument --vocab-size: 99999999999 must be in [256, 16777216]"),
     (["--seed", "-5"], "argument --seed: -5 must be >= 0"),
+    (["--tokenizer", "char", "--vocab-size", "500"], "--vocab-size 500 applies to --tokenizer bpe only"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(corpus_path, tmp_path, flags, message):
     proc = subprocess.run(
