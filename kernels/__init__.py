@@ -146,8 +146,9 @@ def get_backend(name: str | None = None) -> Backend:
         The Backend (one object per backend); its NAME attribute is the backend's name.
     Raises:
         BackendError: an unknown name, or a backend that cannot load (with the reason and
-            how to fix it). "auto" raises only if no backend loads; when it passes over a
-            faster backend that cannot load, it says so with a BackendWarning.
+            how to fix it). "auto" raises for an unknown $MINITF_ISA, and if no backend
+            loads; when it passes over a faster backend that cannot load, it says so with
+            a BackendWarning.
     """
     source = "argument"
     if name is None:
@@ -160,6 +161,10 @@ def get_backend(name: str | None = None) -> Backend:
     name = name.strip().lower()
     if name != "auto":
         return _load(name)
+    try:  # a bad MINITF_ISA is the user's error, not a reason for auto to pass a backend over
+        _isa.requested()
+    except _isa.ISAError as exc:
+        raise BackendError(f"backend 'auto': {exc}") from None
     for candidate in AUTO_ORDER:
         try:
             return _load(candidate)
@@ -198,7 +203,8 @@ def _blas() -> str:
 
     libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     return "; ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} "
-                     f"kernels, {i.get('num_threads')} threads)" for i in libs) or "unknown"
+                     f"kernels, {i.get('num_threads')} thread{'' if i.get('num_threads') == 1 else 's'})"
+                     for i in libs) or "unknown"
 
 
 def describe(name: str) -> str:

@@ -2,11 +2,21 @@
 
 import sys
 
-from . import _isa, report
+from ..cli import Parser, guarded
+from . import report
+
+
+@guarded
+def main(argv=None) -> int:
+    # no options: an unknown argument is refused, not ignored; an unknown MINITF_ISA is an
+    # ISAError (a ValueError): one line, exit 2, as for every command
+    Parser(prog="python -m minitf.kernels",
+           description="Which kernel variant each backend runs on this CPU, and why "
+                       "(MINITF_ISA forces one: portable, avx2, avx512vnni or auto).",
+           epilog="example: MINITF_ISA=portable python -m minitf.kernels").parse_args(argv)
+    print(report())
+    return 0
+
 
 if __name__ == "__main__":
-    try:
-        print(report())
-    except _isa.ISAError as exc:  # an unknown MINITF_ISA: one line, exit 2 as the CLIs do
-        print(f"python -m minitf.kernels: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -469,6 +469,9 @@ def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:
     meta = load_json(meta_path) if files.exists(META_FILE) else {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: must be a JSON object, got {type(meta).__name__}")
+    # the tokenizer's seal first: a file changed since the save must not reach the
+    # `tokenizers` library (Rust), which may panic on hostile input rather than raise
+    files.check(TOKENIZER_FILE)
     try:
         tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
     except TokenizerError as e:
@@ -485,10 +488,10 @@ def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:
             layout = layout(config, meta)
         except ValueError as e:
             raise CheckpointError(f"{meta_path}: {e}") from None
-    # what was read is what was saved (a changed character of the tokenizer, a config that
-    # is valid but not this model's): checked once it is known to parse, so that damage is
-    # reported as what it is, and before the large files are read
-    files.check(CONFIG_FILE, META_FILE, TOKENIZER_FILE, *files.extras())
+    # what was read is what was saved (a config that is valid but not this model's):
+    # checked once it is known to parse, so that damage is reported as what it is, and
+    # before the large files are read
+    files.check(CONFIG_FILE, META_FILE, *files.extras())
     tensors, metadata = load_safetensors(model_path)
     _check_format(model_path, metadata)
     stored_dtype = check_tensors(tensors, layout, str(model_path), error=CheckpointError)

@@ -7,9 +7,11 @@ standard error and a defined exit status, never a traceback:
     0    done; also when the reader of standard output went away (`| head`)
     2    bad input or a failed write: a bad flag or value, a missing, damaged or locked
          checkpoint, a size beyond the limits, a full disk, a closed or full standard
-         output, text its encoding cannot hold
+         output, text its encoding cannot hold, a path in a symlink loop
     130  interrupted (SIGINT, Ctrl-C)
-    1    an internal error (a bug): the line says so, and MINITF_DEBUG=1 shows the traceback
+    1    an internal error (a bug): the line says so, and MINITF_DEBUG=1 shows the
+         traceback; also a training run that diverged (a NaN or inf loss: train says so
+         on one line and keeps the last good checkpoint)
 
 Warnings (e.g. the recovery of an interrupted save) are one line too. Free-text arguments
 (--prompt, --stop, --separator) that arrive as bytes that are not the locale's encoding but
@@ -27,6 +29,8 @@ import os
 import sys
 import warnings
 from typing import Callable, NoReturn
+
+from .tokenizer import MAX_BPE_VOCAB_SIZE
 
 BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
 
@@ -139,8 +143,23 @@ def int_at_least(low: int):
     return parse
 
 
+def int_between(low: int, high: int):
+    """An argparse type: an integer in [low, high], else a message naming the value."""
+    at_least = int_at_least(low)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be in [{low}, {high}]")
+        return value
+
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+bpe_vocab_size = int_between(256, MAX_BPE_VOCAB_SIZE)  # the 256 bytes, then merges
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,7 +255,8 @@ def guarded(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def run(argv=None) -> int:
         spec = getattr(sys.modules.get(main.__module__), "__spec__", None)  # __main__ under -m
-        prog = "python -m " + (spec.name if spec is not None else main.__module__)
+        module = spec.name if spec is not None else main.__module__
+        prog = "python -m " + module.removesuffix(".__main__")  # a package's __main__: its name
         stdout_closed = _fill_closed_std_fds()
         real_stdout, real_showwarning = sys.stdout, warnings.showwarning
         sys.stdout = _Stdout(None if stdout_closed or real_stdout is None else real_stdout)
@@ -261,6 +281,10 @@ def guarded(main: Callable[..., int]) -> Callable[..., int]:
             print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
             sys.exit(2)  # as `fail` and argparse do
         except Exception as e:  # noqa: BLE001 - a bug: say so on one line
+            if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop"):
+                # a path given in a loop of links (pathlib's resolve() before Python 3.13)
+                print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
+                sys.exit(2)
             if os.environ.get("MINITF_DEBUG"):
                 raise
             print(f"{prog}: internal error: {type(e).__name__}: {error_line(e)} (a bug in "

@@ -85,8 +85,10 @@ class GPTConfig:
                 f"allowed n_head values for d_model={self.d_model}: "
                 f"{[h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]}"
             )
-        if not (isinstance(self.layer_norm_eps, float) and self.layer_norm_eps > 0):
-            raise ValueError(f"config layer_norm_eps={self.layer_norm_eps!r} must be a float > 0")
+        # GPT-2 uses 1e-5 (others 1e-6 .. 1e-12): a variance floor, far below 1, never inf
+        if not (isinstance(self.layer_norm_eps, float) and 0 < self.layer_norm_eps < 1):
+            raise ValueError(f"config layer_norm_eps={self.layer_norm_eps!r} must be a finite "
+                             f"float in (0, 1) (GPT-2: 1e-05)")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"config dropout={self.dropout!r} must be a number in [0, 1)")
@@ -115,10 +117,7 @@ class GPTConfig:
         missing = sorted(fields - set(d) - {"layer_norm_eps", "dropout"})  # both have defaults
         if missing:
             raise ValueError(f"config is missing keys {missing}")
-        d = dict(d)
-        if "layer_norm_eps" in d and isinstance(d["layer_norm_eps"], int):
-            d["layer_norm_eps"] = float(d["layer_norm_eps"])
-        return cls(**d)
+        return cls(**d)  # an integer layer_norm_eps is refused: none is in (0, 1)
 
 
 # Named presets; the CLI overrides single fields by name on top of one of these.

@@ -33,7 +33,8 @@ from urllib.request import urlopen
 
 import numpy as np
 
-from minitf.fileio import write_bytes_atomic
+from minitf.config import check_memory
+from minitf.fileio import regular_file, write_bytes_atomic
 
 CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -109,13 +110,32 @@ def download_corpus(dest: Path) -> bytes:
     return data
 
 
+# memory per byte of a text read whole and tokenized: the bytes, the str (1 byte a character
+# for ASCII), the token ids as a Python list (8-byte pointers, and ints) and as an array
+TEXT_MEMORY_PER_BYTE = 1 + 1 + 16 + 8
+
+
+def read_text_bytes(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of the text file `path` (`what` names it: "--data", "--prompt-file"): a
+    regular file (minitf.fileio.regular_file) whose reading and tokenizing fit in memory.
+
+    Raises:
+        FileNotFoundError, OSError, ValueError: see regular_file.
+        minitf.config.SizeError: the file is too large for this machine's memory.
+    """
+    path = regular_file(path, what)
+    size = path.stat().st_size
+    check_memory({"the text and its tokens": size * TEXT_MEMORY_PER_BYTE},
+                 f"{what} {path} ({size:,} bytes)",
+                 "use a smaller file, or prepare it as a dataset folder (python -m minitf.prepare)")
+    return path.read_bytes()
+
+
 def _read_text(path: Path, missing_message: str) -> str:
     try:
-        data = path.read_bytes()
+        data = read_text_bytes(path, "corpus file")
     except FileNotFoundError:
         raise FileNotFoundError(missing_message) from None
-    except IsADirectoryError:
-        raise FileNotFoundError(f"corpus path {path} is a directory, not a text file") from None
     return _decode(data, path)
 
 

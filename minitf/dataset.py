@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 from minitf import __version__
 from minitf.data import CorpusError, TokenFile, load_corpus, split_point, split_text
-from minitf.fileio import fsync_dir, read_json, save_json_atomic
+from minitf.fileio import fsync_dir, read_json, regular_file, save_json_atomic
 from minitf.rundir import (DirectoryLock, previous, probe_write, readable, recover, swap_in,
                            temporary)
 from minitf.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer, train_tokenizer
@@ -153,13 +153,15 @@ def _documents(source, glob: str, spool_dir: Path, stdin: BinaryIO | None, progr
                 out.write(data)
                 bar.update(len(data))
         return [_Document("-", copy)]
-    path = Path(source)
+    try:
+        path = regular_file(source, "source", folder=True)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     if path.is_file():
         return [_Document(str(source), path)]
-    if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    if not path.is_dir():
-        raise DatasetError(f"{source}: not a regular file or a folder")
+    if Path(glob).is_absolute():  # pathlib cannot, and a folder's files are under it
+        raise DatasetError(f"--glob {glob!r}: patterns are relative to the folder {source} "
+                           f"(e.g. '**/*.txt'), not absolute")
     found = []
     for p in path.glob(glob):
         rel = p.relative_to(path)
@@ -401,7 +403,8 @@ def _token_dtype(name: str, vocab_size: int) -> np.dtype:
     return dtype
 
 
-def _kind(tokenizer) -> str:
+def tokenizer_kind(tokenizer) -> str:
+    """"char" or "bpe" for minitf's tokenizers, else the class name."""
     for cls, kind in ((CharTokenizer, "char"), (BPETokenizer, "bpe")):
         if isinstance(tokenizer, cls):
             return kind
@@ -584,7 +587,7 @@ def _tokenizer_for(tokenizer, given: str | None, docs: list[_Document], vocab: _
         return (train_tokenizer("bpe", text, vocab_size),
                 {"kind": "bpe", "source": "trained on the training split",
                  "requested_vocab_size": vocab_size, "training_chars": len(text)}, "")
-    return (tokenizer, {"kind": _kind(tokenizer), "source": given or "given"},
+    return (tokenizer, {"kind": tokenizer_kind(tokenizer), "source": given or "given"},
             "; give another tokenizer, or train one on this corpus (char or bpe)")
 
 
@@ -644,7 +647,7 @@ def _open_dataset(path: Path) -> Dataset:
         dtype, vocab_size = record["dtype"], record["vocab_size"]
         if dtype not in ("uint16", "uint32"):
             raise DatasetError(f"{record_path}: dtype {dtype!r} must be uint16 or uint32")
-        tok_path = path / record["tokenizer"]["file"]
+        tok_path = _member(path, record_path, record["tokenizer"]["file"])
         if tok_path.is_file() and _sha256_file(tok_path) != record["tokenizer"]["sha256"]:
             raise DatasetError(f"{tok_path}: does not match the SHA-256 in {record_path} "
                                f"(replaced or damaged)")
@@ -655,7 +658,8 @@ def _open_dataset(path: Path) -> Dataset:
         if tokenizer.vocab_size != vocab_size:
             raise DatasetError(f"{tok_path}: {tokenizer.vocab_size} tokens, {record_path} says "
                                f"{vocab_size}")
-        splits = [TokenFile(path / record[s]["file"], dtype, record[s]["tokens"], vocab_size)
+        splits = [TokenFile(_member(path, record_path, record[s]["file"]), dtype, record[s]["tokens"],
+                            vocab_size)
                   for s in ("train", "val")]
     except (KeyError, TypeError) as e:
         raise DatasetError(f"{record_path}: damaged record ({type(e).__name__}: {e})") from None
@@ -664,6 +668,15 @@ def _open_dataset(path: Path) -> Dataset:
             raise
         raise DatasetError(str(e)) from None
     return Dataset(path, record, tokenizer, *splits)
+
+
+def _member(folder: Path, record_path: Path, name) -> Path:
+    """The file `name` of a dataset record: a plain name inside `folder`, never a path that
+    leads out of it ("../x", "/etc/passwd", "sub/x"), else DatasetError."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name \
+            or "/" in name or "\\" in name:
+        raise DatasetError(f"{record_path}: file {name!r} must be a plain file name inside {folder}")
+    return folder / name
 
 
 def same_tokenizer(a, b) -> bool:

@@ -104,14 +104,16 @@ def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weig
     return Linear(np.ascontiguousarray(w, dtype=np.float32), b)
 
 
-def check_engine_params(params: dict[str, np.ndarray], config: GPTConfig) -> None:
-    """Raise ValueError unless params are exactly the tensors of a float or a quantized model
-    of `config` (minitf.tensors: int8 weights of one scope, each with its `<name>_scale`),
-    and what the engine allocates fits in memory (minitf.config.SizeError)."""
+def check_engine_params(params: dict[str, np.ndarray], config: GPTConfig):
+    """The Quantization of params (None: float); raise ValueError unless params are exactly
+    the tensors of a float or a quantized model of `config` (minitf.tensors: int8 weights
+    of one scope, each with its `<name>_scale`), and what the engine allocates fits in
+    memory (minitf.config.SizeError)."""
     quant = infer_quantization(params, config)
     check_tensors(params, tensor_layout(config, quant), "Engine", noun="parameter", finite=False)
     check_memory(inference_bytes(config, quant), "an Engine for this model",
                  "choose a smaller model or block_size")
+    return quant
 
 
 CONTEXT_MODES = ("shift", "exact")
@@ -169,7 +171,7 @@ class Engine:
             raise ValueError(f"int8 mode {int8_mode!r} is not one of {INT8_MODES}")
         if fused not in (None, True, False):
             raise ValueError(f"fused={fused!r} must be None (automatic), True or False")
-        check_engine_params(params, config)
+        self.quant = check_engine_params(params, config)
         self.config = config
         self.kb = get_backend(backend)
         self.backend = self.kb.NAME
@@ -204,15 +206,25 @@ class Engine:
         self.fused: FusedPath | None = FusedPath(self, fk, packed) if fused else None
         self.path: UnfusedPath | FusedPath = self.fused or UnfusedPath(self)
         self.rows = 0  # sequences the caches hold
+        self.generations = 0  # generate() calls so far: the last one owns the caches
         self.positions: list[int] = []  # positions[r]: how many positions of row r's cache are filled
         self.reserve(1)
+
+    def check_rows(self, rows: int, what: str = "the number of prompts") -> None:
+        """Refuse, before anything is allocated, `rows` sequences whose caches and buffers
+        (minitf.tensors.inference_bytes) exceed this machine's memory: SizeError naming
+        `what` sets the number (e.g. "--num-samples")."""
+        check_memory(inference_bytes(self.config, self.quant, rows),
+                     f"generating {rows:,} sequences together", f"lower {what}")
 
     def reserve(self, rows: int) -> None:
         """Make room for `rows` sequences: KV caches k_caches, v_caches (rows, n_layer,
         block_size, d_model) float32, and the fused path's buffers. Rows already held keep
-        their caches and positions; the buffers never shrink."""
+        their caches and positions; the buffers never shrink. SizeError (check_rows) if
+        they do not fit in memory."""
         if rows <= self.rows:
             return
+        self.check_rows(rows)
         L, T, C = self.config.n_layer, self.config.block_size, self.config.d_model
         k, v = np.zeros((rows, L, T, C), np.float32), np.zeros((rows, L, T, C), np.float32)
         if self.rows:
@@ -275,17 +287,28 @@ class Engine:
         self._mark("head")
         return logits
 
-    def _check_ids(self, ids) -> np.ndarray:
-        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+    def _check_ids(self, ids, name: str = "ids") -> np.ndarray:
+        """`ids` (a sequence of integers in [0, V)) as an int64 array (T,); ValueError naming
+        `name` for anything else: floats (never truncated), booleans, nested lists."""
         V = self.config.vocab_size
-        if idx.size and (idx.min() < 0 or idx.max() >= V):
-            raise ValueError(f"token ids must be in [0, {V}), got [{idx.min()}, {idx.max()}]")
-        return idx
+        allowed = f"{name}: token ids must be integers in [0, {V}), in a flat list"
+        try:
+            arr = np.asarray(ids)
+        except (ValueError, TypeError):  # ragged nesting
+            raise ValueError(f"{allowed}, got {_short(ids)}") from None
+        if arr.ndim != 1 or not (arr.dtype.kind in "iu" or arr.size == 0):
+            raise ValueError(f"{allowed}, got {_short(ids)} ({arr.ndim}-D, {arr.dtype})")
+        if arr.size and (arr.min() < 0 or arr.max() >= V):
+            raise ValueError(f"{name}: token ids must be in [0, {V}), got [{arr.min()}, {arr.max()}]")
+        return arr.astype(np.int64)
 
     def _check_id(self, token) -> int:
         """One token id as a Python int, checked to be in [0, V)."""
+        if not _is_int(token):  # a sampler's float, NaN included, is never truncated
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {token!r}, "
+                             f"which is not an integer")
         t = int(token)
-        if not 0 <= t < self.config.vocab_size or t != token:
+        if not 0 <= t < self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {token!r}")
         return t
 
@@ -362,6 +385,9 @@ class Engine:
                  stats: GenerationStats | None = None) -> Iterator[int]:
         """Yield max_new_tokens new token ids, one at a time, as they are sampled.
 
+        One generation at a time per Engine (they share its KV caches): a later generate()
+        or generate_batch() makes this generator raise RuntimeError at its next step.
+
         Args:
             prompt_ids: at least one token id; only the last block_size are used.
             max_new_tokens: >= 0; may exceed the context (see context_mode).
@@ -409,12 +435,14 @@ class Engine:
         Raises:
             ValueError: no prompts, an empty prompt or an id out of range, a bad
                 max_new_tokens, a number of samplers other than N, an unknown context_mode
-                or a bad keep (raised by this call, before any token).
+                or a bad keep (raised by this call, before any token); SizeError (a
+                ValueError): N rows do not fit in memory (check_rows).
         """
         prompts = list(prompts)
         if not prompts:
             raise ValueError("generate_batch needs at least one prompt")
         N = len(prompts)
+        self.check_rows(N)  # before a row's state is made
         budgets = [max_new_tokens] * N if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)
         samplers = list(samplers) if isinstance(samplers, (list, tuple)) else None
         if samplers is None or len(samplers) != N:
@@ -429,13 +457,14 @@ class Engine:
         B = self.config.block_size
         windows = []
         for i, p in enumerate(prompts):
-            ids = [int(t) for t in self._check_ids(p)]
+            ids = [int(t) for t in self._check_ids(p, "prompt_ids" if len(prompts) == 1
+                                                    else f"prompts[{i}]")]
             if not ids:
                 raise ValueError(f"prompt {i} is empty: generation needs at least one token"
                                  if len(prompts) > 1 else "generate needs a prompt of at least one token")
             windows.append(ids[-B:])  # what the row's cache holds
         for n in budgets:
-            if isinstance(n, bool) or int(n) != n or n < 0:
+            if not _is_int(n) or n < 0:
                 raise ValueError(f"max_new_tokens={n!r} must be an integer >= 0")
         if context_mode not in CONTEXT_MODES:
             raise ValueError(f"context_mode={context_mode!r} is not one of {CONTEXT_MODES}")
@@ -446,17 +475,27 @@ class Engine:
             keep = B
         elif keep is None:
             keep = max(1, B // 2)
-        elif isinstance(keep, bool) or int(keep) != keep or not 1 <= keep <= B:
+        elif not _is_int(keep) or not 1 <= keep <= B:
             raise ValueError(f"keep={keep!r} must be an integer in [1, {B}] (block_size)")
         self.reserve(len(prompts))
+        # the rows' caches are this generation's now: an older generator that is resumed
+        # raises rather than reading caches the new one overwrote
+        self.generations += 1
         return self._steps(windows, [int(n) for n in budgets], samplers, int(keep), stop,
-                           stats if stats is not None else GenerationStats())
+                           stats if stats is not None else GenerationStats(), self.generations)
 
-    def _steps(self, windows, budgets, samplers, keep, stop, stats):
+    def _current(self, generation: int) -> None:
+        if generation != self.generations:
+            raise RuntimeError("this generator was superseded by a later generate() on the same "
+                               "Engine, which took over its KV caches; use one Engine per "
+                               "concurrent generation")
+
+    def _steps(self, windows, budgets, samplers, keep, stop, stats, generation):
         """The generation loop: prefill every row's window, then per step sample every
         running row, and forward its token (decode, or past the context a re-prefill of the
         last `keep` tokens of its window)."""
         B, N, clock = self.config.block_size, len(windows), time.perf_counter
+        self._current(generation)
         stats.rows += N
         logits = [None] * N
         running = [r for r in range(N) if budgets[r] > 0]
@@ -474,6 +513,7 @@ class Engine:
             stats.sample_s += clock() - t
             stats.new_tokens += len(running)
             yield tokens
+            self._current(generation)
             for r in running:
                 budgets[r] -= 1
             running = [r for r in running
@@ -498,6 +538,17 @@ class Engine:
                 stats.decode_s += clock() - t
                 stats.decode_steps += 1
                 stats.decode_tokens += len(decode)
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool, a float or a NaN."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _short(value) -> str:
+    """A value for a message: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_engine(model_dir=None, backend: str | None = None):

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,24 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, what
         raise error(f"{path}: invalid JSON: {e}") from None
     except RecursionError:
         raise error(f"{path}: invalid JSON: nested too deeply") from None
+
+
+def regular_file(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
+    """`path` if it names a regular file (with `folder`, or a folder): never a device, a
+    FIFO or a socket, which /dev/zero shows can be read until memory runs out.
+
+    Raises:
+        FileNotFoundError: nothing is there; OSError: it cannot be looked at (a symlink
+        loop, no permission); ValueError: it is something else. Each names `what` and path.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path}: no such file" + (" or folder" if folder else "")) \
+            from None
+    except OSError as e:
+        raise OSError(e.errno, f"{what} {path}: {e.strerror or e}") from None
+    if not (stat.S_ISREG(mode) or folder and stat.S_ISDIR(mode)):
+        raise ValueError(f"{what} {path}: not a regular file" + (" or a folder" if folder else ""))
+    return path

@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 
 from .cli import Parser, add_backend_argument, fail, guarded, nonneg_int, positive_int
+from .data import read_text_bytes
 from .engine import CONTEXT_MODES, GenerationStats, load_engine
 from .kernels import describe
 from .sampling import Sampler, validate_sampling
 from .threads import set_threads
+from .tokenizer import TokenizerError, check_unicode
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
 
@@ -50,7 +52,7 @@ def build_parser() -> Parser:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 means greedy")
     p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0: off; above the vocabulary: off)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the smallest set reaching this probability, in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="random seed; sample i of --num-samples uses seed + i (default: fresh randomness, the seed is printed to stderr)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="random seed; sample i of --num-samples uses seed + i (default: fresh randomness, the seed is printed to stderr)")
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples of the prompt, decoded together")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end a sample before STRING (repeatable; \\n \\t \\r \\\\ are understood)")
     p.add_argument("--context-mode", choices=CONTEXT_MODES, default="shift", help="past the context: shift keeps the last --keep tokens and re-prefills them once; exact makes every token see the last block_size tokens (a re-prefill per token)")
@@ -67,12 +69,14 @@ def read_prompt(args) -> str:
     if args.prompt_file is None:
         return args.prompt or ""
     name = "standard input" if args.prompt_file == "-" else args.prompt_file
+    try:  # a file is refused by name if it is not a regular one, or too large to read
+        data = (sys.stdin.buffer.read() if args.prompt_file == "-"
+                else read_text_bytes(args.prompt_file, "--prompt-file"))
+    except FileNotFoundError:
+        raise OSError(f"--prompt-file {name}: cannot read it (no such file)") from None
     try:
-        data = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
-    except OSError as e:
-        raise OSError(f"--prompt-file {name}: cannot read it ({e.strerror or e})") from e
-    try:
-        return data.decode("utf-8")
+        # a byte-order mark is not part of the prompt (as Python's utf-8-sig reads it)
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {name}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
@@ -154,6 +158,11 @@ def main(argv=None) -> int:
     stops = [unescape(s) for s in args.stop]
     if "" in stops:
         fail(parser, "--stop '' is empty: give the string the text should stop before")
+    for stop in stops:  # bytes that are not UTF-8 could never match the text: refused as prompts are
+        try:
+            check_unicode(stop)
+        except TokenizerError as e:
+            fail(parser, f"--stop: {e}")
     try:
         set_threads(args.threads if args.threads is not None else 1)
         engine, tokenizer, ckpt = load_engine(args.model, args.backend)
@@ -163,6 +172,7 @@ def main(argv=None) -> int:
         if not prompt_ids:  # e.g. a BPE tokenizer given only characters it merges away
             prompt_ids = [int(t) for t in tokenizer.encode("\n")]
         seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+        engine.check_rows(args.num_samples, "--num-samples")  # before a sampler is made
         samplers = [Sampler(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                             seed=seed + i) for i in range(args.num_samples)]
         rows = [StopText(tokenizer.decode_stream(), stops) for _ in samplers]
@@ -242,8 +252,12 @@ def main(argv=None) -> int:
                 else:
                     texts[r].append(piece)
             write_finished([rows[r].stopped or counts[r] == args.max_new_tokens for r in range(n)])
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C: the text so far ends its line; the status says it
+        if shown[0] == 0 and shown[1] != "\n":  # sample 0 streamed, and not at a line's end
+            out.write("\n")
+        out.flush()
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     except ValueError as e:  # e.g. logits that overflow to NaN in a damaged model

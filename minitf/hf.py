@@ -52,7 +52,6 @@ this export carries none either.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -103,8 +102,8 @@ def is_hf_directory(directory: str | os.PathLike) -> bool:
     own config.json never has)."""
     path = Path(directory) / CONFIG_FILE
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        d = read_json(path)  # one line for any JSON, a deeply nested one too
+    except ValueError:
         return False
     return isinstance(d, dict) and "model_type" in d
 

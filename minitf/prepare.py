@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, fail, guarded, positive_int
+from .cli import Parser, bpe_vocab_size, fail, guarded, positive_int
 from .dataset import DTYPES, prepare
 
 
@@ -29,7 +29,7 @@ def build_parser() -> Parser:
     p.add_argument("--tokenizer", default="char",
                    help="char or bpe: train one on the training split; else a tokenizer.json or a "
                         "folder holding one (a model, a dataset) to use as it is")
-    p.add_argument("--vocab-size", type=positive_int, default=1024, help="BPE vocabulary size (ignored for char)")
+    p.add_argument("--vocab-size", type=bpe_vocab_size, default=1024, help="BPE vocabulary size (ignored for char)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of each document's characters that goes to validation")
     p.add_argument("--separator", default="\n\n", help="text between documents within a split (default: two newlines)")
     p.add_argument("--glob", default="**/*.txt", help="which files of a folder to read (hidden ones are skipped)")
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     train, val = record["train"], record["val"]
     print(f"{args.out}: train {train['tokens']:,} tokens, val {val['tokens']:,} tokens "
           f"({record['dtype']}; {record['tokenizer']['kind']} tokenizer, {record['vocab_size']} "
-          f"tokens; {len(record['sources'])} source files)")
+          f"tokens; {len(record['sources'])} source file{'' if len(record['sources']) == 1 else 's'})")
     return 0
 
 

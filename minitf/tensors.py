@@ -242,15 +242,20 @@ def training_bytes(config: GPTConfig, batch_size: int, itemsize: int = 4) -> dic
             f"activations of {B} x {T} tokens": activations * itemsize}
 
 
-def inference_bytes(config: GPTConfig, quant: Quantization | None = None) -> dict[str, int]:
-    """A lower bound of what an Engine allocates, {part: bytes}: a copy of the weights (the
-    fused path packs them), the KV cache and its transposed copy (2 x 2 L T C float32), and
-    a full-context prefill: attention weights (NH T^2), the activations of a block
-    (10 T C) and the logits (T V), float32."""
+def inference_bytes(config: GPTConfig, quant: Quantization | None = None,
+                    rows: int = 1) -> dict[str, int]:
+    """A lower bound of what an Engine generating `rows` sequences together allocates,
+    {part: bytes}: a copy of the weights (the fused path packs them), per row the KV cache
+    and its transposed copy (2 x 2 L T C float32), a logits buffer (V float32) and its
+    window of token ids (T Python ints, 8-byte pointers at least), and a full-context
+    prefill: attention weights (NH T^2), the activations of a block (10 T C) and the logits
+    (T V), float32."""
     L, T, C, NH, V = (config.n_layer, config.block_size, config.d_model, config.n_head,
                       config.vocab_size)
+    per_row = "" if rows == 1 else f" of {rows:,} sequences"
     return {"weights": layout_bytes(tensor_layout(config, quant)),
-            "KV cache": 2 * 2 * L * T * C * 4,
+            "KV cache" + ("s" + per_row if per_row else ""): 2 * 2 * L * T * C * 4 * rows,
+            "logits and token windows" + per_row: (V * 4 + T * 8) * rows,
             f"a prefill of {T} tokens": (NH * T * T + 10 * T * C + T * V) * 4}
 
 

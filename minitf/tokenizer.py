@@ -53,6 +53,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from minitf.fileio import read_json, save_json_atomic
 
+# The largest BPE vocabulary asked of the trainer: 2**24 ids fit a dataset's uint32 and
+# GPTConfig's MAX_VOCAB_SIZE, are 300x GPT-2's 50257, and the `tokenizers` trainer handles
+# them; it aborts the process (a failed allocation in Rust, no exception) near 2**31.
+MAX_BPE_VOCAB_SIZE = 2**24
+
 TOKENIZER_FILE = "tokenizer.json"
 LEGACY_FORMAT_VERSION = 1  # the {"type": ..., "version": 1} files of earlier minitf
 KINDS = ("char", "bpe")
@@ -269,7 +274,7 @@ def _describe(c: str) -> str:
     return f"{c!r} (U+{ord(c):04X})"
 
 
-def _check_unicode(text: str) -> None:
+def check_unicode(text: str) -> None:
     """TokenizerError unless `text` is valid Unicode (no lone surrogates, which UTF-8 and
     `tokenizers` cannot hold: they come from bytes that were not UTF-8)."""
     try:
@@ -347,8 +352,10 @@ class BPETokenizer(_Tokenizer):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if not text:
             raise TokenizerError("cannot train a BPE tokenizer on empty text")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256:
-            raise ValueError(f"BPE vocab_size={vocab_size!r} must be an integer >= 256 (bytes)")
+        if (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                or not 256 <= vocab_size <= MAX_BPE_VOCAB_SIZE):
+            raise ValueError(f"BPE vocab_size={vocab_size!r} must be an integer in [256 (the bytes), "
+                             f"{MAX_BPE_VOCAB_SIZE}]")
         tk = Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
@@ -366,7 +373,7 @@ class BPETokenizer(_Tokenizer):
         Unicode (a lone surrogate: bytes that were not UTF-8)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        _check_unicode(text)
+        check_unicode(text)
         return np.array(self._tk.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def decode(self, ids) -> str:

@@ -31,10 +31,12 @@ import dataclasses
 import math
 import shlex
 import sys
+from pathlib import Path
 
-from .cli import (Parser, add_backend_argument, add_data_argument, fail, guarded, nonneg_int,
-                  positive_int)
+from .cli import (Parser, add_backend_argument, add_data_argument, bpe_vocab_size, fail, guarded,
+                  nonneg_int, positive_int)
 from .config import PRESETS, GPTConfig
+from .dataset import load_dataset, tokenizer_kind
 from .distributed import MPIUnavailable, World, abort_on, world
 from .kernels import get_backend
 from .threads import set_threads
@@ -46,9 +48,32 @@ NEW_RUN = {"tokenizer": "char", "vocab_size": 1024, "preset": "default", "seed":
            "dtype": DEFAULTS.dtype}
 
 
+PROG = "python -m minitf.train"
+# the optimization and evaluation flags, (TrainSettings field, type, what it sets), by group
+RUN_FLAGS = {
+    "optimization": [
+        ("steps", nonneg_int, "total optimizer steps"),
+        ("batch_size", positive_int, "windows per step"),
+        ("lr", float, "peak learning rate"),
+        ("min_lr", float, "learning rate at the end of the cosine decay"),
+        ("warmup", nonneg_int, "linear warmup steps"),
+        ("decay_steps", nonneg_int, "step where the cosine decay reaches --min-lr"),
+        ("weight_decay", float, "AdamW decoupled weight decay, 2-D weights only"),
+        ("beta1", float, "AdamW beta1"),
+        ("beta2", float, "AdamW beta2"),
+        ("grad_clip", float, "global-norm gradient clipping, 0: off"),
+    ],
+    "evaluation and output": [
+        ("eval_interval", positive_int, "validate and checkpoint every N steps"),
+        ("eval_windows", positive_int, "validation windows during training"),
+        ("final_eval_windows", positive_int, "validation windows at the last step"),
+    ],
+}
+
+
 def build_parser() -> Parser:
     p = Parser(
-        prog="python -m minitf.train",
+        prog=PROG,
         description="Train a GPT-2-style model on TinyShakespeare with hand-written "
                     "backpropagation.",
         epilog="example: python -m minitf.train --out runs/char --steps 2000 --seed 1337",
@@ -63,8 +88,9 @@ def build_parser() -> Parser:
     p.add_argument("--tokenizer", default=None, choices=("char", "bpe"),
                    help="character-level or byte-level BPE (default: char; on --resume, the "
                         "checkpoint's)")
-    p.add_argument("--vocab-size", type=positive_int, default=None,
-                   help=f"BPE vocabulary size, ignored for char (default: {NEW_RUN['vocab_size']})")
+    p.add_argument("--vocab-size", type=bpe_vocab_size, default=None,
+                   help=f"BPE vocabulary size, for --tokenizer bpe only (default: "
+                        f"{NEW_RUN['vocab_size']})")
     g = p.add_argument_group("model (a preset, then single fields overridden)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="model size preset (default: default)")
@@ -73,39 +99,25 @@ def build_parser() -> Parser:
                        help=f"override the preset's {field} "
                             f"(default preset: {getattr(PRESETS['default'], field)})")
     d = DEFAULTS
-    g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=nonneg_int, default=d.steps, help="total optimizer steps")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="windows per step")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=d.min_lr,
-                   help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup", type=nonneg_int, default=d.warmup, help="linear warmup steps")
-    g.add_argument("--decay-steps", type=nonneg_int, default=d.decay_steps,
-                   help="step where the cosine decay reaches --min-lr (default: --steps; on "
-                        "--resume, the first run's)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="AdamW decoupled weight decay (2-D weights only)")
-    g.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1")
-    g.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="global-norm gradient clipping (0: off)")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=positive_int, default=d.eval_interval,
-                   help="validate and checkpoint every N steps")
-    g.add_argument("--eval-windows", type=positive_int, default=d.eval_windows,
-                   help="validation windows during training")
-    g.add_argument("--final-eval-windows", type=positive_int, default=d.final_eval_windows,
-                   help="validation windows at the last step (default: the whole split)")
-    g.add_argument("--seed", type=int, default=None,
+    # the optimization and evaluation flags default to None too: a new run then takes the
+    # TrainSettings default (shown), a resumed one the run's own value (meta.json "args")
+    for title, flags in RUN_FLAGS.items():
+        g = p.add_argument_group(title)
+        for name, kind, what in flags:
+            default = {"decay_steps": "--steps", "final_eval_windows": "the whole split"}.get(
+                name, getattr(d, name))
+            g.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                           help=f"{what} (default: {default}; on --resume, the run's)")
+    g.add_argument("--seed", type=nonneg_int, default=None,
                    help=f"seed for initialisation, batches and dropout masks (default: {d.seed}; "
                         f"on --resume, the checkpoint's random state continues)")
     g.add_argument("--dtype", default=None, choices=("float32", "float64"),
                    help=f"training precision (default: {d.dtype}; on --resume, the checkpoint's)")
     g.add_argument("--no-plot", action="store_true", help="do not write loss_curve.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--keep-best", action="store_true",
+    g.add_argument("--keep-best", action="store_true", default=None,
                    help="also keep the checkpoint of the best validation loss in OUT/best "
-                        "(its step in OUT/meta.json)")
+                        "(its step in OUT/best/meta.json) (default: off; on --resume, the run's)")
     g = p.add_argument_group("regularization and speed")
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout probability where GPT-2 has it (embedding, attention weights, "
@@ -117,26 +129,48 @@ def build_parser() -> Parser:
 
 
 def validate(parser: Parser, args) -> None:
-    if not (math.isfinite(args.lr) and args.lr > 0):
+    """Check the flags given (a resumed run's own values are checked by its Trainer)."""
+    if args.vocab_size is not None and args.tokenizer == "char":
+        fail(parser, f"--vocab-size {args.vocab_size} applies to --tokenizer bpe only (a char "
+                     f"vocabulary is the text's characters)")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            fail(parser, f"--{name.replace('_', '-')} {value} must be a finite number")
+    if args.lr is not None and not args.lr > 0:
         fail(parser, f"--lr {args.lr} must be a finite number > 0")
-    if not (0 <= args.min_lr <= args.lr):
-        fail(parser, f"--min-lr {args.min_lr} must be in [0, --lr={args.lr}]")
+    lr = args.lr if args.lr is not None else DEFAULTS.lr
+    if args.min_lr is not None and not 0 <= args.min_lr <= lr:
+        fail(parser, f"--min-lr {args.min_lr} must be in [0, --lr={lr}]")
+    if args.min_lr is None and not args.resume and lr < DEFAULTS.min_lr:
+        fail(parser, f"--lr {lr} is below the default --min-lr {DEFAULTS.min_lr}: give --min-lr too")
     for name in ("beta1", "beta2"):
-        if not 0 <= getattr(args, name) < 1:
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
             fail(parser, f"--{name} {getattr(args, name)} must be in [0, 1)")
-    if not args.weight_decay >= 0:
+    if args.weight_decay is not None and not args.weight_decay >= 0:
         fail(parser, f"--weight-decay {args.weight_decay} must be >= 0")
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-        if not math.isfinite(getattr(args, name)):
-            flag = "--" + name.replace("_", "-")
-            fail(parser, f"{flag} {getattr(args, name)} must be a finite number")
-    if not args.grad_clip >= 0:
+    if args.grad_clip is not None and not args.grad_clip >= 0:
         fail(parser, f"--grad-clip {args.grad_clip} must be >= 0 (0 turns clipping off)")
     if args.dropout is not None:
         if not 0 <= args.dropout < 1:
             fail(parser, f"--dropout {args.dropout} must be in [0, 1)")
-        if args.resume:
-            fail(parser, "--dropout cannot change on --resume: the run keeps its own (config.json)")
+
+
+def check_dataset_flags(parser: Parser, args) -> None:
+    """A new run on a dataset folder uses the folder's tokenizer: a --tokenizer or
+    --vocab-size that says otherwise is refused, not ignored."""
+    if args.resume or args.data is None or not Path(args.data).is_dir() or (
+            args.tokenizer is None and args.vocab_size is None):
+        return
+    ds = load_dataset(args.data)
+    kind, size = tokenizer_kind(ds.tokenizer), ds.tokenizer.vocab_size
+    flag = (f"--tokenizer {args.tokenizer}" if args.tokenizer not in (None, kind) else
+            f"--vocab-size {args.vocab_size}" if args.vocab_size is not None
+            and (kind != "bpe" or args.vocab_size != size) else None)
+    if flag is not None:
+        fail(parser, f"{flag} contradicts --data {args.data}, a dataset folder with its own "
+                     f"{kind} tokenizer of {size} tokens, which the run uses; leave the flag "
+                     f"out, or prepare the corpus with it (python -m minitf.prepare)")
 
 
 def model_config(args) -> GPTConfig:
@@ -148,13 +182,12 @@ def model_config(args) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-def settings(args) -> TrainSettings:
-    """The TrainSettings the flags give (their names are the settings' fields); a flag not
-    given takes its new-run default (on --resume, Trainer.resume then uses the checkpoint's)."""
+def settings(args) -> dict:
+    """The TrainSettings fields the flags give (their names are the fields'), {name: value}
+    for the flags given: a new run takes TrainSettings' defaults for the others, a resumed
+    one the run's own (Trainer.resume)."""
     names = [f.name for f in dataclasses.fields(TrainSettings)]
-    values = {name: getattr(args, name) for name in names}
-    return TrainSettings(**{k: NEW_RUN[k] if v is None and k in NEW_RUN else v
-                            for k, v in values.items()})
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def required(args) -> dict:
@@ -186,10 +219,15 @@ def run(args, log=print, world: World = World()) -> dict | None:
     if args.resume:
         meta = {"command": command, "record": vars(args), "world": world}
         trainer = Trainer.resume(args.out, args.data, settings(args), required(args), **meta)
+        if trainer.step >= trainer.settings.steps and world.rank == 0:
+            print(f"{PROG}: --steps {trainer.settings.steps}: the run in {args.out} is at step "
+                  f"{trainer.step} already; no step ran (nothing to do; give a larger --steps "
+                  f"to train on)", file=sys.stderr)
     else:
         record = {**vars(args), **{k: NEW_RUN[k] for k in NEW_RUN if getattr(args, k) is None}}
         meta = {"command": command, "record": record, "world": world}
-        trainer = Trainer.start(args.out, args.data, settings(args), model_config(args),
+        trainer = Trainer.start(args.out, args.data, TrainSettings(**settings(args)),
+                                model_config(args),
                                 record["tokenizer"], record["vocab_size"], **meta)
     return trainer.train(progress=not args.quiet, plot=not args.no_plot, log=log)
 
@@ -199,6 +237,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
+    check_dataset_flags(parser, args)
     try:
         ranks = world()
     except MPIUnavailable as e:

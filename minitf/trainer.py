@@ -63,7 +63,7 @@ BEST_DIR = "best"  # with keep_best: the checkpoint of the best validation, insi
 
 MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size")
 # what `resume(require=...)` can check against the checkpoint, besides the model's sizes
-REQUIRABLE = ("preset", *MODEL_FIELDS, "tokenizer", "vocab_size", "dtype", "seed")
+REQUIRABLE = ("preset", *MODEL_FIELDS, "dropout", "tokenizer", "vocab_size", "dtype", "seed")
 # bytes of meta.json per training step (its loss history), for the free-space check
 HISTORY_BYTES_PER_STEP = 64
 # JSON, tokenizer and loss curve beside the tensors
@@ -72,6 +72,10 @@ SIDE_FILES_BYTES = 4 << 20
 
 class Diverged(RuntimeError):
     """The loss, the gradient norm or the weights became NaN or inf."""
+
+
+class SettingChanged(UserWarning):
+    """A resumed run was given a setting that differs from the run's own (which it replaces)."""
 
 
 class Stopping(UserWarning):
@@ -112,6 +116,35 @@ class TrainSettings:
     backend: str | None = None  # kernel backend of the step; None: $MINITF_BACKEND, else auto
     threads: int | None = None  # threads of the step (see StepThreads); None: every core
     keep_best: bool = False  # also keep the checkpoint of the best validation in out/best
+
+    def __post_init__(self):
+        """ValueError naming the first field of a wrong type or out of its range."""
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v):
+            return (integer(v) or isinstance(v, float)) and math.isfinite(v)
+
+        low = {"steps": 0, "batch_size": 1, "warmup": 0, "decay_steps": 0, "eval_interval": 1,
+               "eval_windows": 1, "final_eval_windows": 1, "seed": 0, "threads": 1}
+        for name, least in low.items():
+            v = getattr(self, name)
+            if not (v is None and name in ("decay_steps", "final_eval_windows", "threads")
+                    or integer(v) and v >= least):
+                raise ValueError(f"{name}={v!r} must be an integer >= {least}")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            if not number(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"lr={self.lr} must be > 0 and min_lr={self.min_lr} in [0, lr]")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)")
+        if not (self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise ValueError(f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip} "
+                             f"must be >= 0")
+        if self.dtype not in ("float32", "float64") or not isinstance(self.keep_best, bool):
+            raise ValueError(f"dtype={self.dtype!r} must be float32 or float64, keep_best="
+                             f"{self.keep_best!r} true or false")
 
 
 class StepThreads:
@@ -271,7 +304,8 @@ class Trainer:
         self.history = history if history is not None else {"train": [], "val": []}
         self.command = command
         # meta.json "args": what made the run (the command's flags), with decay_steps resolved
-        self.record = {**(record if record is not None else dataclasses.asdict(s)),
+        # and the settings it ran with, which a resumed run takes for what it is not given
+        self.record = {**(record or {}), **dataclasses.asdict(s),
                        "decay_steps": self.schedule.decay_steps}
         self.saved_step: int | None = None  # the step of the checkpoint in `out`
         if state is not None:
@@ -316,14 +350,19 @@ class Trainer:
             return cls(out, config, splits.tokenizer, params, splits, settings, **kwargs)
 
     @classmethod
-    def resume(cls, out, data=None, settings: TrainSettings = TrainSettings(),
+    def resume(cls, out, data=None, settings: TrainSettings | dict | None = None,
                require: dict | None = None, **kwargs) -> "Trainer":
         """Continue the run in `out` from its checkpoint: model, tokenizer, optimizer state,
         data RNG, history, in the checkpoint's dtype; `data` as for `start`, encoded with the
-        checkpoint's tokenizer (a dataset folder must hold that tokenizer). With
-        settings.decay_steps None, the schedule is the first run's.
+        checkpoint's tokenizer (a dataset folder must hold that tokenizer).
 
         Args:
+            settings: a dict {TrainSettings field: value} of what changes (e.g. {"steps":
+                4000}): every field it does not name is the run's own (meta.json "args";
+                backend and threads: their defaults), and a named one that differs from the
+                run's is said in a SettingChanged warning ("--lr 0.005 replaces the run's
+                0.003"); or a whole TrainSettings, used as it is (with decay_steps None, the
+                schedule is the first run's); None: the run's settings unchanged.
             require: what the caller asked for that the checkpoint fixes, {name: value} with
                 names from REQUIRABLE (a "preset" name or model sizes, the "tokenizer" kind,
                 the "vocab_size" of a BPE tokenizer, "dtype", "seed"); a different value in
@@ -347,6 +386,8 @@ class Trainer:
             if kwargs.get("record") is not None:  # meta.json records what the run is, not None
                 kwargs["record"] = {**kwargs["record"], **{
                     k: v for k, v in stored.items() if kwargs["record"].get(k, 0) is None}}
+            if not isinstance(settings, TrainSettings):
+                settings = _resumed_settings(out, first, settings or {})
             settings = dataclasses.replace(settings, dtype=stored_dtype)
             if settings.decay_steps is None:
                 # continue the first run's schedule: its cosine ended where that run's steps did
@@ -671,6 +712,36 @@ def _resume_meta(ckpt) -> tuple[dict, dict]:
     return args, history
 
 
+# the settings that belong to the machine, not the run: on resume, given or their defaults
+MACHINE_SETTINGS = ("backend", "threads")
+# the settings a resumed run changes without remark (steps: to train on; decay_steps: None is
+# the first run's; seed and dtype: the checkpoint's, a conflict refused by `require`)
+UNREMARKED = ("steps", "decay_steps", "seed", "dtype")
+
+
+def _resumed_settings(out: Path, first: dict, changes: dict) -> TrainSettings:
+    """The settings of a resumed run: `changes` (field: value, None for not given) over
+    the run's own, `first` (meta.json "args"; a field it lacks ran at its default). A change
+    that differs from the run's value is said in one SettingChanged warning each."""
+    fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise ValueError(f"resume: no such settings {unknown}; allowed: {', '.join(fields)}")
+    values = {}
+    for name, default in fields.items():
+        own = default if name in MACHINE_SETTINGS else first.get(name, default)
+        given = changes.get(name)
+        if given is not None and own is not None and given != own and name not in UNREMARKED:
+            warnings.warn(f"--{name.replace('_', '-')} {given} replaces the run's {own}",
+                          SettingChanged, stacklevel=3)
+        values[name] = own if given is None else given
+    try:
+        return TrainSettings(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot resume {out} with these settings (the run's own are in "
+                              f'its meta.json "args"): {e}') from None
+
+
 def _check_required(out: Path, ckpt, first: dict, dtype: str, require: dict) -> dict:
     """What the checkpoint fixes, {name in REQUIRABLE: value or None if unknown}; raises
     CheckpointError naming both values for the first of `require` that it contradicts."""
@@ -678,8 +749,8 @@ def _check_required(out: Path, ckpt, first: dict, dtype: str, require: dict) -> 
     if unknown:
         raise ValueError(f"resume: cannot require {unknown}; allowed: {', '.join(REQUIRABLE)}")
     kind = {"CharTokenizer": "char", "BPETokenizer": "bpe"}.get(type(ckpt.tokenizer).__name__)
-    stored = {**{f: getattr(ckpt.config, f) for f in MODEL_FIELDS}, "tokenizer": kind,
-              "dtype": dtype, "seed": first.get("seed"),
+    stored = {**{f: getattr(ckpt.config, f) for f in (*MODEL_FIELDS, "dropout")},
+              "tokenizer": kind, "dtype": dtype, "seed": first.get("seed"),
               "vocab_size": first.get("vocab_size") if kind == "bpe" else None}
     for name, value in require.items():
         asked = {f: getattr(PRESETS[value], f) for f in MODEL_FIELDS} if name == "preset" \

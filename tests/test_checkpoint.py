@@ -19,7 +19,7 @@ from minitf.checkpoint import (
     save_safetensors_atomic,
 )
 from minitf.config import PRESETS, GPTConfig, param_shapes
-from minitf.tokenizer import BPETokenizer, CharTokenizer
+from minitf.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, load_tokenizer
 
 CONFIG = PRESETS["tiny"]  # vocab 65, d_model 16, 2 layers
 
@@ -260,7 +260,10 @@ def test_bad_config_and_tokenizer(saved):
 
     tok_path = ckpt / "tokenizer.json"
     tok_path.write_text('{"type": "char", "version": 1, "chars": ["a", "a"]}')
-    assert_error(ckpt, str(tok_path), "damaged char tokenizer")
+    # the seal refuses it before it is parsed; parsed, it is a damaged tokenizer
+    assert_error(ckpt, str(tok_path), "does not match the SHA-256")
+    with pytest.raises(TokenizerError, match=f"{tok_path}.*damaged char tokenizer"):
+        load_tokenizer(tok_path)
 
 
 def test_damaged_optimizer_state(tmp_path):

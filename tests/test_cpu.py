@@ -68,6 +68,33 @@ def test_an_unknown_minitf_isa_is_one_clear_line():
         "minitf.kernels.BackendError: kernel backend 'numba' cannot load: unknown MINITF_ISA='sse9'")
 
 
+def test_an_unknown_minitf_isa_is_an_error_for_auto_too():
+    """Not a warning and a quiet fall back to numpy: the default backend refuses it too."""
+    done = run(["-m", "minitf.generate", "--max-new-tokens", "2", "--seed", "1"], MINITF_ISA="bogus")
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("python -m minitf.generate: error: backend 'auto': unknown "
+                           "MINITF_ISA='bogus'; allowed: portable, avx2"), line
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_the_kernels_report_is_a_command_like_the_others():
+    """Unknown arguments are refused; a full or vanished standard output is one line (or
+    quiet for `| head`), never a traceback."""
+    done = run(["-m", "minitf.kernels", "--bogus"])
+    assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr
+    assert run(["-m", "minitf.kernels", "--help"]).returncode == 0
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "minitf.kernels"], stdout=full, cwd=OUTSIDE,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("python -m minitf.kernels: error: cannot write standard output"), line
+    head = subprocess.run(f"{sys.executable} -m minitf.kernels | head -c 10", shell=True,
+                          cwd=OUTSIDE, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in head.stderr and head.stderr == "", head.stderr
+
+
 def test_a_cython_backend_that_was_not_built_says_why(monkeypatch, tmp_path):
     """What setup.py records when no C compiler works is what get_backend reports."""
     record = tmp_path / "_build.json"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from minitf import convert, generate, prepare, quantize, train
+from minitf import convert, evaluate, generate, prepare, quantize, train
 from minitf.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, save_checkpoint
 from minitf.config import GPTConfig, SizeError
 from minitf.engine import Engine
@@ -798,7 +798,8 @@ def test_absurd_sizes_in_a_checkpoint_and_on_the_python_api(run_dir, tmp_path, m
     with pytest.raises(SizeError, match=r"an Engine for this model needs at least .* memory of 10.0 kB"):
         Engine(small, params, "numpy")
     text = tmp_path / "text.txt"
-    text.write_text("to be or not to be, that is the question\n" * 50)
+    # small enough for reading it (TEXT_MEMORY_PER_BYTE), not for training
+    text.write_text("to be or not to be, that is the question\n" * 8)
     with pytest.raises(SizeError, match=r"^training needs at least"):
         Trainer.start(tmp_path / "new", text, config=small)
     assert leftovers(tmp_path, "run", "text.txt") == []
@@ -823,6 +824,7 @@ def test_a_model_file_larger_than_memory_is_refused_before_it_is_read(run_dir, m
     (["--dtype", "float64"], "which has dtype=float32"),
     (["--preset", "default"], "--preset default (n_head=4) conflicts with the checkpoint in {out}, which has n_head=2"),
     (["--seed", "5"], "--seed 5 conflicts"),
+    (["--dropout", "0.1"], "--dropout 0.1 conflicts with the checkpoint in {out}, which has dropout=0.0"),
 ])
 def test_resume_flags_that_conflict_with_the_checkpoint_are_refused(flags, message, run_dir,
                                                                     corpus, capsys):
@@ -836,7 +838,7 @@ def test_resume_flags_that_conflict_with_the_checkpoint_are_refused(flags, messa
 def test_resume_flags_that_agree_with_the_checkpoint_are_fine(run_dir, corpus):
     assert call(train.main, *train_args(corpus, run_dir, "--steps", "6", "--resume", "--d-model",
                                         "16", "--tokenizer", "char", "--dtype", "float32",
-                                        "--seed", "1337")) == 0
+                                        "--seed", "1337", "--dropout", "0")) == 0
     assert step_of(run_dir) == 6
 
 
@@ -934,12 +936,32 @@ def test_every_file_of_a_checkpoint_is_covered_by_its_seal(name, edit, run_dir, 
     ({"type": "exe", "version": 1}, "unknown tokenizer type"),
     ([[[[[[]]]]]], "not a tokenizer"),
 ])
-def test_hostile_tokenizer_json_is_one_line(tokenizer_json, fragment, run_dir, capsys):
+def test_hostile_tokenizer_json_is_one_line(tokenizer_json, fragment, run_dir, tmp_path, capsys):
+    """The tokenizer's reader refuses each on one line; inside a sealed checkpoint, the seal
+    refuses it first, before the `tokenizers` library (Rust, which can panic) sees it."""
+    from minitf.tokenizer import TokenizerError, load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(TokenizerError, match=fragment) as e:
+        load_tokenizer(tmp_path / "tokenizer.json")
+    assert "\n" not in str(e.value)
     (run_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    with pytest.raises(CheckpointError, match=fragment):
+    with pytest.raises(CheckpointError, match="tokenizer.json: does not match the SHA-256"):
         load_checkpoint(run_dir)
     assert call(generate.main, "--model", run_dir, "--backend", "numpy") == 2
-    assert "tokenizer.json" in error_of(capsys, "generate")
+    assert "tokenizer.json: does not match the SHA-256" in error_of(capsys, "generate")
+
+
+def test_the_tokenizer_seal_is_checked_before_the_tokenizer_is_parsed(run_dir, monkeypatch):
+    from minitf import checkpoint as checkpoint_module
+
+    def parsed(path):
+        raise AssertionError(f"{path} was parsed before its seal was checked")
+
+    (run_dir / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {}}}')
+    monkeypatch.setattr(checkpoint_module, "load_tokenizer", parsed)
+    with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+        load_checkpoint(run_dir)
 
 
 def test_a_sealed_checkpoint_refuses_a_file_it_did_not_write(run_dir):
@@ -995,3 +1017,62 @@ def test_an_internal_error_is_one_line_with_a_hint(monkeypatch, capsys):
     assert call(generate.main) == 1
     line = error_of(capsys, "generate")
     assert "internal error: TypeError: something minitf did wrong" in line and "MINITF_DEBUG=1" in line
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs that never end, or that the machine cannot hold
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+@pytest.mark.parametrize("prog, flags, fragment", [
+    ("train", ["--data", "/dev/zero", "--out", "{tmp}/new"], "/dev/zero: not a regular file"),
+    ("evaluate", ["--data", "/dev/zero", "--model", "{run}"], "/dev/zero: not a regular file"),
+    ("generate", ["--prompt-file", "/dev/zero", "--model", "{run}"],
+     "--prompt-file /dev/zero: not a regular file"),
+])
+def test_an_endless_input_is_refused_before_it_is_read(prog, flags, fragment, run_dir, tmp_path,
+                                                       capsys):
+    main = {"train": train.main, "evaluate": evaluate.main, "generate": generate.main}[prog]
+    argv = [f.format(tmp=tmp_path, run=run_dir) for f in flags]
+    assert call(main, *argv, "--backend", "numpy") == 2
+    assert fragment in error_of(capsys, prog)
+
+
+def test_a_text_larger_than_memory_is_refused_before_it_is_read(corpus, tmp_path, monkeypatch,
+                                                                capsys):
+    from minitf import config as config_module
+
+    monkeypatch.setattr(config_module, "memory_limit", lambda: 10_000)
+    assert call(train.main, *train_args(corpus, tmp_path / "run", "--steps", "1")) == 2
+    line = error_of(capsys, "train")
+    assert f"corpus file {corpus}" in line and "memory of 10.0 kB" in line, line
+
+
+@pytest.mark.parametrize("text", ["1e400", "Infinity", "NaN", "1" + "0" * 400, "0.0", "1.0", "2",
+                                  "true", '"1e-5"'])
+def test_a_layer_norm_eps_that_is_not_a_small_positive_float(text, run_dir, capsys):
+    config = (run_dir / "config.json").read_text()
+    assert '"layer_norm_eps": 1e-05' in config
+    (run_dir / "config.json").write_text(config.replace('"layer_norm_eps": 1e-05',
+                                                        f'"layer_norm_eps": {text}'))
+    with pytest.raises(CheckpointError, match=r"layer_norm_eps=.* must be a finite float in \(0, 1\)"):
+        load_checkpoint(run_dir)
+    assert call(generate.main, "--model", run_dir, "--backend", "numpy") == 2
+    assert "layer_norm_eps" in error_of(capsys, "generate")
+
+
+def test_a_stop_string_that_is_not_utf8_is_refused_like_a_prompt():
+    r = _cli("minitf.generate", "--backend", "numpy", "--stop", os.fsencode("ab\udcff"))
+    assert r.returncode == 2
+    (line,) = lines_of(r.stderr.decode(errors="replace"), "generate")
+    assert "--stop: " in line and "the byte 0xFF, which is not UTF-8" in line, line
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_a_symlink_loop_as_a_path_is_one_line_exit_2(corpus, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    assert call(generate.main, "--model", loop, "--backend", "numpy") == 2
+    assert str(loop) in error_of(capsys, "generate")
+    assert call(train.main, *train_args(corpus, loop, "--steps", "1")) == 2
+    assert str(loop) in error_of(capsys, "train")

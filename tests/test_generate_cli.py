@@ -120,8 +120,35 @@ def test_stats_of_one_token_say_no_decode_ran(capsys):
     (["--stop", ""], "--stop '' is empty"),
     (["--prompt", "a", "--prompt-file", "b"], "not allowed with argument --prompt"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file /nonexistent/prompt.txt: cannot read it"),
+    (["--seed", "-5"], "argument --seed: -5 must be >= 0"),
 ])
 def test_bad_flags_one_line_exit_2(capsys, args, message):
     status, _, err = run(capsys, "--backend", "numpy", *args)
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_ctrl_c_ends_the_line_says_interrupted_and_exits_130(capsys, monkeypatch):
+    real, calls = StopText.push, {"n": 0}
+
+    def push(self, token):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, token)
+
+    monkeypatch.setattr(StopText, "push", push)
+    status, out, err = run(capsys, "--backend", "numpy", "--seed", "1", "--prompt", "JULIET",
+                           "--max-new-tokens", "50")
+    assert status == 130, err
+    assert out.startswith("JULIET") and out.endswith("\n"), out  # the text so far, its line ended
+    lines = err.strip().splitlines()
+    assert lines[-1] == "python -m minitf.generate: interrupted", err
+
+
+def test_a_prompt_file_with_a_byte_order_mark(capsys, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_bytes(b"\xef\xbb\xbfJULIET:\n")
+    status, out, err = run(capsys, "--prompt-file", str(path), "--backend", "numpy", "--seed", "5",
+                           "--max-new-tokens", "5")
+    assert status == 0 and out.startswith("JULIET:\n"), (out, err)

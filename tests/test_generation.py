@@ -279,3 +279,65 @@ def test_bad_arguments(params):
         engine.generate_batch([[1], [37]], 3, [greedy, greedy])
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 37\), got 99"):
         list(engine.generate([1], 3, lambda logits: 99))
+
+
+@pytest.mark.parametrize("prompt, fragment", [
+    ([1.7, 2.2], "prompt_ids: token ids must be integers in [0, 37), in a flat list, got [1.7, 2.2]"),
+    ([[1, 2]], "prompt_ids: token ids must be integers"),
+    ([[1], [2, 3]], "prompt_ids: token ids must be integers"),
+    ([True, False], "prompt_ids: token ids must be integers"),
+    (["a"], "prompt_ids: token ids must be integers"),
+    ([10**30], "prompt_ids: token ids must be integers"),
+    ([-1], "prompt_ids: token ids must be in [0, 37), got [-1, -1]"),
+])
+def test_prompt_ids_that_are_not_token_ids_are_refused(params, prompt, fragment):
+    engine = Engine(CONFIG, params, "numpy")
+    with pytest.raises(ValueError) as e:
+        engine.generate(prompt, 3, greedy)
+    assert fragment in str(e.value), e.value
+    with pytest.raises(ValueError, match=r"prompts\[1\]: token ids must be"):
+        engine.generate_batch([[1], prompt], 3, [greedy, greedy])
+
+
+@pytest.mark.parametrize("name, value", [
+    ("max_new_tokens", float("nan")), ("max_new_tokens", 2.5), ("max_new_tokens", 3.0),
+    ("max_new_tokens", True), ("max_new_tokens", float("inf")),
+    ("keep", float("nan")), ("keep", float("inf")), ("keep", 2.0), ("keep", True),
+])
+def test_counts_that_are_not_integers_are_refused_naming_them(params, name, value):
+    engine = Engine(CONFIG, params, "numpy")
+    kwargs = {"max_new_tokens": 3, name: value}
+    with pytest.raises(ValueError, match=rf"^{name}={value!r} must be an integer"):
+        engine.generate([1], sample=greedy, **kwargs)
+
+
+def test_a_sampler_that_returns_nan_is_one_clear_error(params):
+    engine = Engine(CONFIG, params, "numpy")
+    with pytest.raises(ValueError, match="got nan, which is not an integer"):
+        list(engine.generate([1], 3, lambda logits: float("nan")))
+
+
+def test_a_later_generation_supersedes_an_unfinished_one(params):
+    """Both would use the same caches: the older one raises at its next step instead of
+    giving tokens computed from the newer one's cache."""
+    engine = Engine(CONFIG, params, "numpy")
+    alone = list(Engine(CONFIG, params, "numpy").generate([1, 2, 3], 6, greedy))
+    first = engine.generate([1, 2, 3], 6, greedy)
+    assert next(first) == alone[0]
+    second = engine.generate([4, 5], 6, greedy)
+    with pytest.raises(RuntimeError, match="superseded by a later generate\\(\\) on the same "
+                                           "Engine.*use one Engine per concurrent generation"):
+        next(first)
+    assert len(list(second)) == 6
+    assert list(engine.generate([1, 2, 3], 6, greedy)) == alone  # a new one runs as alone
+
+
+def test_rows_beyond_memory_are_refused_before_allocation(params, monkeypatch):
+    from minitf import config as config_module
+
+    engine = Engine(CONFIG, params, "numpy")
+    monkeypatch.setattr(config_module, "memory_limit", lambda: 10**8)
+    with pytest.raises(ValueError, match=r"generating 100,000 sequences together needs at least "
+                                         r".*lower the number of prompts"):
+        engine.generate_batch([[1]] * 100_000, 3, [greedy] * 100_000)
+    assert engine.rows == 1  # nothing was reserved

@@ -360,6 +360,18 @@ def test_tied_head_stored_untied_in_config_loads(tiny, tmp_path):
     assert load_checkpoint(directory).config.vocab_size == 401
 
 
+def test_a_deeply_nested_config_json_is_one_line(tmp_path):
+    """Not a transformers directory (the JSON cannot be read), and not a checkpoint: one
+    line, not a RecursionError."""
+    from minitf import hf
+
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert hf.is_hf_directory(tmp_path) is False
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_damaged_or_unsafe_files_are_refused(tiny, tmp_path):
     directory = edited_copy(tiny[0], tmp_path)
     weights = directory / "model.safetensors"

@@ -383,6 +383,31 @@ def test_damaged_datasets_are_one_line_errors(tmp_path):
         load_dataset(tmp_path)
 
 
+@pytest.mark.parametrize("split", ["train", "val", "tokenizer"])
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "sub/train.bin", "..", "", 5])
+def test_a_record_naming_a_file_outside_the_folder_is_refused(tmp_path, split, name):
+    (tmp_path / "in.txt").write_text("abc def\n" * 30)
+    prepare(tmp_path / "in.txt", tmp_path / "ds")
+    record = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    record[split]["file"] = name
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps(record))
+    with pytest.raises(DatasetError, match=f"file {name!r} must be a plain file name inside"):
+        load_dataset(tmp_path / "ds")
+
+
+def test_a_tokenizer_flag_that_contradicts_the_dataset_is_refused(corpus_path, tmp_path, capsys):
+    prepare(corpus_path, tmp_path / "bpe", "bpe", vocab_size=300)
+    base = ["--data", str(tmp_path / "bpe"), "--out", str(tmp_path / "run"), *TINY, "--steps", "1"]
+    for flags, said in ((["--tokenizer", "char"], "--tokenizer char contradicts"),
+                        (["--vocab-size", "512"], "--vocab-size 512 contradicts")):
+        with pytest.raises(SystemExit) as e:
+            train.main([*base, *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert said in err[0] and "its own bpe tokenizer of" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------- bad input: one line, exit 2
 
 
@@ -481,8 +506,14 @@ def test_bad_paths_and_options(tmp_path, capsys):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     assert "tokenizer file not found" in cli_error(
         capsys, str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "no-tok"))
-    assert "must be an integer >= 256" in cli_error(
+    assert "--vocab-size: 100 must be >= 256" in cli_error(
         capsys, str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", "bpe", "--vocab-size", "100")
+    # beyond what the BPE trainer can allocate (it would abort the process): refused by name
+    assert "--vocab-size: 99999999999 must be in [256, 16777216]" in cli_error(
+        capsys, str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", "bpe",
+        "--vocab-size", "99999999999")
+    assert "--glob '/etc/*': patterns are relative to the folder" in cli_error(
+        capsys, str(tmp_path / "mine"), "--out", str(tmp_path / "ds"), "--glob", "/etc/*")
     assert "--val-fraction 1.5 must be in (0, 1)" in cli_error(
         capsys, str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--val-fraction", "1.5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.txt", "mine"]
@@ -493,3 +524,9 @@ def test_an_empty_output_folder_is_used(tmp_path, capsys):
     (tmp_path / "ds").mkdir()
     assert prepare_cli.main([str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
     assert "train 108 tokens, val 12 tokens (uint16; char tokenizer, 9 tokens" in capsys.readouterr().out
+
+
+def test_the_summary_says_1_source_file(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("abc def\n" * 30)
+    assert prepare_cli.main([str(tmp_path / "in.txt"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().endswith("tokens; 1 source file)")

@@ -39,6 +39,30 @@ def test_resume_continues_exactly(corpus_path, tmp_path, dropout):
     assert once.meta["history"]["train"] == twice.meta["history"]["train"]
 
 
+def test_resume_keeps_the_runs_own_settings(corpus_path, tmp_path, capsys):
+    """--resume with only --steps: every optimization and evaluation setting is the run's own
+    (non-default --warmup, --lr, --batch-size, ...), so the losses equal one uninterrupted run
+    bit for bit; a flag given that differs is said in one line; --steps at or below the
+    checkpoint's step says that no step ran."""
+    run_train(corpus_path, tmp_path / "once", "--steps", "8", "--eval-interval", "4")
+    run_train(corpus_path, tmp_path / "twice", "--steps", "4", "--eval-interval", "4")
+    bare = ["--data", str(corpus_path), "--out", str(tmp_path / "twice"), "--resume", "--quiet",
+            "--no-plot"]
+    assert train.main([*bare, "--steps", "8"]) == 0
+    once, twice = load_checkpoint(tmp_path / "once"), load_checkpoint(tmp_path / "twice")
+    assert once.meta["history"]["train"] == twice.meta["history"]["train"]
+    for name in ("warmup", "lr", "batch_size", "eval_windows", "decay_steps"):
+        assert twice.meta["args"][name] == once.meta["args"][name], name
+    capsys.readouterr()
+    assert train.main([*bare, "--steps", "8"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at step 8 already; no step ran" in err[0], err
+    assert train.main([*bare, "--steps", "10", "--lr", "0.005"]) == 0
+    err = capsys.readouterr().err
+    assert "--lr 0.005 replaces the run's 0.003" in err and err.count("\n") == 1, err
+    assert load_checkpoint(tmp_path / "twice").meta["args"]["lr"] == 0.005
+
+
 def test_the_python_api_trains_as_the_command_does(corpus_path, tmp_path):
     """Trainer/TrainSettings without argparse: the same run as the command, then a resume."""
     from minitf.config import PRESETS
@@ -87,6 +111,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
     (["--tokenizer", "word"], "invalid choice: 'word'"),
     (["--dropout", "1.5"], "--dropout 1.5 must be in [0, 1)"),
     (["--backend", "fortran"], "unknown kernel backend 'fortran'"),
+    (["--tokenizer", "bpe", "--vocab-size", "99999999999"],
+     "argument --vocab-size: 99999999999 must be in [256, 16777216]"),
+    (["--seed", "-5"], "argument --seed: -5 must be >= 0"),
+    (["--tokenizer", "char", "--vocab-size", "500"], "--vocab-size 500 applies to --tokenizer bpe only"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(corpus_path, tmp_path, flags, message):
     proc = subprocess.run(
