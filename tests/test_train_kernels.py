@@ -380,7 +380,8 @@ for n, g in out["numpy"][1].items():
     assert np.abs(out["numba"][1][n] - g).max() <= 1e-10 * np.abs(g).max(), n
 print("ok")
 """
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    # plain Python runs the portable int8 tile only (a forced MINITF_ISA does not apply)
+    env = {k: v for k, v in os.environ.items() if k != "MINITF_ISA"} | {"NUMBA_DISABLE_JIT": "1"}
     # from a folder of its own: `python -c` puts the current folder first on sys.path
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
