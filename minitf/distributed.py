@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -123,6 +124,9 @@ class MPIWorld(World):
     def abort(self, status: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # the launcher forwards a rank's output through a pipe; an abort right after the
+        # last line could end the job before that line was forwarded (seen once in CI)
+        time.sleep(0.5)
         self.comm.Abort(status)
         # MPICH's MPI_Abort tells the launcher to end the job but may return before this
         # process is ended (measured with MPICH 5.0): nothing else of this rank may run
