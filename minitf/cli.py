@@ -30,7 +30,7 @@ import sys
 import warnings
 from typing import Callable, NoReturn
 
-from .tokenizer import MAX_BPE_VOCAB_SIZE
+from .config import MAX_BPE_VOCAB_SIZE
 
 BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
 

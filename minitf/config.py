@@ -25,6 +25,11 @@ from pathlib import Path
 MAX_PARAMS = 2**33
 # Token ids are int32 (tokenizers, datasets, kernels).
 MAX_VOCAB_SIZE = 2**31 - 1
+# The largest BPE vocabulary asked of the tokenizer trainer: 2**24 ids fit a dataset's uint32
+# and MAX_VOCAB_SIZE, are 300x GPT-2's 50257, and the `tokenizers` trainer handles them; it
+# aborts the process (a failed allocation in Rust, no exception) near 2**31. With the other
+# size limits, so that the flag check in cli.py does not depend on the tokenizer module.
+MAX_BPE_VOCAB_SIZE = 2**24
 SIZE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model")
 
 

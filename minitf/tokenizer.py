@@ -51,12 +51,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minitf.config import MAX_BPE_VOCAB_SIZE
 from minitf.fileio import read_json, save_json_atomic
 
-# The largest BPE vocabulary asked of the trainer: 2**24 ids fit a dataset's uint32 and
-# GPTConfig's MAX_VOCAB_SIZE, are 300x GPT-2's 50257, and the `tokenizers` trainer handles
-# them; it aborts the process (a failed allocation in Rust, no exception) near 2**31.
-MAX_BPE_VOCAB_SIZE = 2**24
 
 TOKENIZER_FILE = "tokenizer.json"
 LEGACY_FORMAT_VERSION = 1  # the {"type": ..., "version": 1} files of earlier minitf

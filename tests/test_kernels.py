@@ -771,17 +771,23 @@ print("ok")
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
-def test_jit_options_come_from_one_place():
-    from minitf.kernels import _jit, numba_kernels
+@pytest.mark.parametrize("module, expected", [("numba_kernels", ("_matmul", "_attention")),
+                                              ("numba_train", ("_layernorm_backward", "_adamw"))])
+def test_jit_options_come_from_one_place(module, expected):
+    """The inference and the training loops take kernels/_jit.py's options."""
+    import importlib
 
-    jitted = [n for n in dir(numba_kernels) if hasattr(getattr(numba_kernels, n), "targetoptions")]
+    from minitf.kernels import _jit
+
+    loops = importlib.import_module(f"minitf.kernels.{module}")
+    jitted = [n for n in dir(loops) if hasattr(getattr(loops, n), "targetoptions")]
     if os.environ.get("NUMBA_DISABLE_JIT") != "1":
-        assert "_matmul" in jitted and "_attention" in jitted
+        assert set(expected) <= set(jitted)
     for name in jitted:
-        options = getattr(numba_kernels, name).targetoptions
+        options = getattr(loops, name).targetoptions
         for key in ("fastmath", "parallel", "nogil", "error_model"):
             assert options[key] == _jit.JIT_OPTIONS[key], f"{name}: {key}={options[key]!r}"
         # cache=True installs an on-disk FunctionCache instead of the in-memory NullCache
-        assert type(getattr(numba_kernels, name)._cache).__name__ == "FunctionCache", name
+        assert type(getattr(loops, name)._cache).__name__ == "FunctionCache", name
     # nnan / ninf would let LLVM drop the -inf checks; arcp would turn x / s into x * (1 / s)
     assert not {"nnan", "ninf", "arcp", "fast"} & set(_jit.JIT_OPTIONS["fastmath"])

@@ -10,7 +10,7 @@
    float64; with dropout; a step reuses its buffers (no parameter-sized allocation); the
    optimizer's flat buffers.
 3. The checked API: the same bad call refused with the same error on every backend; numba's
-   training loops with NUMBA_DISABLE_JIT=1 and their options from kernels/_jit.py.
+   training loops with NUMBA_DISABLE_JIT=1 (their options: test_kernels.py).
 
 Tolerances: tests/tolerances.py, ("train_grad", dtype): max |diff| / max |reference| per
 tensor. A backend that cannot load fails its tests (get_backend raises), never skips.
@@ -345,20 +345,6 @@ def test_the_optimizer_keeps_flat_buffers():
 ])
 def test_every_backend_refuses_the_same_bad_training_call(what, call, exception, pattern):
     refused_alike(what, exception, pattern, call)
-
-
-def test_training_loops_options_come_from_one_place():
-    """numba_train's loops take kernels/_jit.py's options, as numba_kernels' do."""
-    from minitf.kernels import _jit, numba_train
-
-    jitted = [n for n in dir(numba_train) if hasattr(getattr(numba_train, n), "targetoptions")]
-    if os.environ.get("NUMBA_DISABLE_JIT") != "1":
-        assert "_layernorm_backward" in jitted and "_adamw" in jitted
-    for name in jitted:
-        options = getattr(numba_train, name).targetoptions
-        for key in ("fastmath", "parallel", "nogil", "error_model"):
-            assert options[key] == _jit.JIT_OPTIONS[key], f"{name}: {key}={options[key]!r}"
-        assert type(getattr(numba_train, name)._cache).__name__ == "FunctionCache", name
 
 
 def test_numba_training_step_runs_with_the_jit_disabled(tmp_path):
