@@ -206,7 +206,7 @@ class Engine:
         self.fused: FusedPath | None = FusedPath(self, fk, packed) if fused else None
         self.path: UnfusedPath | FusedPath = self.fused or UnfusedPath(self)
         self.rows = 0  # sequences the caches hold
-        self.generations = 0  # generate() calls so far: the last one owns the caches
+        self.generations = 0  # generate(), prefill() and decode() calls: the last owns the caches
         self.positions: list[int] = []  # positions[r]: how many positions of row r's cache are filled
         self.reserve(1)
 
@@ -327,7 +327,10 @@ class Engine:
             logits (T, V) float32, row t predicting token t + 1; with last_only, (V,).
         Raises:
             ValueError: T is 0 or exceeds block_size, or an id is out of range.
+
+        Row 0's cache is this call's now: an unfinished generate() raises at its next step.
         """
+        self.generations += 1
         logits = self._prefill(ids, 0, attention_out, last_only)
         return logits.copy() if self.fused is not None and last_only else logits
 
@@ -351,10 +354,13 @@ class Engine:
 
         Raises:
             ValueError: the cache is full (pos == block_size) or the id is out of range.
+
+        As prefill(), it takes over row 0's cache from an unfinished generate().
         """
         if self.pos >= self.config.block_size:
             raise ValueError(f"the KV cache is full ({self.config.block_size} positions); "
                              "use generate(), which goes on past the context")
+        self.generations += 1
         return self._decode(token).copy()
 
     def _decode(self, token: int) -> np.ndarray:
@@ -486,9 +492,9 @@ class Engine:
 
     def _current(self, generation: int) -> None:
         if generation != self.generations:
-            raise RuntimeError("this generator was superseded by a later generate() on the same "
-                               "Engine, which took over its KV caches; use one Engine per "
-                               "concurrent generation")
+            raise RuntimeError("this generator was superseded by a later generate(), prefill() "
+                               "or decode() on the same Engine, which took over its KV caches; "
+                               "use one Engine per concurrent generation")
 
     def _steps(self, windows, budgets, samplers, keep, stop, stats, generation):
         """The generation loop: prefill every row's window, then per step sample every

@@ -176,19 +176,9 @@ def main(argv=None) -> int:
         samplers = [Sampler(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                             seed=seed + i) for i in range(args.num_samples)]
         rows = [StopText(tokenizer.decode_stream(), stops) for _ in samplers]
-        stats = GenerationStats()
-        steps = engine.generate_batch([prompt_ids] * args.num_samples, args.max_new_tokens, samplers,
-                                      context_mode=args.context_mode, keep=args.keep,
-                                      stop=lambda r, token: rows[r].stopped, stats=stats)
     except (ValueError, OSError) as e:
         fail(parser, str(e))
-    if args.seed is None and args.temperature > 0:
-        print(f"seed {seed} (none given; --seed {seed} repeats this run)", file=sys.stderr)
     B = engine.config.block_size
-    if len(prompt_ids) > B:
-        print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees its last {B} (the context)",
-              file=sys.stderr)
-
     if args.stats:  # load the compiled kernels first, so that the figures are the steps'
         engine.prefill(prompt_ids[:1], last_only=True)
         engine.decode(prompt_ids[0])
@@ -207,6 +197,18 @@ def main(argv=None) -> int:
         engine.prefill(prompt_ids[-B:])
         engine.decode(prompt_ids[-1])
         recorder = Recorder(engine, tokenizer, prompt_ids[-B:], args.viz, model_name=str(ckpt.path.name))
+    try:  # the generation takes over the caches the warm-up used
+        stats = GenerationStats()
+        steps = engine.generate_batch([prompt_ids] * args.num_samples, args.max_new_tokens, samplers,
+                                      context_mode=args.context_mode, keep=args.keep,
+                                      stop=lambda r, token: rows[r].stopped, stats=stats)
+    except (ValueError, OSError) as e:
+        fail(parser, str(e))
+    if args.seed is None and args.temperature > 0:
+        print(f"seed {seed} (none given; --seed {seed} repeats this run)", file=sys.stderr)
+    if len(prompt_ids) > B:
+        print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees its last {B} (the context)",
+              file=sys.stderr)
 
     out = sys.stdout
     n = args.num_samples

@@ -325,11 +325,27 @@ def test_a_later_generation_supersedes_an_unfinished_one(params):
     first = engine.generate([1, 2, 3], 6, greedy)
     assert next(first) == alone[0]
     second = engine.generate([4, 5], 6, greedy)
-    with pytest.raises(RuntimeError, match="superseded by a later generate\\(\\) on the same "
-                                           "Engine.*use one Engine per concurrent generation"):
+    with pytest.raises(RuntimeError, match="superseded by a later generate\\(\\), prefill\\(\\) "
+                                           "or decode\\(\\) on the same Engine.*use one Engine "
+                                           "per concurrent generation"):
         next(first)
     assert len(list(second)) == 6
     assert list(engine.generate([1, 2, 3], 6, greedy)) == alone  # a new one runs as alone
+
+
+@pytest.mark.parametrize("call", ["prefill", "decode"])
+def test_prefill_or_decode_supersedes_an_unfinished_generation(params, call):
+    """prefill() and decode() write row 0's cache too: the generator raises rather than
+    going on from a cache they changed."""
+    engine = Engine(CONFIG, params, "numpy")
+    gen = engine.generate([1, 2, 3], 6, greedy)
+    next(gen)
+    if call == "prefill":
+        engine.prefill([4, 5])
+    else:
+        engine.decode(4)
+    with pytest.raises(RuntimeError, match=f"superseded by a later .*{call}"):
+        next(gen)
 
 
 def test_rows_beyond_memory_are_refused_before_allocation(params, monkeypatch):
