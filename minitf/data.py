@@ -131,6 +131,24 @@ def read_text_bytes(path: str | os.PathLike, what: str) -> bytes:
     return path.read_bytes()
 
 
+def read_stream_bytes(stream, what: str, chunk: int = 1 << 20) -> bytes:
+    """The bytes of a binary stream (standard input: `what` names it), read `chunk` bytes
+    at a time and refused, as `read_text_bytes` refuses a file, once what has arrived no
+    longer fits in memory: a stream has no size to check first, and an endless one
+    (`yes | ...`) would otherwise fill the machine.
+
+    Raises:
+        minitf.config.SizeError: the stream exceeds this machine's memory.
+    """
+    parts, size = [], 0
+    while data := stream.read(chunk):
+        parts.append(data)
+        size += len(data)
+        check_memory({"the text and its tokens": size * TEXT_MEMORY_PER_BYTE},
+                     f"{what} (at least {size:,} bytes so far)", "give a shorter text")
+    return b"".join(parts)
+
+
 def _read_text(path: Path, missing_message: str) -> str:
     try:
         data = read_text_bytes(path, "corpus file")

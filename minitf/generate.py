@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .cli import Parser, add_backend_argument, fail, guarded, nonneg_int, positive_int
-from .data import read_text_bytes
+from .data import read_stream_bytes, read_text_bytes
 from .engine import CONTEXT_MODES, GenerationStats, load_engine
 from .kernels import describe
 from .sampling import Sampler, validate_sampling
@@ -70,8 +70,8 @@ def read_prompt(args) -> str:
         return args.prompt or ""
     name = "standard input" if args.prompt_file == "-" else args.prompt_file
     try:  # a file is refused by name if it is not a regular one, or too large to read
-        data = (sys.stdin.buffer.read() if args.prompt_file == "-"
-                else read_text_bytes(args.prompt_file, "--prompt-file"))
+        data = (read_stream_bytes(sys.stdin.buffer, "--prompt-file - (standard input)")
+                if args.prompt_file == "-" else read_text_bytes(args.prompt_file, "--prompt-file"))
     except FileNotFoundError:
         raise OSError(f"--prompt-file {name}: cannot read it (no such file)") from None
     try:

@@ -74,6 +74,30 @@ def test_prompt_from_a_file_and_from_stdin(capsys, tmp_path, monkeypatch):
     assert status == 2 and "not UTF-8 text" in err and len(err.strip().splitlines()) == 1
 
 
+def test_standard_input_larger_than_memory_is_refused_while_it_streams(capsys, monkeypatch):
+    """An endless stdin (`yes | python -m minitf.generate --prompt-file -`) stops with one
+    line once what has arrived exceeds the memory, not when the machine is full."""
+    import minitf.config as config_module
+
+    class Endless(io.RawIOBase):
+        chunks = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            Endless.chunks += 1
+            b[:] = b"y\n" * (len(b) // 2) + b"y" * (len(b) % 2)
+            return len(b)
+
+    monkeypatch.setattr(config_module, "memory_limit", lambda: 50 * 2**20)  # 50 MiB
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(Endless())))
+    status, out, err = run(capsys, "--prompt-file", "-", "--backend", "numpy")
+    assert status == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "--prompt-file - (standard input) (at least" in err and "memory" in err, err
+    assert Endless.chunks < 1000  # it stopped reading
+
+
 def test_the_seed_is_printed_when_none_was_given(capsys):
     status, out, err = run(capsys, "--backend", "numpy", "--max-new-tokens", "30", "--prompt", "A")
     assert status == 0, err
