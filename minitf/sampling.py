@@ -161,10 +161,15 @@ def _top_k(x: np.ndarray, k) -> np.ndarray:
 
 
 def _top_p(x: np.ndarray, top_p) -> np.ndarray:
-    V = x.size
     if top_p is None or top_p >= 1:  # as HF generate(): no TopPLogitsWarper for p = 1
         return x
-    probs = _softmax(x)  # (V,)
+    return np.where(_nucleus(x, _softmax(x), top_p), x, -np.inf)  # (V,)
+
+
+def _nucleus(x: np.ndarray, probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The tokens top-p keeps, as a (V,) bool mask: x the checked float64 logits (V,),
+    probs their softmax, top_p in (0, 1)."""
+    V = x.size
     # Most probable first; among equal logits the lower index first (a stable sort). HF
     # sorts with torch.sort, which is not stable for V > 16, so which members of a tie group
     # straddling the boundary HF keeps is arbitrary; how many it keeps is the same as here.
@@ -172,9 +177,10 @@ def _top_p(x: np.ndarray, top_p) -> np.ndarray:
     # token tied with the n-th included, so they are a prefix of the whole sorted order),
     # n growing until the set closes inside them; the result is the whole sort's. Tokens at
     # -inf (filtered or masked) have probability 0 and come after all the others, where
-    # the mass of those already reaches p: they are never kept, and never sorted.
+    # the mass of those already reaches p: they are never kept, and never sorted. A small
+    # vocabulary is sorted whole at once.
     finite = np.flatnonzero(x > -np.inf)  # (F,) vocabulary order
-    n = min(finite.size, _TOP_P_CANDIDATES)
+    n = finite.size if finite.size <= 2 * _TOP_P_CANDIDATES else _TOP_P_CANDIDATES
     while True:
         if n < finite.size:
             cand = np.flatnonzero(x >= np.partition(x, V - n)[V - n])  # (>= n,) vocabulary order
@@ -193,7 +199,7 @@ def _top_p(x: np.ndarray, top_p) -> np.ndarray:
         n = min(finite.size, 8 * n)
     keep = np.zeros(V, dtype=bool)
     keep[order[keep_sorted]] = True  # back to vocabulary order
-    return np.where(keep, x, -np.inf)  # (V,)
+    return keep
 
 
 def apply_temperature(logits, temperature) -> np.ndarray:
@@ -400,8 +406,18 @@ class Sampler:
         x = _check_logits(logits)  # (V,) float64
         if self.temperature == 0:
             return int(np.argmax(x))
-        x = _top_p(_top_k(_temperature(x, float(self.temperature)), self.top_k), self.top_p)
-        return _draw(_softmax(x), self.rng.random())
+        if self.temperature != 1:  # x / 1 is x
+            x = _temperature(x, float(self.temperature))
+        x = _top_k(x, self.top_k)
+        # the softmax of the filtered logits, computed once: the nucleus always holds the
+        # largest logit, so softmax(where(keep, x, -inf)) = where(keep, e, 0) / its sum,
+        # e = exp(x - max x) the terms of softmax(x), bit for bit the same operations
+        # (numpy_ref.softmax) on the same numbers
+        with np.errstate(over="ignore"):  # as _softmax: x - max may overflow to -inf
+            e = np.exp(x - x.max())  # (V,); -inf -> 0
+        if self.top_p is not None and self.top_p < 1:
+            e = np.where(_nucleus(x, e / e.sum(), self.top_p), e, 0.0)
+        return _draw(e / e.sum(), self.rng.random())
 
     def __repr__(self) -> str:
         return (
