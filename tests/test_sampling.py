@@ -341,6 +341,29 @@ def test_same_seed_same_tokens():
     assert ta != tc  # a different seed gives a different sequence (fixed seeds: no flake)
 
 
+@pytest.mark.parametrize("V", [3, 65, 128, 129, 1000])
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, None, 0.9), (0.7, None, 0.5), (1.0, None, None), (1.3, 20, 0.95), (0.8, 5, None),
+    (1.0, None, 1.0)])
+def test_sampler_draws_sample_token_of_probabilities_with_its_coins(V, temperature, top_k, top_p):
+    """Sampler's one-pass pipeline gives, token for token, sample_token(probabilities(x),
+    coin) with the coins of the same seeded generator (HF-checked warpers, then the
+    grid-checked inverse CDF): exactly, ties and masked tokens included."""
+    rng = np.random.default_rng(V)
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=7)
+    coins = np.random.default_rng(7)
+    for i in range(40):
+        x = rng.standard_normal(V) * (3 if i % 2 else 0.3)
+        if i % 3 == 0:
+            x = np.round(x)  # ties
+        if i % 5 == 0:
+            x[rng.random(V) < 0.3] = -np.inf
+            x[0] = 2.0  # at least one token
+        x = x.astype(np.float32 if i % 4 else np.float64)
+        want = sample_token(probabilities(x, temperature, top_k, top_p), coins.random())
+        assert sampler(x) == want, i
+
+
 def test_sampler_frequencies_match_probabilities():
     rng = np.random.default_rng(5)
     x = rng.standard_normal(65) * 1.5
