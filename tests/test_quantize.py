@@ -455,7 +455,7 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     for f in ("config.json", "tokenizer.json"):
         assert (out / f).read_bytes() == (tiny_model_dir / f).read_bytes(), f
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["quantization"] == {"scope": "ffn", "mode": "weight-only",
+    assert meta["quantization"] == {"scope": "ffn", "mode": "weight-only", "head": False,
                                     "method": "symmetric per-output-channel int8, round-half-to-even"}
     assert (out / "quant_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "quant_report.json").read_text())
