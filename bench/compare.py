@@ -694,7 +694,10 @@ def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16) -> d
             save_file(params, path)
             done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, path,
                                    json.dumps(dataclasses.asdict(config)), mode, str(new)],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True)
+            if done.returncode != 0:  # say why, not only that it failed
+                sys.exit(f"compare.py: the peak-memory process of {label} failed "
+                         f"({done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}")
             out[label] = int(done.stdout.split()[-1])
     return out
 
@@ -769,6 +772,7 @@ def main_gpt2(args) -> int:
     print(f"(x read: decode time / the time of reading the engine's weights once at the measured "
           f"bandwidth; x HF: time / HF's at the same threads; decode = (time of {GPT2_NEW} tokens "
           f"- time of 1) / {GPT2_NEW - 1}; prefill: one pass over {PREFILL} tokens)")
+    del engines, res, e  # their memory, before the children that measure their own peak start
     peak = peak_memory(config, {"float32": (params, "weight-only"),
                                 **{f"int8 {label}": q for label, q in quantized.items()}})
     print()

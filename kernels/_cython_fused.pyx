@@ -24,7 +24,10 @@ Numerics, stage by stage:
   CPU runs, unless $MINITF_ISA forces one; kernels/_isa.py), exact in any order, then the
   unfused epilogue;
 - float32 and weight-only models run attention on a transposed copy of the KV cache
-  (`_attention_t`) and GELU with a vectorized exp, within 1e-5 of the unfused path.
+  (`_attention_t`) and GELU with a vectorized exp, within 1e-5 of the unfused path;
+- an int8 tied head (`quantize --int8-head`) runs weight-only as the unfused kernel's int8
+  row dots (`_matmul_nt_int8`), W8A8 on the int8 tiles of wte.T (`_head_w8a8`), exact sums
+  then the unfused epilogue; the embedding dequantizes the token's int8 row.
 """
 
 from libc.stdint cimport int64_t

@@ -31,6 +31,13 @@ int8 x int8 sums: `numba_int8_tile.int8_tile` on the tiles of `layout.pack_vnni`
 variant `INT8_ISA` (AVX-512 VNNI, AVX2 or portable: the fastest the CPU runs, unless
 $MINITF_ISA forces one), exact, called in one place (`_w8a8_sums`), then the unfused
 kernels' epilogue.
+
+The tied head (`_head_rows`) is float32, or an int8 wte with a scale per row (`quantize
+--int8-head`): weight-only, a contiguous float dot of h with each int8 row
+(`numba_kernels._matmul_nt_int8_row`, as the unfused kernel); W8A8, h quantized once per
+row and the int8 tile on wte.T packed as a (C, V) weight, TILE_M vocabulary entries at a
+time through the rows' sums (`head_w8a8_rows` for the prefill). The embedding then reads
+one int8 row per token and dequantizes it.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ and the tied head, over a *path* that supplies the operations:
   allocates nothing and reads each weight once for all of them. The weights are packed
   once for it (kernels/layout.py) and the engine's arrays are views into them.
 
+An int8 tied head (`quantize --int8-head`: wte int8 with a scale per row, `wte_scale`) is
+read as it is stored on both paths: the embedding dequantizes the rows of the tokens, the
+head runs `matmul_nt_int8` in the model's int8 mode (the fused path's W8A8 head on the int8
+tiles of wte.T).
+
 A prefill that only needs the last position's logits (generation) computes the last layer
 for the last position only: its keys and values still go to the cache for every position,
 but its attention output, MLP and the head are one row (`_run`, last_only).
