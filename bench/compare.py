@@ -694,7 +694,7 @@ def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16) -> d
             save_file(params, path)
             done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, path,
                                    json.dumps(dataclasses.asdict(config)), mode, str(new)],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, cwd=tmp)  # not a checkout's
             if done.returncode != 0:  # say why, not only that it failed
                 sys.exit(f"compare.py: the peak-memory process of {label} failed "
                          f"({done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}")
