@@ -26,8 +26,9 @@ Numerics, stage by stage:
 - float32 and weight-only models run attention on a transposed copy of the KV cache
   (`_attention_t`) and GELU with a vectorized exp, within 1e-5 of the unfused path;
 - an int8 tied head (`quantize --int8-head`) runs weight-only as the unfused kernel's int8
-  row dots (`_matmul_nt_int8`), W8A8 on the int8 tiles of wte.T (`_head_w8a8`), exact sums
-  then the unfused epilogue; the embedding dequantizes the token's int8 row.
+  row dots (`_matmul_nt_int8`), W8A8 on the int8 tiles of wte.T (`_head_w8a8`, as many
+  vocabulary entries per pass as the rows' int32 sums hold), exact sums then the unfused
+  epilogue; the embedding dequantizes the token's int8 row.
 """
 
 from libc.stdint cimport int64_t
@@ -50,7 +51,7 @@ cdef Py_ssize_t LN_1 = _layout.LN_1, C_ATTN = _layout.C_ATTN, ATTN_PROJ = _layou
 cdef Py_ssize_t LN_2 = _layout.LN_2, C_FC = _layout.C_FC, MLP_PROJ = _layout.MLP_PROJ
 cdef Py_ssize_t DIM_L = _layout.DIM_L, DIM_C = _layout.DIM_C, DIM_NH = _layout.DIM_NH
 cdef Py_ssize_t DIM_V = _layout.DIM_V, DIM_BLOCK = _layout.DIM_BLOCK, DIM_FF = _layout.DIM_FF
-cdef Py_ssize_t DIM_BP = _layout.DIM_BP
+cdef Py_ssize_t DIM_BP = _layout.DIM_BP, DIM_MP = _layout.DIM_MP
 cdef Py_ssize_t SF_X = _layout.SF_X, SF_H = _layout.SF_H, SF_A = _layout.SF_A
 cdef Py_ssize_t SF_QKV = _layout.SF_QKV, SF_F = _layout.SF_F, SF_G = _layout.SF_G
 cdef Py_ssize_t SF_ATT = _layout.SF_ATT, SF_S64 = _layout.SF_S64, SF_SX = _layout.SF_SX
@@ -265,18 +266,20 @@ cdef void _head_w8a8(float* y, Py_ssize_t ystride, const int64_t* yrows, float* 
                      Py_ssize_t sx_stride, int32_t* acc, Py_ssize_t a_stride, int8_t* xq,
                      Py_ssize_t x_stride, const float* x, Py_ssize_t xs, Py_ssize_t n,
                      const int8_t* wp, const int32_t* wsum, const float* w_scale,
-                     Py_ssize_t C, Py_ssize_t Kp, Py_ssize_t V) noexcept nogil:
+                     Py_ssize_t C, Py_ssize_t Kp, Py_ssize_t V, Py_ssize_t Vp,
+                     Py_ssize_t chunk) noexcept nogil:
     """The W8A8 int8 head of n rows (numba_fused.head_w8a8_rows): row i (x + i * xs) is
-    quantized into xq + i * x_stride (its scale at sx[i * sx_stride]), then TILE_M
-    vocabulary entries at a time on the tiles wp of wte.T (4 rows per weight pass), its
-    sums at acc + i * a_stride, the unfused epilogue into row yrows[i] (or i, yrows NULL)
-    of y (rows ystride apart)."""
-    cdef Py_ssize_t i, m0 = 0, m1, r
+    quantized into xq + i * x_stride (its scale at sx[i * sx_stride]), then `chunk` (a
+    multiple of TILE_M) vocabulary entries at a time on the tiles wp of wte.T (Vp columns,
+    4 rows per weight pass), its sums at acc + i * a_stride, the unfused epilogue into row
+    yrows[i] (or i, yrows NULL) of y (rows ystride apart)."""
+    cdef Py_ssize_t i, m0 = 0, m1, mp, r
     for i in range(n):
         sx[i * sx_stride] = _quantize_row(xq + i * x_stride, x + i * xs, C)
-    while m0 < V:  # tile m0 // TILE_M: Kp * TILE_M bytes from m0 * Kp
-        m1 = m0 + TILE_M if m0 + TILE_M < V else V
-        _w8a8_sums(acc, a_stride, xq, x_stride, n, wp + m0 * Kp, wsum + m0, Kp, TILE_M)
+    while m0 < V:  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
+        mp = chunk if chunk < Vp - m0 else Vp - m0
+        m1 = m0 + mp if m0 + mp < V else V
+        _w8a8_sums(acc, a_stride, xq, x_stride, n, wp + m0 * Kp, wsum + m0, Kp, mp)
         for i in range(n):
             r = yrows[i] if yrows != NULL else i
             _w8a8_epilogue(y + r * ystride + m0, acc + i * a_stride, sx[i * sx_stride],
@@ -472,7 +475,7 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
     if er[KIND] == W8A8:  # the int8 head, W8A8: on the tiles of wte.T
         _head_w8a8(logits, V, rows, sf + sc[SF_SX], sw, si + SI_ACC, siw,
                    <int8_t*>(si + sc[SI_XQ]), 4 * siw, sf + H, sw, n, pq + er[P], pi + er[SUM],
-                   pf + er[S], C, er[KP], V)
+                   pf + er[S], C, er[KP], V, er[MP], dims[DIM_MP])
         return
     m0 = 0
     while m0 < V:  # the tied head: a chunk of wte for all rows
@@ -568,12 +571,13 @@ def head_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[:,
                    const float[::1] w_scale):
     """The W8A8 int8 head for N rows (numba_fused.head_w8a8_rows, bit-identical to
     `_cython_kernels.matmul_nt_w8a8`): outputs y (N, V); scratch xq (N, Kp) int8, sx (N,),
-    acc (N, TILE_M) int32; inputs x (N, C), wp the tiles of wte.T, wsum (Vp,), w_scale (V,)."""
+    acc (N, chunk) int32 (chunk a multiple of TILE_M: the entries per pass); inputs x (N, C),
+    wp the tiles of wte.T, wsum (Vp,), w_scale (V,)."""
     cdef Py_ssize_t N = x.shape[0]
     with nogil:
         _head_w8a8(&y[0, 0], y.shape[1], NULL, &sx[0], 1, &acc[0, 0], acc.shape[1], &xq[0, 0],
                    xq.shape[1], &x[0, 0], x.shape[1], N, &wp[0], &wsum[0], &w_scale[0],
-                   x.shape[1], xq.shape[1], y.shape[1])
+                   x.shape[1], xq.shape[1], y.shape[1], wsum.shape[0], acc.shape[1])
 
 
 def causal_softmax_rows(float[:, ::1] att, float scale, int32_t[::1] si):

@@ -814,8 +814,9 @@ class FusedPath:
         if e.head_packed is not None:  # a W8A8 int8 head: the int8 tiles of wte.T
             b, N = self.buffers, len(h)
             Kp = layout.padded(h.shape[1], layout.TILE_K)
+            Mp = int(self.weights.tab[layout.ROW_DIMS, layout.DIM_MP])  # entries per pass
             self.fk.head_w8a8_rows(logits, b.xq_rows[:N * Kp].reshape(N, Kp), b.sx[:N],
-                                   b.acc_rows[:N * layout.TILE_M].reshape(N, layout.TILE_M), h,
+                                   b.acc_rows[:N * Mp].reshape(N, Mp), h,
                                    e.head_packed, e.head_colsum, e.wte_scale)
         elif e.wte_scale is not None:  # a weight-only int8 head: the unfused kernel
             self.loops.matmul_nt_int8_weight_only(logits, h, e.wte, e.wte_scale)
