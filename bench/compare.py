@@ -51,9 +51,10 @@ PyTorch and transformers are optional (test extras): a missing one is skipped wi
 
 `--config gpt2` (`main_gpt2`): a random-weight model of GPT-2 small's exact shape, the same
 checks, then decode (GPT2_NEW new tokens) and prefill-128 at 1 and 2 threads for minitf's
-float32 and W8A8 engines, PyTorch eager and HF `generate`, each decode time also over the
+float32 and W8A8 engines (all linears with a float32 head, and all linears + the int8 head
+of `quantize --int8-head`), PyTorch eager and HF `generate`, each decode time also over the
 time of reading the engine's weights once at the memory bandwidth measured in the same run;
-then the peak memory of a float32 and an int8 generation, each in a fresh process.
+then the peak memory of the float32 and each int8 generation, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -596,6 +597,7 @@ def print_training(rows, sizes) -> None:
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768)
 GPT2_NEW = 24  # new tokens per timed generation (fewer than NEW: a step takes tens of ms)
 GPT2_THREADS = (1, 2)
+HEAD_LABEL = "w8a8 (all + head)"  # W8A8 linears and the int8 tied head (quantize --int8-head)
 BANDWIDTH_BYTES = 1 << 30  # the bandwidth buffer: 1 GiB, far larger than any L3
 
 
@@ -630,14 +632,16 @@ def weight_bytes(params: dict[str, np.ndarray]) -> int:
 
 def gpt2_engines(config, params, quantized) -> tuple[list, list[str], list[str]]:
     """(engines, versions, skipped) of the gpt2 comparison: minitf numpy (the reference),
-    numba and cython float32 and W8A8 (all linears), the minimal PyTorch GPT and HF
-    `generate`. The fused rows run the path the engine chooses (`fused=None`)."""
+    numba and cython float32 and each int8 model of `quantized` ({label: (params, mode)}:
+    W8A8 all linears with a float32 head, and with the int8 head), the minimal PyTorch GPT
+    and HF `generate`. The fused rows run the path the engine chooses (`fused=None`)."""
     versions, skipped = [f"numpy {np.__version__}"], []
     engines = [MinitfEngine("minitf numpy float32", Engine(config, params, "numpy"))]
     for backend in BACKENDS[1:]:
         engines.append(MinitfEngine(f"minitf {backend} float32", Engine(config, params, backend)))
-        engines.append(MinitfEngine(f"minitf {backend} int8 w8a8 (all)",
-                                    Engine(config, quantized["w8a8 (all)"][0], backend, int8_mode="w8a8")))
+        for label, (qparams, mode) in quantized.items():
+            engines.append(MinitfEngine(f"minitf {backend} int8 {label}",
+                                        Engine(config, qparams, backend, int8_mode=mode)))
     try:
         import torch
 
@@ -690,7 +694,10 @@ def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16) -> d
             save_file(params, path)
             done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, path,
                                    json.dumps(dataclasses.asdict(config)), mode, str(new)],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True, cwd=tmp)  # not a checkout's
+            if done.returncode != 0:  # say why, not only that it failed
+                sys.exit(f"compare.py: the peak-memory process of {label} failed "
+                         f"({done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}")
             out[label] = int(done.stdout.split()[-1])
     return out
 
@@ -707,7 +714,8 @@ def main_gpt2(args) -> int:
     from minitf.model import init_params
 
     params = init_params(config, seed=0)
-    quantized = {"w8a8 (all)": (quantize_model(params, config, "all")[0], "w8a8")}
+    quantized = {"w8a8 (all)": (quantize_model(params, config, "all")[0], "w8a8"),
+                 HEAD_LABEL: (quantize_model(params, config, "all", head=True)[0], "w8a8")}
     engines, versions, skipped = gpt2_engines(config, params, quantized)
     versions.insert(1, f"numba {numba.__version__}")
     set_threads(1)  # the checks' thread count, and what the kernels line reports
@@ -725,8 +733,8 @@ def main_gpt2(args) -> int:
     print("checks:")
     for line in check(engines, config, params, quantized, prompt_128, GPT2_NEW):
         print(line)
-    nbytes = {e.name: weight_bytes(quantized["w8a8 (all)"][0] if " int8 " in e.name else params)
-              for e in engines}
+    nbytes = {e.name: weight_bytes(quantized[e.name.split(" int8 ")[1]][0] if " int8 " in e.name
+                                   else params) for e in engines}
     table, bandwidth = {}, {}
     for n in GPT2_THREADS:
         set_threads(n)
@@ -745,7 +753,8 @@ def main_gpt2(args) -> int:
     print("memory bandwidth (float32 dot over 1 GiB, best of 5 before and 5 after the timings): " +
           ", ".join(f"{n} thread(s) {bandwidth[n] / 1e9:.1f} GB/s" for n in GPT2_THREADS))
     print(f"weights read per decode step: float32 {weight_bytes(params) / 1e6:.0f} MB, "
-          f"int8 w8a8 (all) {weight_bytes(quantized['w8a8 (all)'][0]) / 1e6:.0f} MB (float32 head)")
+          f"int8 w8a8 (all) {weight_bytes(quantized['w8a8 (all)'][0]) / 1e6:.0f} MB (float32 head), "
+          f"int8 {HEAD_LABEL} {weight_bytes(quantized[HEAD_LABEL][0]) / 1e6:.0f} MB")
     head = f"{'engine':<40}"
     for n in GPT2_THREADS:
         head += f" | {f'{n} thr decode ms':>16} {'x read':>6} {'x HF':>5} {'prefill ms':>10} {'x HF':>5}"
@@ -763,12 +772,15 @@ def main_gpt2(args) -> int:
     print(f"(x read: decode time / the time of reading the engine's weights once at the measured "
           f"bandwidth; x HF: time / HF's at the same threads; decode = (time of {GPT2_NEW} tokens "
           f"- time of 1) / {GPT2_NEW - 1}; prefill: one pass over {PREFILL} tokens)")
-    peak = peak_memory(config, {"float32": (params, "weight-only"), "int8 w8a8 (all)": quantized["w8a8 (all)"]})
+    del engines, res, e  # their memory, before the children that measure their own peak start
+    peak = peak_memory(config, {"float32": (params, "weight-only"),
+                                **{f"int8 {label}": q for label, q in quantized.items()}})
     print()
     print("peak resident memory of a generation (a fresh process: load the safetensors file, build "
           "a cython Engine, 16 new tokens; VmHWM): " +
-          ", ".join(f"{label} {n / 2**20:,.0f} MiB" for label, n in peak.items()) +
-          f"; int8 / float32 = {peak['int8 w8a8 (all)'] / peak['float32']:.2f}")
+          ", ".join(f"{label} {n / 2**20:,.0f} MiB" for label, n in peak.items()) + "; " +
+          ", ".join(f"{label} / float32 = {n / peak['float32']:.2f}" for label, n in peak.items()
+                    if label != "float32"))
     return 0
 
 

@@ -133,6 +133,22 @@ def matmul_int8_args(x, wq, w_scale, bias, mode):
     return np.empty((N, M), dtype=np.float32), x, wq, w_scale, bias
 
 
+def matmul_nt_int8_args(x, wq, w_scale, mode):
+    """-> y (N, M) float32 to fill, x (N, K) float32, wq (M, K) int8, w_scale (M,) float32.
+    Raises ValueError for a mode not in INT8_MODES."""
+    fn = "matmul_nt_int8"
+    if not isinstance(mode, str) or mode not in INT8_MODES:
+        raise ValueError(f"{fn} mode={mode!r} is unknown; allowed modes: {INT8_MODES}")
+    x = array(fn, "x", x, (F32,), 2)
+    wq = array(fn, "wq", wq, (I8,), 2)
+    N, K = x.shape
+    M = wq.shape[0]
+    shape(fn, "wq", wq, (M, K))
+    _int8_k(fn, K)
+    w_scale = _like(fn, "w_scale", w_scale, x, (M,))
+    return np.empty((N, M), dtype=np.float32), x, wq, w_scale
+
+
 def softmax_args(x):
     """-> y (N, M) to fill, x (N, M) float32 or float64 with M >= 1."""
     x = array("softmax", "x", x, FLOATS, 2)

@@ -24,7 +24,11 @@ Numerics, stage by stage:
   CPU runs, unless $MINITF_ISA forces one; kernels/_isa.py), exact in any order, then the
   unfused epilogue;
 - float32 and weight-only models run attention on a transposed copy of the KV cache
-  (`_attention_t`) and GELU with a vectorized exp, within 1e-5 of the unfused path.
+  (`_attention_t`) and GELU with a vectorized exp, within 1e-5 of the unfused path;
+- an int8 tied head (`quantize --int8-head`) runs weight-only as the unfused kernel's int8
+  row dots (`_matmul_nt_int8`), W8A8 on the int8 tiles of wte.T (`_head_w8a8`, as many
+  vocabulary entries per pass as the rows' int32 sums hold), exact sums then the unfused
+  epilogue; the embedding dequantizes the token's int8 row.
 """
 
 from libc.stdint cimport int64_t
@@ -38,7 +42,7 @@ cdef Py_ssize_t NCOL = _layout.NCOL
 cdef Py_ssize_t KIND = _layout.KIND, K = _layout.K, M = _layout.M, W = _layout.W
 cdef Py_ssize_t B = _layout.B, S = _layout.S, Q = _layout.Q, P = _layout.P
 cdef Py_ssize_t KP = _layout.KP, MP = _layout.MP, SUM = _layout.SUM
-cdef int64_t F32 = _layout.F32, INT8 = _layout.INT8
+cdef int64_t F32 = _layout.F32, INT8 = _layout.INT8, W8A8 = _layout.W8A8
 cdef Py_ssize_t ROW_DIMS = _layout.ROW_DIMS, ROW_SCRATCH = _layout.ROW_SCRATCH
 cdef Py_ssize_t ROW_WTE = _layout.ROW_WTE, ROW_WPE = _layout.ROW_WPE, ROW_LNF = _layout.ROW_LNF
 cdef Py_ssize_t FIRST_LAYER_ROW = _layout.FIRST_LAYER_ROW
@@ -47,7 +51,7 @@ cdef Py_ssize_t LN_1 = _layout.LN_1, C_ATTN = _layout.C_ATTN, ATTN_PROJ = _layou
 cdef Py_ssize_t LN_2 = _layout.LN_2, C_FC = _layout.C_FC, MLP_PROJ = _layout.MLP_PROJ
 cdef Py_ssize_t DIM_L = _layout.DIM_L, DIM_C = _layout.DIM_C, DIM_NH = _layout.DIM_NH
 cdef Py_ssize_t DIM_V = _layout.DIM_V, DIM_BLOCK = _layout.DIM_BLOCK, DIM_FF = _layout.DIM_FF
-cdef Py_ssize_t DIM_BP = _layout.DIM_BP
+cdef Py_ssize_t DIM_BP = _layout.DIM_BP, DIM_MP = _layout.DIM_MP
 cdef Py_ssize_t SF_X = _layout.SF_X, SF_H = _layout.SF_H, SF_A = _layout.SF_A
 cdef Py_ssize_t SF_QKV = _layout.SF_QKV, SF_F = _layout.SF_F, SF_G = _layout.SF_G
 cdef Py_ssize_t SF_ATT = _layout.SF_ATT, SF_S64 = _layout.SF_S64, SF_SX = _layout.SF_SX
@@ -258,6 +262,31 @@ cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
                            pf + row[S], bias, Mn)
 
 
+cdef void _head_w8a8(float* y, Py_ssize_t ystride, const int64_t* yrows, float* sx,
+                     Py_ssize_t sx_stride, int32_t* acc, Py_ssize_t a_stride, int8_t* xq,
+                     Py_ssize_t x_stride, const float* x, Py_ssize_t xs, Py_ssize_t n,
+                     const int8_t* wp, const int32_t* wsum, const float* w_scale,
+                     Py_ssize_t C, Py_ssize_t Kp, Py_ssize_t V, Py_ssize_t Vp,
+                     Py_ssize_t chunk) noexcept nogil:
+    """The W8A8 int8 head of n rows (numba_fused.head_w8a8_rows): row i (x + i * xs) is
+    quantized into xq + i * x_stride (its scale at sx[i * sx_stride]), then `chunk` (a
+    multiple of TILE_M) vocabulary entries at a time on the tiles wp of wte.T (Vp columns,
+    4 rows per weight pass), its sums at acc + i * a_stride, the unfused epilogue into row
+    yrows[i] (or i, yrows NULL) of y (rows ystride apart)."""
+    cdef Py_ssize_t i, m0 = 0, m1, mp, r
+    for i in range(n):
+        sx[i * sx_stride] = _quantize_row(xq + i * x_stride, x + i * xs, C)
+    while m0 < V:  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
+        mp = chunk if chunk < Vp - m0 else Vp - m0
+        m1 = m0 + mp if m0 + mp < V else V
+        _w8a8_sums(acc, a_stride, xq, x_stride, n, wp + m0 * Kp, wsum + m0, Kp, mp)
+        for i in range(n):
+            r = yrows[i] if yrows != NULL else i
+            _w8a8_epilogue(y + r * ystride + m0, acc + i * a_stride, sx[i * sx_stride],
+                           w_scale + m0, NULL, m1 - m0)
+        m0 = m1
+
+
 # ------------------------------------------------------------- float32 fast stages ------
 
 
@@ -374,8 +403,11 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
     cdef const int64_t* rows = ctl + CTL_ROW * R
     cdef const int64_t* tokens = ctl + CTL_TOKEN * R
     cdef const int64_t* positions = ctl + CTL_POS * R
-    cdef const float* wte = pf + tab[ROW_WTE * NCOL + W]
+    cdef const int64_t* er = tab + ROW_WTE * NCOL  # the tied head's row: float or int8
+    cdef const float* wte = pf + er[W]
+    cdef const int8_t* wq = pq + er[Q] if er[KIND] != F32 else NULL
     cdef const float* wpe = pf + tab[ROW_WPE * NCOL + W]
+    cdef float s
     cdef float scale = <float>(1.0 / sqrt(<double>(C // NH)))  # as the checks compute it
     cdef const int64_t* lr
     cdef float* row
@@ -385,8 +417,15 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
     cdef float* vT
     for i in range(n):  # embedding: token and position
         row = sf + i * sw
-        for c in range(C):
-            row[X + c] = wte[tokens[i] * C + c] + wpe[positions[i] * C + c]
+        if er[KIND] == F32:
+            for c in range(C):
+                row[X + c] = wte[tokens[i] * C + c] + wpe[positions[i] * C + c]
+        else:  # the int8 head's row, dequantized, then the position: two roundings, as
+            s = pf[er[S] + tokens[i]]  # the unfused path
+            for c in range(C):
+                row[X + c] = <float>wq[tokens[i] * C + c] * s
+            for c in range(C):
+                row[X + c] = row[X + c] + wpe[positions[i] * C + c]
     for l in range(L):
         lr = tab + (FIRST_LAYER_ROW + l * ROWS_PER_LAYER) * NCOL
         _layernorm_rows(sf, sw, H, X, pf, lr + LN_1 * NCOL, n, eps)
@@ -433,11 +472,20 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
         for i in range(n):
             synced[rows[i]] = positions[i] + 1
     _layernorm_rows(sf, sw, H, X, pf, tab + ROW_LNF * NCOL, n, eps)
+    if er[KIND] == W8A8:  # the int8 head, W8A8: on the tiles of wte.T
+        _head_w8a8(logits, V, rows, sf + sc[SF_SX], sw, si + SI_ACC, siw,
+                   <int8_t*>(si + sc[SI_XQ]), 4 * siw, sf + H, sw, n, pq + er[P], pi + er[SUM],
+                   pf + er[S], C, er[KP], V, er[MP], dims[DIM_MP])
+        return
     m0 = 0
     while m0 < V:  # the tied head: a chunk of wte for all rows
         m1 = m0 + HEAD_CHUNK if m0 + HEAD_CHUNK < V else V
         for i in range(n):  # (each output sums as in the whole row)
-            _matmul_nt(logits + rows[i] * V + m0, sf + i * sw + H, wte + m0 * C, 1, C, m1 - m0)
+            if er[KIND] == F32:
+                _matmul_nt(logits + rows[i] * V + m0, sf + i * sw + H, wte + m0 * C, 1, C, m1 - m0)
+            else:  # INT8: the weight-only int8 head
+                _matmul_nt_int8(logits + rows[i] * V + m0, sf + i * sw + H, wq + m0 * C,
+                                pf + er[S] + m0, 1, C, m1 - m0, V)
         m0 = m1
 
 
@@ -516,6 +564,20 @@ def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[
         _w8a8_sums(&acc[0, 0], Mp, &xq[0, 0], Kp, N, &wp[0], &wsum[0], Kp, Mp)
         for r in range(N):
             _w8a8_epilogue(&y[r, 0], &acc[r, 0], sx[r], &w_scale[0], &bias[0], Mn)
+
+
+def head_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[:, ::1] acc,
+                   const float[:, ::1] x, const int8_t[::1] wp, const int32_t[::1] wsum,
+                   const float[::1] w_scale):
+    """The W8A8 int8 head for N rows (numba_fused.head_w8a8_rows, bit-identical to
+    `_cython_kernels.matmul_nt_w8a8`): outputs y (N, V); scratch xq (N, Kp) int8, sx (N,),
+    acc (N, chunk) int32 (chunk a multiple of TILE_M: the entries per pass); inputs x (N, C),
+    wp the tiles of wte.T, wsum (Vp,), w_scale (V,)."""
+    cdef Py_ssize_t N = x.shape[0]
+    with nogil:
+        _head_w8a8(&y[0, 0], y.shape[1], NULL, &sx[0], 1, &acc[0, 0], acc.shape[1], &xq[0, 0],
+                   xq.shape[1], &x[0, 0], x.shape[1], N, &wp[0], &wsum[0], &w_scale[0],
+                   x.shape[1], xq.shape[1], y.shape[1], wsum.shape[0], acc.shape[1])
 
 
 def causal_softmax_rows(float[:, ::1] att, float scale, int32_t[::1] si):

@@ -88,6 +88,35 @@ def matmul_w8a8(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[::1] 
             _w8a8_epilogue(&y[n, 0], &acc[0], sx[n], &w_scale[0], b, M)
 
 
+def matmul_nt_int8_weight_only(float[:, ::1] y, const float[:, ::1] x,
+                               const int8_t[:, ::1] wq, const float[::1] w_scale):
+    """y (N, M) = (x (N, K) @ float32(wq (M, K)).T) * w_scale (M,): the int8 head."""
+    with nogil:
+        _matmul_nt_int8(&y[0, 0], &x[0, 0], &wq[0, 0], &w_scale[0], x.shape[0], x.shape[1],
+                        wq.shape[0], y.shape[1])
+
+
+def matmul_nt_w8a8(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[::1] acc,
+                   const float[:, ::1] x, const int8_t[:, ::1] wq, const float[::1] w_scale):
+    """The W8A8 head: quantize each row of x, exact int32 sums against the int8 rows of wq
+    (M, K), then both scales; acc.shape[0] rows of wq at a time for every row of x.
+
+    Outputs y (N, M) float32; scratch xq (N, K) int8, sx (N,) float32, acc (chunk,) int32;
+    inputs x (N, K) float32, wq (M, K) int8, w_scale (M,) float32.
+    """
+    cdef Py_ssize_t n, m0 = 0, m1, N = x.shape[0], K = x.shape[1], M = wq.shape[0]
+    cdef Py_ssize_t chunk = acc.shape[0]
+    with nogil:
+        for n in range(N):
+            sx[n] = _quantize_row(&xq[n, 0], &x[n, 0], K)
+        while m0 < M:
+            m1 = m0 + chunk if m0 + chunk < M else M
+            for n in range(N):
+                _int8_dot_rows(&acc[0], &xq[n, 0], &wq[m0, 0], K, m1 - m0)
+                _w8a8_epilogue(&y[n, m0], &acc[0], sx[n], &w_scale[m0], NULL, m1 - m0)
+            m0 = m1
+
+
 def softmax_f32(float[:, ::1] y, const float[:, ::1] x):
     """Row softmax of x (N, M) float32 into y."""
     with nogil:

@@ -253,6 +253,43 @@ cdef inline void _w8a8_epilogue(float* y, const int32_t* acc, float s, const flo
             y[m] += bias[m]
 
 
+cdef inline void _matmul_nt_int8(float* y, const float* x, const int8_t* wq,
+                                 const float* w_scale, Py_ssize_t N, Py_ssize_t K,
+                                 Py_ssize_t M, Py_ssize_t ystride) noexcept nogil:
+    """y (N, M, rows ystride apart) = (x (N, K) @ float32(wq (M, K)).T) * w_scale (M,): the
+    weight-only int8 head. NT_CHUNK rows of wq at a time for every row of x (`_matmul_nt`),
+    each output one contiguous dot product of x with an int8 row, then its row's scale."""
+    cdef Py_ssize_t n, m, k, m0 = 0, m1
+    cdef float s0
+    cdef const int8_t* w0
+    cdef const float* xn
+    while m0 < M:
+        m1 = m0 + NT_CHUNK if m0 + NT_CHUNK < M else M
+        for n in range(N):
+            xn = x + n * K
+            for m in range(m0, m1):
+                w0 = wq + m * K
+                s0 = 0
+                for k in range(K):
+                    s0 += xn[k] * <float>w0[k]
+                y[n * ystride + m] = s0 * w_scale[m]
+        m0 = m1
+
+
+cdef inline void _int8_dot_rows(int32_t* acc, const int8_t* xq, const int8_t* wq,
+                                Py_ssize_t K, Py_ssize_t M) noexcept nogil:
+    """acc (M,) int32 = wq (M, K) int8 @ xq (K,) int8: a contiguous exact dot per row."""
+    cdef Py_ssize_t m, k
+    cdef int32_t s0
+    cdef const int8_t* w0
+    for m in range(M):
+        w0 = wq + m * K
+        s0 = 0
+        for k in range(K):
+            s0 += <int32_t>xq[k] * <int32_t>w0[k]
+        acc[m] = s0
+
+
 # ------------------------------------------------------------ softmax, LayerNorm, GELU --
 
 

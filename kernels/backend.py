@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _checks as chk
 from . import numpy_ref as ref
+from .layout import HEAD_CHUNK as NT_INT8_ACC  # the int32 sums of matmul_nt_w8a8's chunks
 from .numpy_loops import LOOP_OPS, ReferenceLoops
 
 
@@ -164,6 +165,42 @@ class Backend:
             sx = np.empty(N, dtype=np.float32)  # and their scales
             acc = np.empty(wq.shape[1], dtype=np.int32)  # one row's int32 sums
             self.loops.matmul_w8a8(y, xq, sx, acc, x, wq, w_scale, bias)
+        return y
+
+    def matmul_nt_int8(
+        self,
+        x: np.ndarray,
+        wq: np.ndarray,
+        w_scale: np.ndarray,
+        mode: str = "weight-only",
+    ) -> np.ndarray:
+        """The tied head with an int8 wte (M, K) and a scale per row, "weight-only" or "w8a8":
+        y ~= x @ (wq * w_scale[:, None]).T, read from the int8 rows directly.
+
+        Equals `numpy_ref.matmul_nt_int8` within TOL[("kernel_dot", float32)] for
+        "weight-only"; for "w8a8" bit for bit (the same quantized rows, exact int32 sums, the
+        same float epilogue).
+
+        Args:
+            x: (N, K) float32.
+            wq: (M, K) int8, K <= 131071.
+            w_scale: (M,) float32, one scale per row of wq.
+            mode: "weight-only" (float activations) or "w8a8" (activations quantized per row).
+        Returns:
+            y: (N, M) float32.
+        Raises:
+            ValueError: an unknown mode, shapes that do not match, K > 131071.
+            TypeError: a wrong dtype.
+        """
+        y, x, wq, w_scale = chk.matmul_nt_int8_args(x, wq, w_scale, mode)
+        if mode == "weight-only":
+            self.loops.matmul_nt_int8_weight_only(y, x, wq, w_scale)
+        else:
+            N, K = x.shape
+            xq = np.empty((N, K), dtype=np.int8)  # scratch: the quantized rows
+            sx = np.empty(N, dtype=np.float32)  # and their scales
+            acc = np.empty(NT_INT8_ACC, dtype=np.int32)  # a chunk of rows' int32 sums
+            self.loops.matmul_nt_w8a8(y, xq, sx, acc, x, wq, w_scale)
         return y
 
     def softmax(self, x: np.ndarray) -> np.ndarray:

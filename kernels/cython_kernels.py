@@ -69,6 +69,8 @@ class CythonLoops(ReferenceLoops):
     matmul_int8_acc = staticmethod(_ck.matmul_int8_acc)
     matmul_int8_weight_only = staticmethod(_ck.matmul_int8_weight_only)
     matmul_w8a8 = staticmethod(_ck.matmul_w8a8)
+    matmul_nt_int8_weight_only = staticmethod(_ck.matmul_nt_int8_weight_only)
+    matmul_nt_w8a8 = staticmethod(_ck.matmul_nt_w8a8)
     softmax = staticmethod(_softmax)
     layernorm = staticmethod(_layernorm)
     gelu = staticmethod(_gelu)

@@ -17,7 +17,10 @@ views into them (`PackedWeights.views`), so every weight is stored once. An inde
 and a tensor row holds, in its columns: KIND (of a linear layer: F32, INT8 weight-only or
 W8A8), K and M (its shape; a LayerNorm has M = C), the element offsets W (float weight),
 B (bias), S (scale) in pf, Q (the (K, M) int8 weight) and P (its tiled copy) in pq, SUM (the
-column sums) in pi, and KP, MP: K and M padded to the int8 tile.
+column sums) in pi, and KP, MP: K and M padded to the int8 tile. The head's row ROW_WTE
+(K = V, M = C) is F32 (W: wte in pf) or, with an int8 head, INT8 or W8A8 (Q: wte (V, C) in
+pq, S: its scale per row in pf; W8A8 also P, SUM, KP, MP of its transpose (C, V) tiled, which
+the head's W8A8 sums run on, TILE_M vocabulary entries at a time).
 
 The int8 tile. AVX-512 VNNI `vpdpbusd` adds, in each of 16 int32 lanes, the products of 4
 adjacent unsigned bytes by 4 signed bytes; 4 registers make a tile of TILE_M = 64 outputs,
@@ -114,14 +117,16 @@ class PackedWeights:
 
     Args:
         tensors: {GPT-2 name: C-contiguous array}: float32 tensors, and int8 linear weights
-            with their float32 `<name>.weight_scale` (M,) beside them.
+            with their float32 `<name>.weight_scale` (M,) beside them; wte float32, or int8
+            (an int8 head) with `wte_scale` (V,).
         n_layer, n_head: the model's sizes (the rest come from the tensors' shapes).
         int8_mode: "weight-only" or "w8a8", how the int8 linear layers run.
     Attributes:
         pf, pq, pi: the flat float32, int8 and int32 arrays; tab: the index table.
         views: {name: view into pf or pq} for every tensor of `tensors`.
-        tiles: {"h.<l>.<linear>": (tiles, column sums)} of the W8A8 layers, views into
-            pq and pi (+K*M bytes per W8A8 layer; weight-only and float layers add nothing).
+        tiles: {"h.<l>.<linear>": (tiles, column sums)} of the W8A8 layers, and "wte" for a
+            W8A8 int8 head (its transpose (C, V) tiled), views into pq and pi (+K*M bytes
+            per W8A8 layer; weight-only and float layers add nothing).
         exact: a W8A8 layer exists, so every stage before a quantization must round as the
             unfused kernels do (no transposed-cache attention, no fast GELU).
     """
@@ -146,10 +151,17 @@ class PackedWeights:
             tab[row, W] = put("f", name + ".weight", tensors[name + ".weight"])
             tab[row, B] = put("f", name + ".bias", tensors[name + ".bias"])
 
-        tab[ROW_WTE, [K, M, W]] = V, C, put("f", "wte", tensors["wte"])
+        tiled = []  # (row, name) of the W8A8 layers (and head)
+        wte = tensors["wte"]
+        tab[ROW_WTE, [K, M]] = V, C
+        if wte.dtype != np.int8:
+            tab[ROW_WTE, W] = put("f", "wte", wte)
+        else:  # the int8 head: rows of wte with a scale each; W8A8 tiles wte.T (C, V)
+            tab[ROW_WTE, KIND] = W8A8 if int8_mode == "w8a8" else INT8
+            tab[ROW_WTE, Q] = put("q", "wte", wte)
+            tab[ROW_WTE, S] = put("f", "wte_scale", tensors["wte_scale"])
         tab[ROW_WPE, [K, M, W]] = block_size, C, put("f", "wpe", tensors["wpe"])
         norm(ROW_LNF, "ln_f")
-        tiled = []  # (row, name) of the W8A8 layers
         for l in range(n_layer):
             for j, layer in enumerate(LAYER_ROWS):
                 row, name = FIRST_LAYER_ROW + l * ROWS_PER_LAYER + j, f"h.{l}.{layer}"
@@ -167,12 +179,17 @@ class PackedWeights:
                 tab[row, S] = put("f", name + ".weight_scale", tensors[name + ".weight_scale"])
                 if int8_mode == "w8a8":
                     tiled.append((row, name))
+        if wte.dtype == np.int8 and int8_mode == "w8a8":
+            tiled.append((ROW_WTE, "wte"))  # read last in a decode step, so packed last
         for row, name in tiled:  # the tiled copies last, in the order decode reads them
-            tiles, colsum = pack_vnni(tensors[name + ".weight"])
+            w = tensors[name + ".weight"] if row != ROW_WTE else wte.T  # (K, M)
+            tiles, colsum = pack_vnni(w)
             tab[row, [P, SUM]] = put("q", name + ".tiles", tiles), put("i", name + ".colsum", colsum)
-            tab[row, [KP, MP]] = padded(int(tab[row, K]), TILE_K), colsum.size
+            tab[row, [KP, MP]] = padded(w.shape[0], TILE_K), colsum.size
         Kp = max(TILE_K, int(tab[:, KP].max()))
-        Mp = max(TILE_M, int(tab[:, MP].max()))
+        # the sums of a step's rows hold the widest W8A8 layer; the head runs TILE_M
+        # vocabulary entries at a time through them
+        Mp = max(TILE_M, int(tab[FIRST_LAYER_ROW:, MP].max(initial=0)))
         Bp = padded(block_size, KEY_PAD)
         tab[ROW_DIMS, :DIM_BP + 1] = n_layer, C, n_head, V, block_size, d_ff, Mp, Kp, Bp
         tab[ROW_SCRATCH, :SI_EX + 1] = _scratch_offsets(C, d_ff, n_head, Bp, Mp, Kp)

@@ -31,6 +31,13 @@ int8 x int8 sums: `numba_int8_tile.int8_tile` on the tiles of `layout.pack_vnni`
 variant `INT8_ISA` (AVX-512 VNNI, AVX2 or portable: the fastest the CPU runs, unless
 $MINITF_ISA forces one), exact, called in one place (`_w8a8_sums`), then the unfused
 kernels' epilogue.
+
+The tied head (`_head_rows`) is float32, or an int8 wte with a scale per row (`quantize
+--int8-head`): weight-only, a contiguous float dot of h with each int8 row
+(`numba_kernels._matmul_nt_int8_row`, as the unfused kernel); W8A8, h quantized once per
+row and the int8 tile on wte.T packed as a (C, V) weight, as many vocabulary entries at a
+time as the rows' int32 sums hold (`head_w8a8_rows` for the prefill). The embedding then reads
+one int8 row per token and dequantizes it.
 """
 
 from __future__ import annotations
@@ -41,17 +48,19 @@ import numpy as np
 
 from ._jit import njit
 from .layout import (ATTN_PROJ, B, C_ATTN, C_FC, CTL_POS, CTL_ROW, CTL_TOKEN, DIM_BP,
-                     DIM_C, DIM_FF, DIM_L, DIM_NH, DIM_V, F32, FIRST_LAYER_ROW, HEAD_CHUNK,
+                     DIM_C, DIM_FF, DIM_L, DIM_MP, DIM_NH, DIM_V, F32, FIRST_LAYER_ROW,
+                     HEAD_CHUNK,
                      INT8, KIND, KP, LN_1, LN_2, MLP_PROJ, MP, ROW_DIMS, ROW_LNF, ROW_SCRATCH,
                      ROW_WPE, ROW_WTE, ROWS_PER_LAYER, S, SF_A, SF_ATT, SF_F, SF_G, SF_H,
                      SF_QKV, SF_S64, SF_SX, SF_X, SI_ACC, SI_EX, SI_XQ, SUM, TILE_K, TILE_M,
                      K, M, P, Q, W)
 from .numba_int8_tile import INT8_ISA, int8_tile
-from .numba_kernels import (_attention, _gelu, _layernorm, _matmul_int8_row, _matmul_nt_row,
-                            _matmul_row, _quantize_row, _w8a8_epilogue)
+from .numba_kernels import (_attention, _gelu, _layernorm, _matmul_int8_row,
+                            _matmul_nt_int8_row, _matmul_nt_row, _matmul_row, _quantize_row,
+                            _w8a8_epilogue)
 
-__all__ = ["INT8_ISA", "Decoder", "decode_rows", "linear_w8a8_rows", "causal_softmax_rows",
-           "gelu_fast_rows"]
+__all__ = ["INT8_ISA", "Decoder", "decode_rows", "linear_w8a8_rows", "head_w8a8_rows",
+           "causal_softmax_rows", "gelu_fast_rows"]
 
 
 # ----------------------------------------------------------------------- linear layers ---
@@ -181,6 +190,75 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
                    Kp, Mp)
         for i in range(n):
             _w8a8_epilogue(sf[i, o:o + Mn], si[i, SI_ACC:SI_ACC + Mp], sf[i, SX], w_scale, bias)
+
+
+@njit
+def head_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale):
+    """The W8A8 int8 head for N rows: `numba_kernels._matmul_nt_w8a8` (bit-identical) on
+    the tiles of wte.T, as many vocabulary entries at a time as acc holds, 4 rows per
+    weight pass.
+
+    Outputs y (N, V) float32; scratch xq (N, Kp) int8, sx (N,) float32, acc (N, chunk)
+    int32 (chunk a multiple of TILE_M); inputs x (N, C) float32, wp the tiles of wte.T (C, V)
+    (`layout.pack_vnni`), wsum (Vp,) their column sums, w_scale (V,) the rows' scales.
+    """
+    N, Kn = x.shape
+    Kp, V, chunk = xq.shape[1], y.shape[1], acc.shape[1]
+    Vp = wsum.shape[0]
+    for n in range(N):
+        sx[n] = _quantize_row(xq[n, :Kn], x[n])
+    for m0 in range(0, V, chunk):  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
+        mp = min(chunk, Vp - m0)
+        m1 = min(m0 + mp, V)
+        _w8a8_sums(acc.reshape(-1), chunk, xq.reshape(-1), Kp, N, wp[m0 * Kp:(m0 + mp) * Kp],
+                   wsum[m0:m0 + mp], Kp, mp)
+        for n in range(N):
+            _w8a8_epilogue(y[n, m0:m1], acc[n, :m1 - m0], sx[n], w_scale[m0:m1], None)
+
+
+@njit
+def _head_rows(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk):
+    """logits[ctl[CTL_ROW, i]] (V,) = the tied head (table row `row`, ROW_WTE) of
+    sf[i, H:H+C] for the step's rows i < n, by its kind: F32 and INT8 (weight-only) a chunk
+    of HEAD_CHUNK rows of wte for all rows (each output sums as in the whole row: the
+    unfused kernels' `_matmul_nt_row`, `_matmul_nt_int8_row`); W8A8: each row quantized
+    once, then `chunk` vocabulary entries at a time (the width of the rows' int32 sums,
+    DIM_MP) on the tiles of wte.T for all rows (4 per weight pass), the unfused epilogue per
+    row."""
+    V, C, H = row[K], row[M], sc[SF_H]
+    if row[KIND] == F32:
+        wte = pf[row[W]:row[W] + V * C].reshape((V, C))
+        for m0 in range(0, V, HEAD_CHUNK):  # a chunk of wte for all rows
+            m1 = min(m0 + HEAD_CHUNK, V)
+            for i in range(n):  # (each output sums as in the whole row)
+                _matmul_nt_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C], wte[m0:m1])
+    elif row[KIND] == INT8:
+        wq = pq[row[Q]:row[Q] + V * C].reshape((V, C))
+        w_scale = pf[row[S]:row[S] + V]
+        for m0 in range(0, V, HEAD_CHUNK):
+            m1 = min(m0 + HEAD_CHUNK, V)
+            for i in range(n):
+                _matmul_nt_int8_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C], wq[m0:m1],
+                                    w_scale[m0:m1])
+    else:
+        Kp, Vp, SX = row[KP], row[MP], sc[SF_SX]
+        w_scale = pf[row[S]:row[S] + V]  # (V,)
+        wp, wsum = pq[row[P]:row[P] + Kp * Vp], pi[row[SUM]:row[SUM] + Vp]
+        SW = si.shape[1]
+        flat = si.reshape(-1)  # the step's rows of sums, SW int32 apart
+        xq = flat.view(np.int8)  # ... and of int8 activations, 4 SW bytes apart
+        xq_off = 4 * sc[SI_XQ]
+        for i in range(n):
+            at = 4 * (i * SW) + xq_off
+            sf[i, SX] = _quantize_row(xq[at:at + C], sf[i, H:H + C])
+        for m0 in range(0, V, chunk):  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
+            mp = min(chunk, Vp - m0)
+            m1 = min(m0 + mp, V)
+            _w8a8_sums(flat[SI_ACC:], SW, xq[xq_off:], 4 * SW, n, wp[m0 * Kp:(m0 + mp) * Kp],
+                       wsum[m0:m0 + mp], Kp, mp)
+            for i in range(n):
+                _w8a8_epilogue(logits[ctl[CTL_ROW, i], m0:m1], si[i, SI_ACC:SI_ACC + m1 - m0],
+                               sf[i, SX], w_scale[m0:m1], None)
 
 
 # ------------------------------------------------------------- float32 fast stages ------
@@ -352,14 +430,23 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
     dims, sc = tab[ROW_DIMS], tab[ROW_SCRATCH]
     L, C, NH, V = dims[DIM_L], dims[DIM_C], dims[DIM_NH], dims[DIM_V]
     FF, Bp = dims[DIM_FF], dims[DIM_BP]
-    wte = pf[tab[ROW_WTE, W]:tab[ROW_WTE, W] + V * C].reshape((V, C))
+    er = tab[ROW_WTE]
     wpe = pf[tab[ROW_WPE, W]:]
     scale = np.float32(1.0 / math.sqrt(C // NH))  # as the checks compute it for _attention
     X, H, A, QKV, F, G = sc[SF_X], sc[SF_H], sc[SF_A], sc[SF_QKV], sc[SF_F], sc[SF_G]
     for i in range(n):  # embedding: token and position
         token, pos, x = ctl[CTL_TOKEN, i], ctl[CTL_POS, i], sf[i, X:X + C]
-        for c in range(C):
-            x[c] = wte[token, c] + wpe[pos * C + c]
+        if er[KIND] == F32:
+            wte = pf[er[W] + token * C:er[W] + (token + 1) * C]
+            for c in range(C):
+                x[c] = wte[c] + wpe[pos * C + c]
+        else:  # the int8 head's row, dequantized, then the position: two roundings, as
+            # the unfused path (two loops: no fused multiply-add)
+            q, s = pq[er[Q] + token * C:er[Q] + (token + 1) * C], pf[er[S] + token]
+            for c in range(C):
+                x[c] = np.float32(q[c]) * s
+            for c in range(C):
+                x[c] += wpe[pos * C + c]
     for l in range(L):
         r0 = FIRST_LAYER_ROW + l * ROWS_PER_LAYER
         _layernorm_rows(sf, H, X, pf, tab[r0 + LN_1], n, eps)
@@ -397,10 +484,7 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
         for i in range(n):
             synced[ctl[CTL_ROW, i]] = ctl[CTL_POS, i] + 1
     _layernorm_rows(sf, H, X, pf, tab[ROW_LNF], n, eps)
-    for m0 in range(0, V, HEAD_CHUNK):  # the tied head: a chunk of wte for all rows
-        m1 = min(m0 + HEAD_CHUNK, V)
-        for i in range(n):  # (each output sums as in the whole row)
-            _matmul_nt_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C], wte[m0:m1])
+    _head_rows(logits, sf, si, sc, pf, pq, pi, er, ctl, n, dims[DIM_MP])  # the tied head
 
 
 # ------------------------------------------------------------------------ prefill -------

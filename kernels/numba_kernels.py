@@ -276,6 +276,60 @@ def _matmul_w8a8(y, xq, sx, acc, x, wq, w_scale, bias):
 
 
 @njit
+def _matmul_nt_int8_row(y, x, wq, w_scale):
+    """y (M,) = (x (K,) @ float32(wq (M, K)).T) * w_scale (M,): each output a contiguous
+    dot product of x with an int8 row (as `_matmul_nt_row`), then its row's scale once."""
+    M, K = wq.shape
+    for m in range(M):
+        s0 = np.float32(0)
+        for k in range(K):
+            s0 += x[k] * np.float32(wq[m, k])
+        y[m] = s0 * w_scale[m]
+
+
+@njit
+def _matmul_nt_int8_weight_only(y, x, wq, w_scale):
+    """y (N, M) = (x (N, K) @ float32(wq (M, K)).T) * w_scale: NT_CHUNK rows of wq at a time
+    for every row of x (`_matmul_nt`), each output as `_matmul_nt_int8_row` computes it."""
+    M = wq.shape[0]
+    for m0 in range(0, M, NT_CHUNK):
+        m1 = min(m0 + NT_CHUNK, M)
+        for n in range(x.shape[0]):
+            _matmul_nt_int8_row(y[n, m0:m1], x[n], wq[m0:m1], w_scale[m0:m1])
+
+
+@njit
+def _int8_dot_rows(acc, xq, wq):
+    """acc (M,) int32 = wq (M, K) int8 @ xq (K,) int8: a contiguous exact dot per row."""
+    M, K = wq.shape
+    for m in range(M):
+        s0 = np.int32(0)
+        for k in range(K):
+            s0 += np.int32(xq[k]) * np.int32(wq[m, k])
+        acc[m] = s0
+
+
+@njit
+def _matmul_nt_w8a8(y, xq, sx, acc, x, wq, w_scale):
+    """The W8A8 head: quantize each row of x, exact int32 sums against the int8 rows of wq,
+    then both scales (`_w8a8_epilogue`). acc.shape[0] rows of wq at a time for every row of
+    x, so the head is read once for all rows.
+
+    Outputs y (N, M) float32; scratch xq (N, K) int8, sx (N,) float32, acc (chunk,) int32;
+    inputs x (N, K) float32, wq (M, K) int8, w_scale (M,) float32.
+    """
+    N, M = x.shape[0], wq.shape[0]
+    chunk = acc.shape[0]
+    for n in range(N):
+        sx[n] = _quantize_row(xq[n], x[n])
+    for m0 in range(0, M, chunk):
+        m1 = min(m0 + chunk, M)
+        for n in range(N):
+            _int8_dot_rows(acc[:m1 - m0], xq[n], wq[m0:m1])
+            _w8a8_epilogue(y[n, m0:m1], acc[:m1 - m0], sx[n], w_scale[m0:m1], None)
+
+
+@njit
 def _softmax(y, x):
     """Row softmax of x (N, M) into y; an all -inf row gives zeros. Sums kept in float64."""
     N, M = x.shape
@@ -387,6 +441,8 @@ class NumbaLoops(ReferenceLoops):
     matmul_int8_acc = staticmethod(_matmul_int8_acc)
     matmul_int8_weight_only = staticmethod(_matmul_int8_weight_only)
     matmul_w8a8 = staticmethod(_matmul_w8a8)
+    matmul_nt_int8_weight_only = staticmethod(_matmul_nt_int8_weight_only)
+    matmul_nt_w8a8 = staticmethod(_matmul_nt_w8a8)
     softmax = staticmethod(_softmax)
     layernorm = staticmethod(_layernorm)
     gelu = staticmethod(_gelu)

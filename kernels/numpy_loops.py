@@ -20,7 +20,8 @@ from . import numpy_ref as ref
 # matmuls are BLAS calls in `Backend`, the same for every backend; their loops are the rest
 # (the attention's causal softmax and its backward, between the BLAS products).
 LOOP_OPS = ("matmul", "matmul_nt", "quantize_rows", "matmul_int8_acc",
-            "matmul_int8_weight_only", "matmul_w8a8", "softmax", "layernorm", "gelu",
+            "matmul_int8_weight_only", "matmul_w8a8", "matmul_nt_int8_weight_only",
+            "matmul_nt_w8a8", "softmax", "layernorm", "gelu",
             "attention",
             # training
             "embedding_forward", "embedding_backward", "layernorm_forward",
@@ -65,6 +66,22 @@ class ReferenceLoops:
     def matmul_w8a8(y, xq, sx, acc, x, wq, w_scale, bias):
         """y (N, M): the W8A8 linear layer of x (N, K); xq, sx, acc: unused scratch."""
         y[...] = ref.matmul_int8(x, wq, w_scale, bias, mode="w8a8")
+
+    @staticmethod
+    def matmul_nt_int8_weight_only(y, x, wq, w_scale):
+        """y (N, M) = (x (N, K) @ float32(wq (M, K)).T) * w_scale (M,). The reference a
+        _HEAD_ROWS rows of wq at a time, so that no float copy of a whole head is made."""
+        for m0 in range(0, wq.shape[0], _HEAD_ROWS):
+            m = slice(m0, m0 + _HEAD_ROWS)
+            y[:, m] = ref.matmul_nt_int8(x, wq[m], w_scale[m], mode="weight-only")
+
+    @staticmethod
+    def matmul_nt_w8a8(y, xq, sx, acc, x, wq, w_scale):
+        """y (N, M): the W8A8 head of x (N, K), wq (M, K), w_scale (M,), _HEAD_ROWS rows of
+        wq at a time (int32 sums: exact in any grouping); xq, sx, acc: unused scratch."""
+        for m0 in range(0, wq.shape[0], _HEAD_ROWS):
+            m = slice(m0, m0 + _HEAD_ROWS)
+            y[:, m] = ref.matmul_nt_int8(x, wq[m], w_scale[m], mode="w8a8")
 
     @staticmethod
     def softmax(y, x):
@@ -179,6 +196,7 @@ class ReferenceLoops:
 
 
 _CHUNK = 1 << 16  # elements per slice of ReferenceLoops.adamw
+_HEAD_ROWS = 4096  # rows of an int8 head per slice of the reference's matmul_nt_int8
 
 
 LOOPS = ReferenceLoops

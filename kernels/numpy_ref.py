@@ -195,6 +195,46 @@ def matmul_int8(
     return y
 
 
+def matmul_nt_int8(
+    x: np.ndarray,
+    wq: np.ndarray,
+    w_scale: np.ndarray,
+    mode: str = "weight-only",
+) -> np.ndarray:
+    """The tied head with an int8 wte, one scale per row: y ~= x @ (wq * w_scale[:, None]).T.
+
+    Row v of wq is the output channel v, so this is `matmul_int8` of the transposed weight
+    (K, M) = wq.T with its per-column scales w_scale, and no bias:
+    "weight-only": y[n, v] = (sum_k x[n, k] * float(wq[v, k])) * w_scale[v];
+    "w8a8": xq, sx = quantize_rows(x); acc[n, v] = sum_k xq[n, k] * wq[v, k] (int32);
+        y[n, v] = (float32(acc[n, v]) * sx[n]) * w_scale[v].
+
+    Args:
+        x: (N, K) float32.
+        wq: (M, K) int8, the rows of the head (V, C).
+        w_scale: (M,) float32, one scale per row of wq.
+        mode: "weight-only" or "w8a8".
+    Returns:
+        y: (N, M) float32.
+    Raises:
+        ValueError: unknown mode.
+    """
+    return matmul_int8(x, wq.T, w_scale, None, mode)  # (N, M)
+
+
+def dequantize_rows(wq: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    """Rows of an int8 matrix with a scale per row, as float32: float32(wq) * w_scale[:, None]
+    (one rounding), e.g. the embeddings of tokens idx of an int8 wte:
+    dequantize_rows(wq[idx], w_scale[idx]).
+
+    Args:
+        wq: (N, K) int8; w_scale: (N,) float32.
+    Returns:
+        (N, K) float32.
+    """
+    return wq.astype(np.float32) * w_scale[:, None]  # (N, K)
+
+
 # ----------------------------------------------------------------------------------------
 # softmax, log-sum-exp and the softmax cross-entropy
 

@@ -31,7 +31,7 @@ from .engine import DEFAULT_MODEL_DIR
 from .hf import HFError, is_hf_directory, save_hf_directory
 from .quantization import dequantize
 from .rundir import DirectoryLock
-from .tensors import checkpoint_layout
+from .tensors import HEAD, checkpoint_layout
 
 
 def build_parser() -> Parser:
@@ -111,13 +111,16 @@ def _to_hf(model: Path, out: Path, dequantize_int8: bool) -> Path:
     if quant:
         if not dequantize_int8:
             raise HFError(
-                f"{ckpt.path} is an int8 model (scope {quant.get('scope')}, mode {quant.get('mode')}) "
+                f"{ckpt.path} is an int8 model (scope {quant.get('scope')}, mode {quant.get('mode')}"
+                f"{', int8 head' if quant.get('head') else ''}) "
                 f"and transformers' GPT2LMHeadModel holds float weights: export the float32 model "
                 f"it came from, or pass --dequantize to export int8 * scale as float32")
-        params = {name: dequantize(a, params[name + "_scale"]) if a.dtype == np.int8 else a
+        # a linear's scales are per column; the int8 head's (wte) per row: its transpose's
+        params = {name: (dequantize(a.T, params[name + "_scale"]).T if name == HEAD else
+                         dequantize(a, params[name + "_scale"])) if a.dtype == np.int8 else a
                   for name, a in params.items() if not name.endswith("_scale")}
         n = sum(1 for a in ckpt.params.values() if a.dtype == np.int8)
-        print(f"dequantized {n} int8 weight tensors to float32 (int8 * per-channel scale): "
+        print(f"dequantized {n} int8 weight tensors to float32 (int8 * per-channel scale; wte per row): "
               f"transformers runs these rounded weights, not minitf's int8 kernels", file=sys.stderr)
     return save_hf_directory(out, params, ckpt.config, ckpt.tokenizer)
 

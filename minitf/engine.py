@@ -19,6 +19,11 @@ and the tied head, over a *path* that supplies the operations:
   allocates nothing and reads each weight once for all of them. The weights are packed
   once for it (kernels/layout.py) and the engine's arrays are views into them.
 
+An int8 tied head (`quantize --int8-head`: wte int8 with a scale per row, `wte_scale`) is
+read as it is stored on both paths: the embedding dequantizes the rows of the tokens, the
+head runs `matmul_nt_int8` in the model's int8 mode (the fused path's W8A8 head on the int8
+tiles of wte.T).
+
 A prefill that only needs the last position's logits (generation) computes the last layer
 for the last position only: its keys and values still go to the cache for every position,
 but its attention output, MLP and the head are one row (`_run`, last_only).
@@ -55,6 +60,7 @@ from . import kernels
 from .checkpoint import load_checkpoint
 from .config import GPTConfig, check_memory
 from .kernels import get_backend, layout
+from .kernels.numpy_ref import dequantize_rows
 from .tensors import (INT8_MODES, LINEARS, check_tensors, checkpoint_layout, infer_quantization,
                       inference_bytes, tensor_layout)
 
@@ -149,7 +155,8 @@ class Engine:
     Args:
         config: model sizes.
         params: `{name: array}`: float arrays, or for a quantized model int8 weights with a
-            `<name>.weight_scale` float32 (M,) array beside each.
+            `<name>.weight_scale` float32 (M,) array beside each (and for an int8 head,
+            `wte` int8 (V, C) with `wte_scale` float32 (V,), its scale per row).
         backend: "numpy", "numba", "cython", "auto" or None (environment variable
             MINITF_BACKEND, else auto).
         int8_mode: how int8 layers run, "weight-only" or "w8a8".
@@ -186,7 +193,12 @@ class Engine:
         if fused:
             packed = layout.PackedWeights(tensors, config.n_layer, config.n_head, int8_mode)
             tensors = packed.views
-        self.wte = tensors["wte"]  # (V, C) embedding and tied head
+        self.wte = tensors["wte"]  # (V, C) embedding and tied head: float32, or int8 ...
+        self.wte_scale = tensors.get("wte_scale")  # ... with a float32 scale per row (V,)
+        self.head_mode = int8_mode  # how an int8 head runs, as the int8 linear layers
+        # the W8A8 head's tiles of wte.T on the fused path (`FusedPath`), else None
+        self.head_packed: np.ndarray | None = None
+        self.head_colsum: np.ndarray | None = None
         self.wpe = tensors["wpe"]  # (block_size, C)
         self.ln_f = (tensors["ln_f.weight"], tensors["ln_f.bias"])
         self.blocks = []
@@ -592,7 +604,11 @@ class UnfusedPath:
         return 0
 
     def embed(self, idx: np.ndarray, start: int, row: int) -> np.ndarray:
-        return self.e.wte[idx] + self.e.wpe[start:start + len(idx)]  # (T, C)
+        e = self.e
+        if e.wte_scale is None:
+            return e.wte[idx] + e.wpe[start:start + len(idx)]  # (T, C)
+        # an int8 head: the tokens' rows dequantized, q[token] * scale[token]
+        return dequantize_rows(e.wte[idx], e.wte_scale[idx]) + e.wpe[start:start + len(idx)]  # (T, C)
 
     def layernorm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
         return self.kb.layernorm(x, weight, bias, self.e.config.layer_norm_eps)
@@ -618,7 +634,11 @@ class UnfusedPath:
         return self.kb.gelu(f)
 
     def head(self, x: np.ndarray, row: int, last_only: bool) -> np.ndarray:
-        logits = self.kb.matmul_nt(x, self.e.wte)  # (T, V)
+        e = self.e
+        if e.wte_scale is None:
+            logits = self.kb.matmul_nt(x, e.wte)  # (T, V)
+        else:  # the int8 head, read as it is stored
+            logits = self.kb.matmul_nt_int8(x, e.wte, e.wte_scale, e.head_mode)  # (T, V)
         return logits[-1] if last_only else logits
 
 
@@ -653,6 +673,8 @@ class FusedPath:
             for name in LINEARS:
                 if f"h.{l}.{name}" in weights.tiles:
                     blk[name].packed, blk[name].colsum = weights.tiles[f"h.{l}.{name}"]
+        if "wte" in weights.tiles:  # a W8A8 int8 head
+            engine.head_packed, engine.head_colsum = weights.tiles["wte"]
         self.eps = engine.config.layer_norm_eps
         self.buffers: layout.Buffers | None = None
 
@@ -711,7 +733,10 @@ class FusedPath:
         b, T = self.buffers, len(idx)
         b.synced[row] = 0  # the transposed cache mirrors nothing until the last layer's attention
         x = b.x[:T]  # (T, C)
-        np.take(self.e.wte, idx, axis=0, out=x)
+        if self.e.wte_scale is None:
+            np.take(self.e.wte, idx, axis=0, out=x)
+        else:  # an int8 head: the rows dequantized, as the decode step does
+            x[...] = dequantize_rows(self.e.wte[idx], self.e.wte_scale[idx])
         x += self.e.wpe[:T]
         return x
 
@@ -786,14 +811,23 @@ class FusedPath:
         return g
 
     def head(self, h: np.ndarray, row: int, last_only: bool) -> np.ndarray:
-        T, V = len(h), self.e.config.vocab_size
+        e = self.e
+        T, V = len(h), e.config.vocab_size
         if last_only:  # the tied head on the last row only, into the row's logits buffer
-            logits = self.row_logits[row]
-            self.loops.matmul_nt(logits.reshape(1, V), h[T - 1:], self.e.wte)
-            return logits
-        logits = np.empty((T, V), np.float32)  # (T, V)
-        if self.exact:  # a W8A8 model: the unfused kernel, as its logits equal the unfused path's
-            self.loops.matmul_nt(logits, h, self.e.wte)
+            logits, h = self.row_logits[row].reshape(1, V), h[T - 1:]  # (1, V), (1, C)
+        else:
+            logits = np.empty((T, V), np.float32)  # (T, V)
+        if e.head_packed is not None:  # a W8A8 int8 head: the int8 tiles of wte.T
+            b, N = self.buffers, len(h)
+            Kp = layout.padded(h.shape[1], layout.TILE_K)
+            Mp = int(self.weights.tab[layout.ROW_DIMS, layout.DIM_MP])  # entries per pass
+            self.fk.head_w8a8_rows(logits, b.xq_rows[:N * Kp].reshape(N, Kp), b.sx[:N],
+                                   b.acc_rows[:N * Mp].reshape(N, Mp), h,
+                                   e.head_packed, e.head_colsum, e.wte_scale)
+        elif e.wte_scale is not None:  # a weight-only int8 head: the unfused kernel
+            self.loops.matmul_nt_int8_weight_only(logits, h, e.wte, e.wte_scale)
+        elif last_only or self.exact:  # exact: a W8A8 model, whose logits equal the unfused path's
+            self.loops.matmul_nt(logits, h, e.wte)
         else:  # BLAS, as the other float matmuls of the prefill
-            np.matmul(h, self.e.wte.T, out=logits)
-        return logits
+            np.matmul(h, e.wte.T, out=logits)
+        return logits[0] if last_only else logits

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import atomic_target
-from .tensors import LINEARS
+from .tensors import HEAD, LINEARS
 
 
 def _pyplot():
@@ -296,17 +296,23 @@ def plot_attention(attention: list[np.ndarray], labels: list[str], path, title: 
 
 
 def plot_quant_error(errors: dict[str, np.ndarray], path, title: str) -> Path:
-    """quant_error.png: one histogram per quantized tensor (a row per block) of the round-trip
-    error divided by its channel's scale, which must lie in [-0.5, 0.5] (dashed lines)."""
+    """quant_error.png: one histogram per quantized tensor (a row per block, and a last row
+    for an int8 head, wte, whose channels are its rows) of the round-trip error divided by
+    its channel's scale, which must lie in [-0.5, 0.5] (dashed lines)."""
     plt = _pyplot()
-    blocks = sorted({int(n.split(".")[1]) for n in errors})
+    blocks = sorted({int(n.split(".")[1]) for n in errors if n.startswith("h.")})
     linears = [lin for lin in LINEARS if any(n.endswith(lin + ".weight") for n in errors)]
-    fig, axes = plt.subplots(len(blocks), len(linears), squeeze=False, sharex=True,
-                             figsize=(3.2 * len(linears) + 0.6, min(2.4 * len(blocks), 24) + 0.8))
-    for r, blk in enumerate(blocks):
-        for c, lin in enumerate(linears):
+    rows = [[f"h.{blk}.{lin}.weight" for lin in linears] for blk in blocks]
+    if HEAD in errors:
+        rows.append([HEAD] + [None] * (len(linears) - 1))
+    fig, axes = plt.subplots(len(rows), len(linears), squeeze=False, sharex=True,
+                             figsize=(3.2 * len(linears) + 0.6, min(2.4 * len(rows), 24) + 0.8))
+    for r, names in enumerate(rows):
+        for c, name in enumerate(names):
             ax = axes[r][c]
-            name = f"h.{blk}.{lin}.weight"
+            if name is None:
+                ax.axis("off")
+                continue
             e = errors[name].ravel()
             ax.hist(e, bins=np.linspace(-0.55, 0.55, 45), color="tab:blue")
             for x in (-0.5, 0.5):
@@ -315,7 +321,7 @@ def plot_quant_error(errors: dict[str, np.ndarray], path, title: str) -> Path:
             ax.tick_params(labelsize=7)
             if c == 0:
                 ax.set_ylabel("weights", fontsize=8)
-            if r == len(blocks) - 1:
+            if r == len(rows) - 1:
                 ax.set_xlabel("round-trip error / channel scale", fontsize=8)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

@@ -166,7 +166,8 @@ def format_report(report: dict) -> str:
         rows.append(f"validation: {ev['windows']} windows, {ev['tokens']:,} tokens, {ev['chars']:,} chars "
                     f"(backend {ev['backend']})")
         rows.append(f"{'model':<22} {'loss (nats/token)':>17} {'perplexity':>11} {'bits/char':>10}")
-        for key, label in (("float32", "float32"), ("int8", f"int8 {report['scope']} {report['mode']}")):
+        for key, label in (("float32", "float32"), ("int8", f"int8 {report['scope']} {report['mode']}"
+                                                         + (" +head" if report.get("head") else ""))):
             m = ev[key]
             rows.append(f"{label:<22} {m['loss']:>17.4f} {m['perplexity']:>11.4f} {m['bits_per_char']:>10.4f}")
         d = ev["diff_percent"]

@@ -2,6 +2,7 @@
 
     qparams, report = quantize_model(params, config, scope="ffn")
     save_quantized(out_dir, qparams, checkpoint, Quantization("ffn", "w8a8"))
+    qparams, report = quantize_model(params, config, scope="all", head=True)  # int8 wte too
 
 The method (llama2.c's `runq.c` quantizes the same way, per group instead of per channel):
 for a linear weight w (K, M) stored (in, out) as GPT-2 does, each output channel m (a column)
@@ -13,7 +14,10 @@ max/127 underflows) is stored as zeros with scale 1.0: a defined result, never 0
 
 Scopes (minitf.tensors.SCOPES): "ffn" (default, what the design specifies) quantizes
 `mlp.c_fc` and `mlp.c_proj` of every block, two thirds of the weights of a block; "all" also
-`attn.c_attn` and `attn.c_proj`. `wte` and `wpe` stay float32 in both, see `quantize_model`.
+`attn.c_attn` and `attn.c_proj`. `wte` and `wpe` stay float32 in both, see `quantize_model`,
+unless `head=True` (`--int8-head`): then the tied wte becomes one int8 matrix with a scale
+per row, the same rule applied along rows (`quantize_per_row`), used by the embedding (the
+row of a token, dequantized) and by the head (logits[v] = scale[v] * (h . q[v])).
 Modes, recorded in meta.json and used by `minitf.engine.load_engine`: "weight-only" (float
 activations times int8 weights) or "w8a8" (activations quantized per token at run time,
 int8 x int8 summed in int32); see `minitf.kernels.numpy_ref.matmul_int8`, the reference both
@@ -21,7 +25,9 @@ modes are defined by.
 
 A quantized checkpoint holds `<name>.weight` int8 (K, M) and `<name>.weight_scale` float32
 (M,) for each quantized linear layer, every other tensor float32 (`minitf.tensors.tensor_layout`),
-and meta.json {"quantization": {"scope", "mode", "method"}}. What it costs (bytes, errors,
+with an int8 head `wte` int8 (V, C) and `wte_scale` float32 (V,), and meta.json
+{"quantization": {"scope", "mode", "head", "method"}} ("head" absent: false, as in the
+checkpoints written before it). What it costs (bytes, errors,
 validation loss) is measured by minitf.quant_report; `python -m minitf.quantize` does both.
 """
 
@@ -36,9 +42,10 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .config import GPTConfig, param_shapes
 from .model import check_params
 from .quant_report import tensor_report, totals
-from .tensors import Quantization, quantized_weight_names, scale_name, tensor_layout
+from .tensors import HEAD, Quantization, scale_name, tensor_layout
 
 METHOD = "symmetric per-output-channel int8, round-half-to-even"
+HEAD_METHOD = "symmetric per-row int8 (one scale per vocabulary entry), round-half-to-even"
 QMAX = 127  # symmetric int8: [-127, 127]
 
 
@@ -78,6 +85,22 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return wq, scale
 
 
+def quantize_per_row(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 quantization: w[v, :] ~= wq[v, :] * scale[v], for the tied
+    head, whose output channels are wte's rows: `quantize_per_channel` of w.T, transposed
+    back (the same rule, ties and all-zero rows included).
+
+    Args:
+        w: (V, C) float weight; finite.
+    Returns:
+        wq: (V, C) int8, C-contiguous; scale: (V,) float32, every entry a normal float > 0.
+    Raises:
+        ValueError: as `quantize_per_channel`.
+    """
+    wq_t, scale = quantize_per_channel(np.asarray(w).T)  # (C, V), (V,)
+    return np.ascontiguousarray(wq_t.T), scale  # (V, C)
+
+
 def dequantize(wq: np.ndarray, scale: np.ndarray, dtype=np.float32) -> np.ndarray:
     """wq * scale per output channel: (K, M) int8 and (M,) float32 -> (K, M) `dtype`.
 
@@ -91,33 +114,39 @@ def dequantize(wq: np.ndarray, scale: np.ndarray, dtype=np.float32) -> np.ndarra
     return wq.astype(dtype) * scale.astype(dtype)  # (K, M)
 
 
-def quantize_model(params: dict[str, np.ndarray], config: GPTConfig, scope: str = "ffn"):
-    """Quantize the linear weights in `scope` of a float model.
+def quantize_model(params: dict[str, np.ndarray], config: GPTConfig, scope: str = "ffn",
+                   head: bool = False):
+    """Quantize the linear weights in `scope` of a float model, and with `head` the tied wte.
 
-    The tied `wte` (the embedding lookup and, transposed, the output head) and `wpe` stay
-    float32. Per-channel int8 needs one channel axis, and wte has two: the head's output
-    channels are wte's rows (one scale per vocabulary entry), the embedding's are its columns
-    (one per d_model feature), so one set of scales serves one use badly; a second, int8
-    copy for the head would undo the weight tying the design keeps ("one matrix, one copy
-    on disk"). And there is little to gain: in the default model wte (65 x 240) and wpe
-    (128 x 240) are 3% of the parameters and the head's matmul has only 65 outputs, while the
-    linear layers hold 96% (the FFN alone 64%). Biases and LayerNorms stay float32 too.
+    By default the tied `wte` (the embedding lookup and, transposed, the output head) and
+    `wpe` stay float32. Per-channel int8 needs one channel axis, and wte has two: the head's
+    output channels are wte's rows (one scale per vocabulary entry), the embedding's its
+    columns. In the default model wte (65 x 240) and wpe (128 x 240) are 3% of the
+    parameters and the head's matmul has only 65 outputs, so there is little to gain. At
+    GPT-2 small's size (V = 50,257) the head is 38.6M parameters, 64% of what a W8A8 decode
+    step reads with a float32 head: `head=True` stores wte as ONE int8 matrix with a scale
+    per row (`quantize_per_row`), which both uses read, so the tying stays (one matrix, one
+    copy on disk). The embedding then looks up a dequantized row, q[token] * scale[token]
+    (each value within scale/2 of the float one, as for any quantized weight). Biases,
+    LayerNorms and wpe stay float32.
 
     Args:
         params: {GPT-2 name: float array} with exactly the names and shapes of
             `param_shapes(config)`; finite.
         scope: "ffn" (mlp.c_fc, mlp.c_proj of every block) or "all" (also attn.c_attn,
             attn.c_proj).
+        head: also quantize wte, per row (True), or keep it float32 (False).
     Returns:
-        (qparams, report): qparams in `tensor_layout(config, Quantization(scope))` order,
-        `<name>.weight` int8 (K, M) plus `<name>.weight_scale` float32 (M,) for the quantized
-        layers, all else float32. report: {"scope", "method", "tensors", "totals"}, see
+        (qparams, report): qparams in `tensor_layout(config, Quantization(scope, head=head))`
+        order, `<name>.weight` int8 (K, M) plus `<name>.weight_scale` float32 (M,) for the
+        quantized layers (with `head`, `wte` int8 (V, C) plus `wte_scale` float32 (V,)), all
+        else float32. report: {"scope", "head", "method", "tensors", "totals"}, see
         minitf.quant_report.tensor_report and totals.
     Raises:
-        ValueError: an unknown scope, a model that is already quantized, or params that do
-            not match the config.
+        ValueError: an unknown scope, a head that is not a bool, a model that is already
+            quantized, or params that do not match the config.
     """
-    names = quantized_weight_names(config, scope)  # validates scope
+    names = Quantization(scope, head=head).weight_names(config)  # validates scope and head
     if any(np.asarray(p).dtype == np.int8 for p in params.values()) or \
             any(k.endswith(scale_name(".weight")) for k in params):
         raise ValueError("the model is already quantized (it has int8 weights); quantize the "
@@ -129,18 +158,25 @@ def quantize_model(params: dict[str, np.ndarray], config: GPTConfig, scope: str 
         if name not in names:
             qparams[name] = np.ascontiguousarray(w, dtype=np.float32)
             continue
-        wq, scale = quantize_per_channel(w)
+        if name == HEAD:  # per row; reported as its transpose, whose channels are columns
+            wq, scale = quantize_per_row(w)
+            report = tensor_report(name, w.T, wq.T, scale)
+            report["shape"] = list(w.shape)
+        else:
+            wq, scale = quantize_per_channel(w)
+            report = tensor_report(name, w, wq, scale)
         qparams[name], qparams[scale_name(name)] = wq, scale
-        tensors.append(tensor_report(name, w, wq, scale))
-    report = {"scope": scope, "method": METHOD, "tensors": tensors,
-              "totals": totals(config, qparams, tensors)}
+        tensors.append(report)
+    report = {"scope": scope, "head": head, "method": METHOD + (f"; wte: {HEAD_METHOD}" if head else ""),
+              "tensors": tensors, "totals": totals(config, qparams, tensors)}
     return qparams, report
 
 
 def quantized_meta(quant: Quantization, source: Checkpoint, command: str | None = None) -> dict:
     """meta.json of a model quantized from the checkpoint `source`."""
+    method = METHOD + (f"; wte: {HEAD_METHOD}" if quant.head else "")
     return {
-        "quantization": {"scope": quant.scope, "mode": quant.mode, "method": METHOD},
+        "quantization": {**quant.to_meta(), "method": method},
         "quantized_from": str(source.path.resolve()),
         "command": command,
         "source_meta": source.meta,

@@ -2,6 +2,7 @@
 
     python -m minitf.quantize                                   # the shipped model, FFN only
     python -m minitf.quantize --model runs/char --scope all --mode w8a8
+    python -m minitf.quantize --model gpt2-run --scope all --mode w8a8 --int8-head
 
 Writes the int8 model (minitf.quantization) to --out with quant_report.json (bytes per
 tensor and in total, round-trip errors, file sizes, validation loss float32 vs int8:
@@ -28,7 +29,7 @@ from .plots import plot_quant_error
 from .quant_report import evaluation, format_report, measure_files, roundtrip_error_in_scales
 from .quantization import quantize_model, save_quantized
 from .rundir import DirectoryLock
-from .tensors import (INT8_MODES, SCOPES, Quantization, checkpoint_layout, layout_bytes,
+from .tensors import (HEAD, INT8_MODES, SCOPES, Quantization, checkpoint_layout, layout_bytes,
                       scale_name, tensor_layout)
 from .threads import set_threads
 
@@ -54,6 +55,10 @@ def build_parser() -> Parser:
     p.add_argument("--mode", default="weight-only", choices=INT8_MODES,
                    help="how the int8 model runs: int8 weights with float activations, or "
                         "activations quantized per token too (int32 accumulation)")
+    p.add_argument("--int8-head", action="store_true",
+                   help="also store the tied embedding/output head wte in int8, one scale per "
+                        "row (per vocabulary entry), run in --mode as the linear layers "
+                        "(default: wte stays float32)")
     add_data_argument(p)
     p.add_argument("--max-windows", type=positive_int, default=None,
                    help="evaluate on this many windows (default: the whole validation split)")
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     out = Path(args.out) if args.out else Path.cwd() / f"{model_dir.resolve().name}-int8"
-    quant = Quantization(args.scope, args.mode)
+    quant = Quantization(args.scope, args.mode, args.int8_head)
     set_threads(args.threads if args.threads is not None else 1)  # as generate: see cli.py
     with DirectoryLock(out):  # before any work: one writer of --out
         recover_checkpoint(out)
@@ -88,13 +93,16 @@ def main(argv=None) -> int:
         tokens = load_data(args.data, ckpt.tokenizer, with_train=False).val
         eval_starts(len(tokens), ckpt.config.block_size, args.max_windows)  # enough text? now
         check_writable(out, layout_bytes(tensor_layout(ckpt.config, quant)) + (1 << 20))
-        qparams, report = quantize_model(ckpt.params, ckpt.config, args.scope)
+        qparams, report = quantize_model(ckpt.params, ckpt.config, args.scope, args.int8_head)
         report = {"scope": args.scope, "mode": args.mode, **report}
-        errors = {t["name"]: roundtrip_error_in_scales(ckpt.params[t["name"]], qparams[t["name"]],
-                                                       qparams[scale_name(t["name"])])
-                  for t in report["tensors"]}
+        errors = {}
+        for t in report["tensors"]:
+            w, wq, scale = ckpt.params[t["name"]], qparams[t["name"]], qparams[scale_name(t["name"])]
+            if t["name"] == HEAD:  # its channels are rows: the error of the transpose
+                w, wq = w.T, wq.T
+            errors[t["name"]] = roundtrip_error_in_scales(w, wq, scale)
         title = (f"{model_dir.resolve().name}: int8 round-trip error per weight, in units of "
-                 f"its channel's scale (scope {args.scope})")
+                 f"its channel's scale (scope {args.scope}{', int8 head' if args.int8_head else ''})")
         command = "python -m minitf.quantize " + shlex.join(sys.argv[1:] if argv is None else argv)
 
         def report_and_plot(directory: Path) -> None:

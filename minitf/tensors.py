@@ -8,7 +8,10 @@ A layout is `{name: (shape, dtype)}` in a fixed order. Names and shapes come fro
 `config.param_shapes`; dtype None means "the model's float dtype" (float16, 32 or 64, one for
 all of them), an explicit dtype is stored as it is. Quantization replaces each linear weight
 of its scope (K, M) by int8 and adds its per-output-channel float32 scale
-`<name>_scale` (M,), e.g. `h.0.mlp.c_fc.weight` and `h.0.mlp.c_fc.weight_scale`.
+`<name>_scale` (M,), e.g. `h.0.mlp.c_fc.weight` and `h.0.mlp.c_fc.weight_scale`. With an
+int8 head (`Quantization.head`) the tied `wte` (V, C) is int8 too, one matrix for the
+embedding and the head, with one float32 scale per row (per vocabulary entry) `wte_scale`
+(V,): row v is wte[v] * wte_scale[v].
 
 Everything that holds a model goes through these two functions: the training model
 (`minitf.model.GPT`), the inference engine, checkpoints (save and load) and quantization. A
@@ -36,6 +39,7 @@ SCOPES = {
     "all": LINEARS,
 }
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+HEAD = "wte"  # the tied embedding and output head, int8 with per-row scales under `head`
 
 # {tensor name: (shape, dtype)}; dtype None means "the model's float dtype".
 Layout = dict[str, tuple[tuple[int, ...], "np.dtype | None"]]
@@ -54,12 +58,16 @@ class Quantization:
     scope: "ffn" (mlp.c_fc and mlp.c_proj of every block) or "all" (every linear layer).
     mode: "weight-only" (float activations times int8 weights) or "w8a8" (activations
         quantized per token too); see minitf.kernels.numpy_ref.matmul_int8.
+    head: the tied `wte` is int8 too, with a scale per row (`wte_scale`), and runs in
+        `mode` as the linear layers do (minitf.kernels.numpy_ref.matmul_nt_int8); False:
+        wte stays float32 (every checkpoint written before the option).
     Raises:
-        ValueError: an unknown scope or mode.
+        ValueError: an unknown scope or mode, or a head that is not a bool.
     """
 
     scope: str = "ffn"
     mode: str = "weight-only"
+    head: bool = False
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -68,6 +76,9 @@ class Quantization:
         if self.mode not in INT8_MODES:
             raise ValueError(f"quantization mode {self.mode!r} is unknown; allowed: "
                              f"{', '.join(INT8_MODES)}")
+        if not isinstance(self.head, bool):
+            raise ValueError(f"quantization head={self.head!r} must be true or false (an int8 "
+                             "tied embedding and head, or a float32 one)")
 
     @classmethod
     def from_meta(cls, meta: dict | None) -> "Quantization | None":
@@ -81,11 +92,18 @@ class Quantization:
             return None
         if not isinstance(quant, dict):
             raise ValueError(f'"quantization" must be an object, got {quant!r}')
-        return cls(quant.get("scope"), quant.get("mode"))
+        # "head" is absent from the checkpoints written before the int8 head: float32 head
+        return cls(quant.get("scope"), quant.get("mode"), quant.get("head", False))
+
+    def to_meta(self) -> dict:
+        """What meta.json records under "quantization" (with the method, see
+        minitf.quantization.quantized_meta)."""
+        return {"scope": self.scope, "mode": self.mode, "head": self.head}
 
     def weight_names(self, config: GPTConfig) -> list[str]:
-        """The int8 weights, e.g. ["h.0.mlp.c_fc.weight", ...], in parameter order."""
-        return quantized_weight_names(config, self.scope)
+        """The int8 weights, e.g. ["h.0.mlp.c_fc.weight", ...], in parameter order; "wte"
+        last with an int8 head."""
+        return quantized_weight_names(config, self.scope) + ([HEAD] if self.head else [])
 
 
 def quantized_weight_names(config: GPTConfig, scope: str = "ffn") -> list[str]:
@@ -104,14 +122,17 @@ def tensor_layout(config: GPTConfig, quant: Quantization | None = None) -> Layou
     """Every tensor of a model, `{name: (shape, dtype)}`, in `param_shapes(config)` order.
 
     Without `quant`: every parameter with dtype None (the model's float dtype). With it: the
-    weights of its scope as int8 (K, M), each followed by its `<name>_scale` float32 (M,).
+    weights of its scope as int8 (K, M), each followed by its `<name>_scale` float32 (M,),
+    and with `quant.head` wte as int8 (V, C) followed by `wte_scale` float32 (V,), a scale
+    per row: the head's output channels are wte's rows.
     """
     int8 = set(quant.weight_names(config)) if quant is not None else set()
     layout: Layout = {}
     for name, shape in param_shapes(config).items():
         if name in int8:
-            layout[name] = (shape, np.dtype(np.int8))  # (K, M)
-            layout[scale_name(name)] = ((shape[1],), np.dtype(np.float32))  # (M,)
+            layout[name] = (shape, np.dtype(np.int8))  # (K, M), or the head's (V, C)
+            channels = shape[0] if name == HEAD else shape[1]  # rows of wte, columns of a linear
+            layout[scale_name(name)] = ((channels,), np.dtype(np.float32))  # (M,) or (V,)
         else:
             layout[name] = (shape, None)
     return layout
@@ -144,12 +165,14 @@ def infer_quantization(params: dict[str, np.ndarray], config: GPTConfig,
     int8 = sorted(name for name, a in params.items() if getattr(a, "dtype", None) == np.int8)
     if not int8:
         return None
+    head = HEAD in int8
+    linears = [name for name in int8 if name != HEAD]
     for scope in SCOPES:
-        if sorted(quantized_weight_names(config, scope)) == int8:
-            return Quantization(scope, mode)
+        if sorted(quantized_weight_names(config, scope)) == linears:
+            return Quantization(scope, mode, head)
     scopes = "; ".join(f"{scope}: {', '.join(linears)}" for scope, linears in SCOPES.items())
     raise ValueError(f"int8 tensors {_names(int8)} are not the weights of a quantization "
-                     f"scope ({scopes})")
+                     f"scope ({scopes}; with an int8 head, wte too)")
 
 
 def check_tensors(

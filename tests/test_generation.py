@@ -28,7 +28,9 @@ BACKENDS = ["numpy", "numba", "cython"]
 CONFIG = GPTConfig(vocab_size=37, block_size=12, n_layer=2, n_head=3, d_model=24)
 B = CONFIG.block_size
 MODELS = {"float32": None, "int8-weight-only": ("ffn", "weight-only"), "int8-w8a8": ("all", "w8a8"),
-          "int8-w8a8-ffn": ("ffn", "w8a8")}  # the last: float attention layers before int8
+          "int8-w8a8-ffn": ("ffn", "w8a8"),  # float attention layers before int8
+          # with the int8 tied head (quantize --int8-head)
+          "int8-weight-only-head": ("ffn", "weight-only", True), "int8-w8a8-head": ("all", "w8a8", True)}
 PROMPTS = {"shorter": 3, "equal": B, "longer": B + 5}  # prompt lengths against the context
 N_NEW = 2 * B + 5  # past the context more than once
 TOL_LOGITS = TOL[("kv_cache_logits", np.float32)]
@@ -49,11 +51,13 @@ def model(params, name):
     if quant is None:
         gpt = GPT(CONFIG, {k: v.astype(np.float64) for k, v in params.items()})
         return params, "weight-only", lambda backend: lambda w: gpt.forward(np.array([w]))[0][0][-1].copy()
-    q, _ = quantize_model(params, CONFIG, quant[0])
+    q, _ = quantize_model(params, CONFIG, quant[0], head=quant[2:] == (True,))
     if quant[1] == "weight-only":  # the same float math on the dequantized weights
         deq = {k: v.astype(np.float64) for k, v in q.items() if not k.endswith("_scale")}
         for k in deq:
-            if q[k].dtype == np.int8:
+            if q[k].dtype == np.int8 and k == "wte":  # the int8 head: a scale per row
+                deq[k] = q[k].astype(np.float64) * q[k + "_scale"].astype(np.float64)[:, None]
+            elif q[k].dtype == np.int8:
                 deq[k] = dequantize(q[k], q[k + "_scale"]).astype(np.float64)
         gpt = GPT(CONFIG, deq)
         return q, "weight-only", lambda backend: lambda w: gpt.forward(np.array([w]))[0][0][-1].copy()

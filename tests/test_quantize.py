@@ -455,7 +455,7 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     for f in ("config.json", "tokenizer.json"):
         assert (out / f).read_bytes() == (tiny_model_dir / f).read_bytes(), f
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["quantization"] == {"scope": "ffn", "mode": "weight-only",
+    assert meta["quantization"] == {"scope": "ffn", "mode": "weight-only", "head": False,
                                     "method": "symmetric per-output-channel int8, round-half-to-even"}
     assert (out / "quant_error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "quant_report.json").read_text())
@@ -480,6 +480,20 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     assert report["mode"] == "w8a8" and len(report["tensors"]) == 8
     engine, _, _ = load_engine(tmp_path / "all", "numpy")
     assert isinstance(engine.blocks[0]["attn.c_attn"], Int8Linear) and engine.blocks[0]["attn.c_attn"].mode == "w8a8"
+
+    # --int8-head: wte int8 with a scale per row, recorded; its report and plot row
+    r = run_cli("--model", tiny_model_dir, "--out", tmp_path / "head", "--scope", "all",
+                "--mode", "w8a8", "--int8-head", "--max-windows", 2)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "head" / "meta.json").read_text())
+    assert meta["quantization"]["head"] is True and "per-row" in meta["quantization"]["method"]
+    report = json.loads((tmp_path / "head" / "quant_report.json").read_text())
+    head = {t["name"]: t for t in report["tensors"]}["wte"]
+    assert report["head"] is True and len(report["tensors"]) == 9
+    assert head["shape"][1] == 16 and 0 < head["max_error_half_scales"] <= 1.0
+    assert "+head" in r.stdout
+    engine, _, _ = load_engine(tmp_path / "head", "numpy")
+    assert engine.wte.dtype == np.int8 and engine.head_mode == "w8a8"
 
     # quantizing the int8 model again is refused, on one line
     r = run_cli("--model", out, "--out", tmp_path / "again")
