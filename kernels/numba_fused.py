@@ -142,6 +142,22 @@ def _matmul_rows(sf, o, i0, w, n):
 
 
 @njit
+def _quantize_step_rows(sf, si, sc, i0, Kn, n):
+    """Quantize sf[i, i0:i0+Kn] of the step's rows i < n (W8A8 activations, each row's scale
+    into sf[i, SF_SX]) into the int8 slots of si. Returns (flat, xq, xq_off): si as one flat
+    int32 array (row i's sums SW = si.shape[1] apart), the same bytes as int8, and the offset
+    of row 0's activations in them (row i's 4 SW bytes further)."""
+    SW, SX = si.shape[1], sc[SF_SX]
+    flat = si.reshape(-1)
+    xq = flat.view(np.int8)
+    xq_off = 4 * sc[SI_XQ]
+    for i in range(n):
+        at = 4 * (i * SW) + xq_off
+        sf[i, SX] = _quantize_row(xq[at:at + Kn], sf[i, i0:i0 + Kn])
+    return flat, xq, xq_off
+
+
+@njit
 def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
     """sf[i, o:o+M] = linear layer `row` of the index table applied to sf[i, i0:i0+K], for
     the step's rows i < n (sc: the scratch row), by its kind: F32 and INT8 (weight-only)
@@ -180,12 +196,7 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
         wsum = pi[row[SUM]:row[SUM] + Mp]
         w_scale = pf[row[S]:row[S] + Mn]
         SW = si.shape[1]
-        flat = si.reshape(-1)  # the step's rows of sums, SW int32 apart
-        xq = flat.view(np.int8)  # ... and of int8 activations, 4 SW bytes apart
-        xq_off = 4 * sc[SI_XQ]
-        for i in range(n):
-            at = 4 * (i * SW) + xq_off
-            sf[i, SX] = _quantize_row(xq[at:at + Kn], sf[i, i0:i0 + Kn])
+        flat, xq, xq_off = _quantize_step_rows(sf, si, sc, i0, Kn, n)
         _w8a8_sums(flat[SI_ACC:], SW, xq[xq_off:], 4 * SW, n, pq[row[P]:row[P] + Kp * Mp], wsum,
                    Kp, Mp)
         for i in range(n):
@@ -245,12 +256,7 @@ def _head_rows(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk):
         w_scale = pf[row[S]:row[S] + V]  # (V,)
         wp, wsum = pq[row[P]:row[P] + Kp * Vp], pi[row[SUM]:row[SUM] + Vp]
         SW = si.shape[1]
-        flat = si.reshape(-1)  # the step's rows of sums, SW int32 apart
-        xq = flat.view(np.int8)  # ... and of int8 activations, 4 SW bytes apart
-        xq_off = 4 * sc[SI_XQ]
-        for i in range(n):
-            at = 4 * (i * SW) + xq_off
-            sf[i, SX] = _quantize_row(xq[at:at + C], sf[i, H:H + C])
+        flat, xq, xq_off = _quantize_step_rows(sf, si, sc, H, C, n)
         for m0 in range(0, V, chunk):  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
             mp = min(chunk, Vp - m0)
             m1 = min(m0 + mp, V)

@@ -24,6 +24,7 @@ from minitf.model import init_params
 from minitf.quantization import quantize_model, quantize_per_row, save_quantized
 from minitf.tensors import Quantization, checkpoint_layout, tensor_layout
 from minitf.tokenizer import CharTokenizer
+from reachable import reachable_arrays
 from tolerances import TOL
 
 BACKENDS = ["numpy", "numba", "cython"]
@@ -247,7 +248,7 @@ def test_the_int8_head_is_read_as_it_is_stored(config_params, backend):
     for mode in ("weight-only", "w8a8"):
         qparams, _ = quantize_model(params, config, "all", head=True)
         e = Engine(config, qparams, backend, int8_mode=mode)
-        arrays = [a for a in _arrays(e) if a.dtype.kind == "f"]
+        arrays = [a for a in reachable_arrays(e) if a.dtype.kind == "f"]
         assert not [a.shape for a in arrays if a.shape in ((V, C), (C, V), (V * C,))], (backend, mode)
         assert e.wte.dtype == np.int8 and e.wte_scale.shape == (V,)
         if e.fused is not None:
@@ -255,25 +256,6 @@ def test_the_int8_head_is_read_as_it_is_stored(config_params, backend):
             assert (e.head_packed is not None) == (mode == "w8a8")
             if mode == "w8a8":
                 assert e.head_packed.dtype == np.int8 and e.head_packed.size == -(-C // 4) * 4 * -(-V // 64) * 64
-
-
-def _arrays(obj, seen=None):
-    """Every ndarray reachable from obj through attributes, dicts, lists and tuples."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, np.ndarray):
-        return [obj]
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.startswith("minitf"):
-        items = list(vars(obj).values())
-    else:
-        items = []
-    return [a for item in items for a in _arrays(item, seen)]
 
 
 # ----------------------------------------------------------------------------------------

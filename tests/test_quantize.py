@@ -28,6 +28,7 @@ from minitf.model import init_params
 from minitf.quantization import dequantize, quantize_model, quantize_per_channel
 from minitf.tensors import checkpoint_layout, quantized_weight_names
 from minitf.tokenizer import CharTokenizer
+from reachable import reachable_arrays
 from tolerances import TOL
 
 BACKENDS = ["numpy", "numba", "cython"]
@@ -357,29 +358,11 @@ def test_other_tampering_is_refused(quantized_dir):
         load_engine(path, "numpy")
 
 
-def _arrays(obj, seen=None):
-    """Every ndarray reachable from obj through attributes, dicts, lists and tuples."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, np.ndarray):
-        return [obj] + ([obj.base] if isinstance(obj.base, np.ndarray) else [])
-    items = []
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.startswith("minitf"):
-        items = list(vars(obj).values())
-    return [a for item in items for a in _arrays(item, seen)]
-
-
 def _float_bytes(obj) -> int:
     """Bytes of float memory reachable from obj, each buffer counted once (views resolved to
     the array that owns the memory)."""
     roots = {}
-    for a in _arrays(obj):
+    for a in reachable_arrays(obj):
         while isinstance(a.base, np.ndarray):
             a = a.base
         roots[id(a)] = a
@@ -404,7 +387,7 @@ def test_engine_keeps_no_float_copy_of_quantized_weights(quantized_dir, model, s
             else:
                 assert isinstance(layer, Linear) and layer.weight.dtype == np.float32, lin
     quantized_shapes = {shapes[n] for n in names}
-    arrays = _arrays(engine)
+    arrays = reachable_arrays(engine)
     floats = [a.shape for a in arrays if a.dtype.kind == "f" and a.shape in quantized_shapes]
     assert not floats, f"{backend}: the engine holds float arrays shaped like quantized weights: {floats}"
     # Packed or flattened copies have other shapes: count bytes instead. Against the float
