@@ -62,7 +62,7 @@ from .config import GPTConfig, check_memory
 from .kernels import get_backend, layout
 from .kernels.numpy_ref import dequantize_rows
 from .tensors import (INT8_MODES, LINEARS, check_tensors, checkpoint_layout, infer_quantization,
-                      inference_bytes, tensor_layout)
+                      inference_bytes, scale_name, tensor_layout)
 
 # The small pretrained TinyShakespeare model that ships inside the package.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "pretrained"
@@ -110,6 +110,10 @@ def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weig
     return Linear(np.ascontiguousarray(w, dtype=np.float32), b)
 
 
+# the largest per-channel scale: 127 x scale is a finite float32
+_MAX_SCALE = np.float32(np.finfo(np.float32).max / 127)
+
+
 def check_engine_params(params: dict[str, np.ndarray], config: GPTConfig):
     """The Quantization of params (None: float); raise ValueError unless params are exactly
     the tensors of a float or a quantized model of `config` (minitf.tensors: int8 weights
@@ -117,6 +121,18 @@ def check_engine_params(params: dict[str, np.ndarray], config: GPTConfig):
     memory (minitf.config.SizeError)."""
     quant = infer_quantization(params, config)
     check_tensors(params, tensor_layout(config, quant), "Engine", noun="parameter", finite=False)
+    for name, w in params.items():  # what the quantizer writes, on every backend
+        if w.dtype != np.int8:
+            continue
+        if w.size and w.min() < -127:
+            raise ValueError(f"{name}: int8 weights must be in [-127, 127] (the quantizer's range), "
+                             f"got {int(w.min())}")
+        scale = np.asarray(params[scale_name(name)], dtype=np.float32)
+        bad = ~((scale > 0) & (scale <= _MAX_SCALE))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{scale_name(name)}: scales must be positive and at most {_MAX_SCALE:.3g} "
+                             f"(127 x scale a finite float32), got {scale[i]!r} at index {i}")
     check_memory(inference_bytes(config, quant), "an Engine for this model",
                  "choose a smaller model or block_size")
     return quant

@@ -69,6 +69,9 @@ def read_prompt(args) -> str:
     if args.prompt_file is None:
         return args.prompt or ""
     name = "standard input" if args.prompt_file == "-" else args.prompt_file
+    if args.prompt_file == "-" and sys.stdin is None:  # started with stdin closed (<&-)
+        raise OSError("--prompt-file -: standard input is closed; give the prompt with a pipe, "
+                      "--prompt or --prompt-file PATH")
     try:  # a file is refused by name if it is not a regular one, or too large to read
         data = (read_stream_bytes(sys.stdin.buffer, "--prompt-file - (standard input)")
                 if args.prompt_file == "-" else read_text_bytes(args.prompt_file, "--prompt-file"))

@@ -49,7 +49,10 @@ def build_parser() -> Parser:
     p.add_argument("--model", default=None,
                    help="float32 model directory (default: the shipped model)")
     p.add_argument("--out", default=None,
-                   help="directory for the int8 model (default: ./<model name>-int8)")
+                   help="directory for the int8 model (default: ./<model name>-int8); it "
+                        "must not hold a model unless --replace")
+    p.add_argument("--replace", action="store_true",
+                   help="replace the int8 model already in --out (never a float model)")
     p.add_argument("--scope", default="ffn", choices=tuple(SCOPES),
                    help="ffn: mlp.c_fc and mlp.c_proj of every block; all: every linear layer")
     p.add_argument("--mode", default="weight-only", choices=INT8_MODES,
@@ -89,6 +92,9 @@ def main(argv=None) -> int:
         if is_checkpoint(out) and not out_meta.get("quantization"):
             raise ValueError(f"--out {out} holds a float model; choose another directory, "
                              "quantize never overwrites a model it did not write")
+        if is_checkpoint(out) and not args.replace:
+            raise ValueError(f"--out {out} already holds an int8 model ({out_meta['quantization']}); "
+                             "choose another directory, or add --replace to replace it")
         float_engine = Engine(ckpt.config, ckpt.params, args.backend)
         tokens = load_data(args.data, ckpt.tokenizer, with_train=False).val
         eval_starts(len(tokens), ckpt.config.block_size, args.max_windows)  # enough text? now

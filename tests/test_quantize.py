@@ -501,3 +501,33 @@ def test_cli_missing_model_dir_exits_2(tmp_path):
     r = run_cli("--model", tmp_path / "nothing", "--out", tmp_path / "q")
     assert r.returncode == 2 and "no checkpoint here" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_int8_model_in_out_is_replaced_only_with_replace(tiny_model_dir, tmp_path):
+    """A second quantize into the same --out would lose the first int8 model: refused with
+    one line unless --replace."""
+    out = tmp_path / "q"
+    assert run_cli("--model", tiny_model_dir, "--out", out, "--scope", "all").returncode == 0
+    before = (out / "model.safetensors").read_bytes()
+    r = run_cli("--model", tiny_model_dir, "--out", out)
+    assert r.returncode == 2 and "already holds an int8 model" in r.stderr and "--replace" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (out / "model.safetensors").read_bytes() == before
+    r = run_cli("--model", tiny_model_dir, "--out", out, "--replace")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "meta.json").read_text())["quantization"]["scope"] == "ffn"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["h.0.mlp.c_fc.weight_scale"].__setitem__(0, 0.0), "scales must be positive"),
+    (lambda p: p["h.0.mlp.c_fc.weight_scale"].__setitem__(1, -0.5), "scales must be positive"),
+    (lambda p: p["h.0.mlp.c_fc.weight_scale"].__setitem__(2, 3e38), "at most"),
+    (lambda p: p["h.0.mlp.c_fc.weight"].__setitem__((0, 0), -128), "must be in \\[-127, 127\\]"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_tensors_the_quantizer_never_writes_are_refused_by_every_backend(change, message, backend):
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, d_model=8)
+    qparams, _ = quantize_model(init_params(config, seed=1), config, "ffn")
+    qparams = {k: v.copy() for k, v in qparams.items()}
+    change(qparams)
+    with pytest.raises(ValueError, match=message):
+        Engine(config, qparams, backend)
