@@ -16,6 +16,7 @@ from minitf.kernels import numba_kernels, numpy_ref
 from minitf.kernels.layout import pack_vnni
 from minitf.model import init_params
 from minitf.quantization import quantize_model
+from models import perturbed_params
 from tolerances import TOL
 
 FUSED_BACKENDS = ["numba", "cython"]
@@ -38,11 +39,7 @@ def relative_error(got, want) -> float:
 @pytest.fixture(scope="module", params=range(len(CONFIGS)), ids=["C26-NH2", "C24-NH3"])
 def config_params(request):
     config = CONFIGS[request.param]
-    params = init_params(config, seed=4)
-    rng = np.random.default_rng(9)
-    for name in params:  # larger weights than at init, so the logits differ clearly by token
-        params[name] = (params[name] + rng.normal(scale=0.2, size=params[name].shape)).astype(np.float32)
-    return config, params
+    return config, perturbed_params(config)
 
 
 def engines(config, params, backend, quant):

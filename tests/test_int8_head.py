@@ -20,10 +20,10 @@ from minitf.checkpoint import load_checkpoint, load_safetensors
 from minitf.config import GPTConfig, param_shapes
 from minitf.engine import Engine, load_engine
 from minitf.kernels import get_backend
-from minitf.model import init_params
 from minitf.quantization import quantize_model, quantize_per_row, save_quantized
 from minitf.tensors import Quantization, checkpoint_layout, tensor_layout
 from minitf.tokenizer import CharTokenizer
+from models import perturbed_params
 from reachable import reachable_arrays
 from tolerances import TOL
 
@@ -41,11 +41,7 @@ MODELS = [("ffn", "weight-only"), ("all", "weight-only"), ("ffn", "w8a8"), ("all
 @pytest.fixture(scope="module", params=range(len(CONFIGS)), ids=["V301-C26", "V37-C24"])
 def config_params(request):
     config = CONFIGS[request.param]
-    params = init_params(config, seed=4)
-    rng = np.random.default_rng(9)
-    for name in params:  # larger weights than at init, so the logits differ clearly by token
-        params[name] = (params[name] + rng.normal(scale=0.2, size=params[name].shape)).astype(np.float32)
-    return config, params
+    return config, perturbed_params(config)
 
 
 # ----------------------------------------------------------------------------------------
