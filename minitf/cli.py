@@ -89,6 +89,14 @@ def text_argument(value: str) -> str:
         return value
 
 
+def path_argument(value: str) -> str:
+    """A path argument (argparse type): any text but the empty string, which would name
+    the current directory by accident (`--out "$UNSET_VARIABLE"`)."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty path; give a directory or file name")
+    return value
+
+
 def fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     """Report a bad value on one line and exit with status 2 (argparse's convention)."""
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
@@ -109,7 +117,7 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
 def add_data_argument(parser: argparse.ArgumentParser) -> None:
     """--data: the corpus, as minitf.data.load_corpus resolves it."""
     parser.add_argument(
-        "--data", default=None,
+        "--data", default=None, type=path_argument,
         help="corpus text file, or a dataset folder from python -m minitf.prepare (whose "
              "tokenizer is then used) (default: $MINITF_DATA, else ~/.cache/minitf, else a "
              "verified download)",

@@ -26,7 +26,7 @@ import numpy as np
 
 from .checkpoint import (check_writable, is_checkpoint, load_checkpoint, load_json,
                          recover_checkpoint, save_checkpoint)
-from .cli import Parser, fail, guarded
+from .cli import Parser, fail, guarded, path_argument
 from .engine import DEFAULT_MODEL_DIR
 from .hf import HFError, is_hf_directory, save_hf_directory
 from .quantization import dequantize
@@ -43,13 +43,13 @@ def build_parser() -> Parser:
                "python -m minitf.convert --to-hf exported --model runs/char",
     )
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from-hf", metavar="DIR", default=None,
+    way.add_argument("--from-hf", metavar="DIR", default=None, type=path_argument,
                      help="a transformers GPT-2 directory to read (config.json, model.safetensors "
                           "or its shards, tokenizer.json)")
-    way.add_argument("--to-hf", metavar="DIR", default=None,
+    way.add_argument("--to-hf", metavar="DIR", default=None, type=path_argument,
                      help="a new (or empty) directory to write the transformers files into")
-    p.add_argument("--out", default=None, help="with --from-hf: the minitf checkpoint directory to write")
-    p.add_argument("--model", default=None,
+    p.add_argument("--out", default=None, type=path_argument, help="with --from-hf: the minitf checkpoint directory to write")
+    p.add_argument("--model", default=None, type=path_argument,
                    help="with --to-hf: the minitf model to export (default: the shipped model)")
     p.add_argument("--dequantize", action="store_true",
                    help="with --to-hf: export an int8 model as float32 int8 * scale (else refused)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 from pathlib import Path
 from urllib.error import URLError
@@ -117,12 +118,21 @@ TEXT_MEMORY_PER_BYTE = 1 + 1 + 16 + 8
 
 def read_text_bytes(path: str | os.PathLike, what: str) -> bytes:
     """The bytes of the text file `path` (`what` names it: "--data", "--prompt-file"): a
-    regular file (minitf.fileio.regular_file) whose reading and tokenizing fit in memory.
+    regular file (minitf.fileio.regular_file) whose reading and tokenizing fit in memory,
+    or a pipe given by name (a FIFO, such as the shell's `<(command)`), read as a stream by
+    `read_stream_bytes`. Devices and sockets are refused.
 
     Raises:
         FileNotFoundError, OSError, ValueError: see regular_file.
         minitf.config.SizeError: the file is too large for this machine's memory.
     """
+    try:
+        is_pipe = stat.S_ISFIFO(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        is_pipe = False  # regular_file names the problem
+    if is_pipe:
+        with open(path, "rb") as stream:
+            return read_stream_bytes(stream, f"{what} {path} (a pipe)")
     path = regular_file(path, what)
     size = path.stat().st_size
     check_memory({"the text and its tokens": size * TEXT_MEMORY_PER_BYTE},

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 
-from .cli import Parser, add_backend_argument, add_data_argument, fail, guarded
+from .cli import Parser, add_backend_argument, add_data_argument, fail, guarded, path_argument
 from .dataset import load_data
 from .engine import load_engine
 from .metrics import engine_logits, evaluate
@@ -24,7 +24,7 @@ def build_parser() -> Parser:
         description="Validation loss (nats/token), perplexity and bits/char of a model.",
         epilog="example: python -m minitf.evaluate --backend numba --max-windows 200",
     )
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=None, type=path_argument,
                         help="model directory (default: the shipped model)")
     add_data_argument(parser)
     parser.add_argument("--max-windows", type=int, default=None,

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import Parser, add_backend_argument, fail, guarded, nonneg_int, positive_int
+from .cli import Parser, add_backend_argument, fail, guarded, nonneg_int, path_argument, positive_int
 from .data import read_stream_bytes, read_text_bytes
 from .engine import CONTEXT_MODES, GenerationStats, load_engine
 from .kernels import describe
@@ -57,8 +57,8 @@ def build_parser() -> Parser:
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end a sample before STRING (repeatable; \\n \\t \\r \\\\ are understood)")
     p.add_argument("--context-mode", choices=CONTEXT_MODES, default="shift", help="past the context: shift keeps the last --keep tokens and re-prefills them once; exact makes every token see the last block_size tokens (a re-prefill per token)")
     p.add_argument("--keep", type=positive_int, default=None, help="tokens kept by --context-mode shift when the context is full (default: half the context)")
-    p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
-    p.add_argument("--viz", default=None, metavar="DIR", help="also write attn_prefill.png and memory_log.png/.csv to DIR (one sample)")
+    p.add_argument("--model", default=None, type=path_argument, help="model directory (default: the shipped model)")
+    p.add_argument("--viz", default=None, type=path_argument, metavar="DIR", help="also write attn_prefill.png and memory_log.png/.csv to DIR (one sample)")
     p.add_argument("--stats", action="store_true", help="print prefill, in-context decode and re-prefill times and rates to stderr")
     add_backend_argument(p)
     return p

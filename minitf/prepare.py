@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, bpe_vocab_size, fail, guarded, positive_int
+from .cli import Parser, bpe_vocab_size, fail, guarded, path_argument, positive_int
 from .dataset import DTYPES, prepare
 
 
@@ -25,7 +25,7 @@ def build_parser() -> Parser:
         epilog="example: python -m minitf.prepare input.txt --out data/shakespeare --tokenizer bpe",
     )
     p.add_argument("source", help="a UTF-8 text file, a folder of them, or - for standard input")
-    p.add_argument("--out", required=True, help="dataset folder to write (new, empty, or a dataset to replace)")
+    p.add_argument("--out", required=True, type=path_argument, help="dataset folder to write (new, empty, or a dataset to replace)")
     p.add_argument("--tokenizer", default="char",
                    help="char or bpe: train one on the training split; else a tokenizer.json or a "
                         "folder holding one (a model, a dataset) to use as it is")

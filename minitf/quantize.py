@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .checkpoint import (check_writable, is_checkpoint, load_checkpoint, load_json,
                          recover_checkpoint, save_json_atomic)
-from .cli import Parser, add_backend_argument, add_data_argument, guarded, positive_int
+from .cli import Parser, add_backend_argument, add_data_argument, guarded, path_argument, positive_int
 from .dataset import load_data
 from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
 from .hf import is_hf_directory
@@ -46,9 +46,9 @@ def build_parser() -> Parser:
         epilog="example: python -m minitf.quantize --model runs/char --scope all --mode w8a8 "
                "--backend numba",
     )
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", default=None, type=path_argument,
                    help="float32 model directory (default: the shipped model)")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=None, type=path_argument,
                    help="directory for the int8 model (default: ./<model name>-int8); it "
                         "must not hold a model unless --replace")
     p.add_argument("--replace", action="store_true",

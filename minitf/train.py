@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from .cli import (Parser, add_backend_argument, add_data_argument, bpe_vocab_size, fail, guarded,
-                  nonneg_int, positive_int)
+                  nonneg_int, path_argument, positive_int)
 from .config import PRESETS, GPTConfig
 from .dataset import load_dataset, tokenizer_kind
 from .distributed import MPIUnavailable, World, abort_on, world
@@ -79,7 +79,7 @@ def build_parser() -> Parser:
         epilog="example: python -m minitf.train --out runs/char --steps 2000 --seed 1337",
     )
     add_data_argument(p)
-    p.add_argument("--out", default="runs/char", help="checkpoint directory")
+    p.add_argument("--out", default="runs/char", type=path_argument, help="checkpoint directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (model, optimizer, data "
                         "RNG)")

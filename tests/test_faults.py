@@ -1019,6 +1019,25 @@ def test_an_internal_error_is_one_line_with_a_hint(monkeypatch, capsys):
     assert "internal error: TypeError: something minitf did wrong" in line and "MINITF_DEBUG=1" in line
 
 
+@pytest.mark.parametrize("prog, flag", [
+    ("train", "--out"), ("train", "--data"), ("quantize", "--out"), ("quantize", "--model"),
+    ("prepare", "--out"), ("convert", "--to-hf"), ("convert", "--from-hf"), ("evaluate", "--model"),
+    ("generate", "--model"), ("generate", "--viz"),
+])
+def test_an_empty_path_is_refused_rather_than_read_as_the_default(prog, flag, tmp_path, capsys,
+                                                                   monkeypatch):
+    """`--out "$UNSET"` names no directory: it must not fall back to the default model or the
+    current directory."""
+    monkeypatch.chdir(tmp_path)
+    main = {"train": train.main, "quantize": quantize.main, "prepare": prepare.main,
+            "convert": convert.main, "evaluate": evaluate.main, "generate": generate.main}[prog]
+    extra = ["source.txt"] if prog == "prepare" else []
+    assert call(main, *extra, flag, "") == 2
+    line = error_of(capsys, prog)
+    assert flag in line and "empty path" in line, line
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 # ---------------------------------------------------------------------------------------
 # Inputs that never end, or that the machine cannot hold
 

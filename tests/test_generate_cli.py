@@ -3,8 +3,10 @@
 in-context decode and re-prefill apart, on their own lines on stderr."""
 
 import io
+import os
 import re
 import sys
+import threading
 
 import pytest
 
@@ -72,6 +74,23 @@ def test_prompt_from_a_file_and_from_stdin(capsys, tmp_path, monkeypatch):
     path.write_bytes(b"JULIET:\xff\n")
     status, _, err = run(capsys, "--prompt-file", str(path), *common)
     assert status == 2 and "not UTF-8 text" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_prompt_file_that_is_a_pipe_is_read_as_a_stream(capsys, tmp_path):
+    """`--prompt-file <(command)` names a pipe: it is read as standard input is (bounded),
+    not refused as a device."""
+    fifo = tmp_path / "prompt.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(b"JULIET:\n",))
+    writer.start()
+    common = ["--backend", "numpy", "--seed", "5", "--max-new-tokens", "20"]
+    try:
+        status, from_pipe, err = run(capsys, "--prompt-file", str(fifo), *common)
+    finally:
+        writer.join(timeout=10)
+    assert status == 0, err
+    assert from_pipe == run(capsys, "--prompt", "JULIET:\n", *common)[1]
 
 
 def test_standard_input_larger_than_memory_is_refused_while_it_streams(capsys, monkeypatch):
