@@ -268,14 +268,17 @@ def test_weights_are_stored_once(config_params, backend):
         e = Engine(config, p, backend, int8_mode=mode)
         w = e.fused.weights
         assert np.shares_memory(e.wte, w.pf) and np.shares_memory(e.wpe, w.pf)
-        for blk in e.blocks:
+        for l, blk in enumerate(e.blocks):
             for name, layer in blk.items():
                 if isinstance(layer, Linear):
                     assert np.shares_memory(layer.weight, w.pf), name
                 elif isinstance(layer, Int8Linear):
-                    assert np.shares_memory(layer.weight_q, w.pq), name
-                    # the tiled copy exists for W8A8 only, and is visible to memory accounting
-                    assert (layer.packed is not None) == (mode == "w8a8"), name
+                    # weight-only: the (K, M) array; W8A8: the tiles alone, all the fused path
+                    # reads, visible to memory accounting; weight_q rebuilt from them
+                    assert (layer.stored_q is None) == (layer.packed is not None) == (mode == "w8a8"), name
+                    kept = layer.packed if mode == "w8a8" else layer.stored_q
+                    assert np.shares_memory(kept, w.pq), name
+                    np.testing.assert_array_equal(layer.weight_q, p[f"h.{l}.{name}.weight"])
         sizes = e.fused.nbytes()
         assert sizes["weights"] == w.pf.nbytes + w.pq.nbytes + w.pi.nbytes + w.tab.nbytes
 
