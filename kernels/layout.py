@@ -151,6 +151,9 @@ class PackedWeights:
             into its place in the flat arrays (no other copy is made of it).
         n_layer, n_head: the model's sizes (the rest come from the tensors' shapes).
         int8_mode: "weight-only" or "w8a8", how the int8 linear layers run.
+        take: remove each tensor from `tensors` (a dict) once it is copied, so that its
+            memory is freed (if nothing else holds it) before the next one is copied: a
+            loaded file and its packed copy are never both whole in memory.
     Attributes:
         pf, pq, pi: the flat float32, int8 and int32 arrays; tab: the index table.
         views: {name: view into pf or pq} for every tensor of `tensors` but the weights of
@@ -163,7 +166,7 @@ class PackedWeights:
             unfused kernels do (no transposed-cache attention, no fast GELU).
     """
 
-    def __init__(self, tensors, n_layer: int, n_head: int, int8_mode: str):
+    def __init__(self, tensors, n_layer: int, n_head: int, int8_mode: str, take: bool = False):
         V, C = tensors["wte"].shape
         block_size = tensors["wpe"].shape[0]
         d_ff = tensors["h.0.mlp.c_fc.bias"].shape[0]
@@ -241,6 +244,8 @@ class PackedWeights:
                 view = flat[off:off + int(np.prod(shape))].reshape(shape)
                 view[...] = tensors[name]  # float32 by assignment (as astype does)
                 self.views[name] = view
+                if take:
+                    del tensors[name]
         self.tiles: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for row, name in tiled:
             Kp_, Mp_ = int(tab[row, KP]), int(tab[row, MP])
@@ -248,6 +253,8 @@ class PackedWeights:
             colsum = self.pi[tab[row, SUM]:tab[row, SUM] + Mp_]
             w = self.views["wte"].T if row == ROW_WTE else tensors[name + ".weight"]  # (K, M)
             self.tiles[name] = pack_vnni(w, out, colsum)
+            if take and row != ROW_WTE:
+                del w, tensors[name + ".weight"]
         self.exact = bool(tiled)
 
     def nbytes(self) -> int:

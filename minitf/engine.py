@@ -197,6 +197,10 @@ class Engine:
         fused: run decode and prefill on the backend's fused path (`FusedPath`): None = yes
             for numba and cython, no for numpy. Hooks (trace, capture_attention,
             attention_out) work on either path and do not change it.
+        take_params: take the tensors out of `params` (a dict, left empty): on the fused
+            path each is freed, if nothing else holds it, once copied into the packed
+            arrays, so that loaded tensors and their packed copy are never both whole in
+            memory (`load_engine` does this).
     Raises:
         minitf.kernels.BackendError: the backend is unknown or cannot load, or fused=True
             for a backend without a fused path (a ValueError).
@@ -207,7 +211,8 @@ class Engine:
     """
 
     def __init__(self, config: GPTConfig, params: dict[str, np.ndarray], backend: str | None = None,
-                 int8_mode: str = "weight-only", fused: bool | None = None):
+                 int8_mode: str = "weight-only", fused: bool | None = None,
+                 take_params: bool = False):
         if int8_mode not in INT8_MODES:
             raise ValueError(f"int8 mode {int8_mode!r} is not one of {INT8_MODES}")
         if fused not in (None, True, False):
@@ -224,11 +229,14 @@ class Engine:
         # weights stay int8)
         packed = None
         if fused:
-            packed = layout.PackedWeights(params, config.n_layer, config.n_head, int8_mode)
+            packed = layout.PackedWeights(params, config.n_layer, config.n_head, int8_mode,
+                                          take=take_params)
             tensors = packed.views
         else:
             tensors = {name: np.ascontiguousarray(a, dtype=np.int8 if a.dtype == np.int8 else np.float32)
                        for name, a in params.items()}
+        if take_params:
+            params.clear()
         self.wte = tensors["wte"]  # (V, C) embedding and tied head: float32, or int8 ...
         self.wte_scale = tensors.get("wte_scale")  # ... with a float32 scale per row (V,)
         self.head_mode = int8_mode  # how an int8 head runs, as the int8 linear layers
@@ -609,12 +617,15 @@ def load_engine(model_dir=None, backend: str | None = None):
     """(Engine, tokenizer, checkpoint) for a model directory, default: the shipped model.
 
     A quantized checkpoint (meta.json "quantization") loads with its int8 weights and runs
-    in the mode it records."""
+    in the mode it records. The engine takes the loaded tensors (`take_params`): the
+    returned checkpoint's `params` is empty, and on the fused path only the packed copy
+    stays in memory."""
     if model_dir is not None and not str(model_dir).strip():
         raise ValueError("model directory is empty; omit --model to use the shipped model")
     ckpt = load_checkpoint(model_dir or DEFAULT_MODEL_DIR, layout=checkpoint_layout, optimizer=False)
     quant = (ckpt.meta or {}).get("quantization") or {}
-    engine = Engine(ckpt.config, ckpt.params, backend, int8_mode=quant.get("mode", "weight-only"))
+    engine = Engine(ckpt.config, ckpt.params, backend, int8_mode=quant.get("mode", "weight-only"),
+                    take_params=True)
     return engine, ckpt.tokenizer, ckpt
 
 
