@@ -662,33 +662,38 @@ def gpt2_engines(config, params, quantized) -> tuple[list, list[str], list[str]]
     return engines, versions, skipped
 
 
-# the child of `peak_memory`: load the tensors, build the engine (which takes them, as
-# load_engine does), generate; print peak RSS (Linux)
+# the child of `peak_memory`: load the tensors with the reader of load_checkpoint, build the
+# engine (which takes them, as load_engine does), generate; print peak RSS and RSS at the end
+# (Linux)
 _PEAK_RSS_CHILD = """
 import json, sys
 import numpy as np
-from safetensors.numpy import load_file
+from minitf.checkpoint import load_safetensors
 from minitf.config import GPTConfig
 from minitf.engine import Engine
 path, config, mode, new, backend = (sys.argv[1], GPTConfig(**json.loads(sys.argv[2])), sys.argv[3],
                                     int(sys.argv[4]), sys.argv[5])
-engine = Engine(config, load_file(path), backend, int8_mode=mode, take_params=True)
+engine = Engine(config, load_safetensors(path)[0], backend, int8_mode=mode, take_params=True)
 tokens = list(engine.generate(list(range(16)), new, lambda logits: int(np.argmax(logits))))
 with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss survives exec)
-    print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+    kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+           if k in ("VmHWM", "VmRSS")}
+print(kib["VmHWM"] * 1024, kib["VmRSS"] * 1024)
 """
 MEMORY_BACKENDS = ("numba", "cython")  # the fused backends, each measured
 
 
 def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16,
-                backends=MEMORY_BACKENDS) -> dict[tuple[str, str], int]:
-    """{(backend, label): peak resident bytes} of a fresh process per backend and model that
-    loads its tensors from a safetensors file (as a checkpoint is loaded), builds an Engine
+                backends=MEMORY_BACKENDS) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(backend, label): (peak, final) resident bytes} of a fresh process per backend and model that
+    loads its tensors from a safetensors file (`minitf.checkpoint.load_safetensors`, the
+    reader of load_checkpoint: one tensor after another into its array), builds an Engine
     of that backend (its fused path) which takes the loaded tensors as `load_engine` does,
     and generates `new` greedy tokens after a 16-token prompt: the child's VmHWM (Linux),
     which includes Python, numpy and the backend's compiled kernels (the same in every
-    child of a backend) and the loading itself. Not getrusage's ru_maxrss: Linux carries it
-    over exec from the parent, this whole run. The children run one after the other."""
+    child of a backend) and the loading itself; and its VmRSS after generating, what the
+    generation holds once loading is over. Not getrusage's ru_maxrss: Linux carries it over
+    exec from the parent, this whole run. The children run one after the other."""
     import json
     import subprocess
     import tempfile
@@ -707,19 +712,23 @@ def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16,
                 if done.returncode != 0:  # say why, not only that it failed
                     sys.exit(f"compare.py: the peak-memory process of {backend} {label} failed "
                              f"({done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}")
-                out[backend, label] = int(done.stdout.split()[-1])
+                hwm, rss = done.stdout.split()[-2:]
+                out[backend, label] = int(hwm), int(rss)
     return out
 
 
-def print_peak_memory(peak: dict[tuple[str, str], int]) -> None:
-    """One line per backend: each model's peak and its ratio to the float32 one."""
+def print_peak_memory(peak: dict[tuple[str, str], tuple[int, int]]) -> None:
+    """Per backend, a line of each model's peak and its ratio to the float32 one, and a line
+    of the same after generating."""
     print("peak resident memory of a generation (a fresh process: load the safetensors file, build "
-          "an Engine (fused path) that takes the loaded tensors, 16 new tokens; VmHWM):")
+          "an Engine (fused path) that takes the loaded tensors, 16 new tokens; VmHWM), and "
+          "resident at its end (VmRSS):")
     for backend in dict.fromkeys(b for b, _ in peak):
-        row = {label: n for (b, label), n in peak.items() if b == backend}
-        print(f"  {backend}: " + ", ".join(f"{label} {n / 2**20:,.0f} MiB" for label, n in row.items()) +
-              "; " + ", ".join(f"{label} / float32 = {n / row['float32']:.2f}" for label, n in row.items()
-                               if label != "float32"))
+        for i, what in enumerate(("peak", "end")):
+            row = {label: n[i] for (b, label), n in peak.items() if b == backend}
+            print(f"  {backend} {what}: " + ", ".join(f"{label} {n / 2**20:,.0f} MiB" for label, n in row.items()) +
+                  "; " + ", ".join(f"{label} / float32 = {n / row['float32']:.2f}"
+                                   for label, n in row.items() if label != "float32"))
 
 
 def gpt2_models(config, params) -> dict[str, tuple[dict, str]]:
