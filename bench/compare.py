@@ -6,6 +6,7 @@
     python bench/compare.py --no-long --no-batch     # the decode workload only
     python bench/compare.py --train-only --repeats 7        # training tokens/s only
     python bench/compare.py --config gpt2 --repeats 3       # GPT-2 small's shape: docs/gpt2.md
+    python bench/compare.py --config gpt2 --memory-only     # its peak-memory step alone
 
 Workloads (always `decode`, which the others' ratios need; `long` and `batch` unless
 --no-long, --no-batch):
@@ -54,7 +55,8 @@ checks, then decode (GPT2_NEW new tokens) and prefill-128 at 1 and 2 threads for
 float32 and W8A8 engines (all linears with a float32 head, and all linears + the int8 head
 of `quantize --int8-head`), PyTorch eager and HF `generate`, each decode time also over the
 time of reading the engine's weights once at the memory bandwidth measured in the same run;
-then the peak memory of the float32 and each int8 generation, each in a fresh process.
+then the peak memory of the float32 and each int8 generation, each in a fresh process, on
+the numba and the cython fused path (`peak_memory`; alone: --memory-only).
 """
 
 from __future__ import annotations
@@ -660,27 +662,38 @@ def gpt2_engines(config, params, quantized) -> tuple[list, list[str], list[str]]
     return engines, versions, skipped
 
 
-# the child of `peak_memory`: load the tensors, build the engine, generate; print peak RSS (Linux)
+# the child of `peak_memory`: load the tensors with the reader of load_checkpoint, build the
+# engine (which takes them, as load_engine does), generate; print peak RSS and RSS at the end
+# (Linux)
 _PEAK_RSS_CHILD = """
 import json, sys
 import numpy as np
-from safetensors.numpy import load_file
+from minitf.checkpoint import load_safetensors
 from minitf.config import GPTConfig
 from minitf.engine import Engine
-path, config, mode, new = sys.argv[1], GPTConfig(**json.loads(sys.argv[2])), sys.argv[3], int(sys.argv[4])
-engine = Engine(config, load_file(path), "cython", int8_mode=mode)
+path, config, mode, new, backend = (sys.argv[1], GPTConfig(**json.loads(sys.argv[2])), sys.argv[3],
+                                    int(sys.argv[4]), sys.argv[5])
+engine = Engine(config, load_safetensors(path)[0], backend, int8_mode=mode, take_params=True)
 tokens = list(engine.generate(list(range(16)), new, lambda logits: int(np.argmax(logits))))
 with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss survives exec)
-    print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+    kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+           if k in ("VmHWM", "VmRSS")}
+print(kib["VmHWM"] * 1024, kib["VmRSS"] * 1024)
 """
+MEMORY_BACKENDS = ("numba", "cython")  # the fused backends, each measured
 
 
-def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16) -> dict[str, int]:
-    """{label: peak resident bytes} of a fresh process per model that loads its tensors from
-    a safetensors file (as a checkpoint is loaded), builds a cython Engine (fused path) and
-    generates `new` greedy tokens after a 16-token prompt: the child's VmHWM (Linux), which
-    includes Python, numpy and the compiled kernels (the same in every child). Not
-    getrusage's ru_maxrss: Linux carries it over exec from the parent, this whole run."""
+def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16,
+                backends=MEMORY_BACKENDS) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(backend, label): (peak, final) resident bytes} of a fresh process per backend and model that
+    loads its tensors from a safetensors file (`minitf.checkpoint.load_safetensors`, the
+    reader of load_checkpoint: one tensor after another into its array), builds an Engine
+    of that backend (its fused path) which takes the loaded tensors as `load_engine` does,
+    and generates `new` greedy tokens after a 16-token prompt: the child's VmHWM (Linux),
+    which includes Python, numpy and the backend's compiled kernels (the same in every
+    child of a backend) and the loading itself; and its VmRSS after generating, what the
+    generation holds once loading is over. Not getrusage's ru_maxrss: Linux carries it over
+    exec from the parent, this whole run. The children run one after the other."""
     import json
     import subprocess
     import tempfile
@@ -692,14 +705,52 @@ def peak_memory(config, models: dict[str, tuple[dict, str]], new: int = 16) -> d
         for label, (params, mode) in models.items():
             path = os.path.join(tmp, "model.safetensors")
             save_file(params, path)
-            done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, path,
-                                   json.dumps(dataclasses.asdict(config)), mode, str(new)],
-                                  capture_output=True, text=True, cwd=tmp)  # not a checkout's
-            if done.returncode != 0:  # say why, not only that it failed
-                sys.exit(f"compare.py: the peak-memory process of {label} failed "
-                         f"({done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}")
-            out[label] = int(done.stdout.split()[-1])
+            for backend in backends:
+                done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, path,
+                                       json.dumps(dataclasses.asdict(config)), mode, str(new), backend],
+                                      capture_output=True, text=True, cwd=tmp)  # not a checkout's
+                if done.returncode != 0:  # say why, not only that it failed
+                    sys.exit(f"compare.py: the peak-memory process of {backend} {label} failed "
+                             f"({done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}")
+                hwm, rss = done.stdout.split()[-2:]
+                out[backend, label] = int(hwm), int(rss)
     return out
+
+
+def print_peak_memory(peak: dict[tuple[str, str], tuple[int, int]]) -> None:
+    """Per backend, a line of each model's peak and its ratio to the float32 one, and a line
+    of the same after generating."""
+    print("peak resident memory of a generation (a fresh process: load the safetensors file, build "
+          "an Engine (fused path) that takes the loaded tensors, 16 new tokens; VmHWM), and "
+          "resident at its end (VmRSS):")
+    for backend in dict.fromkeys(b for b, _ in peak):
+        for i, what in enumerate(("peak", "end")):
+            row = {label: n[i] for (b, label), n in peak.items() if b == backend}
+            print(f"  {backend} {what}: " + ", ".join(f"{label} {n / 2**20:,.0f} MiB" for label, n in row.items()) +
+                  "; " + ", ".join(f"{label} / float32 = {n / row['float32']:.2f}"
+                                   for label, n in row.items() if label != "float32"))
+
+
+def gpt2_models(config, params) -> dict[str, tuple[dict, str]]:
+    """The int8 models of the gpt2 comparison, {label: (params, int8 mode)}: W8A8 all
+    linears with a float32 head, and with the int8 head (quantize --int8-head)."""
+    return {"w8a8 (all)": (quantize_model(params, config, "all")[0], "w8a8"),
+            HEAD_LABEL: (quantize_model(params, config, "all", head=True)[0], "w8a8")}
+
+
+def main_gpt2_memory() -> int:
+    """`--config gpt2 --memory-only`: the peak-memory step alone (no engines in this
+    process, no checks or timings)."""
+    from minitf.model import init_params
+
+    config = GPT2_SMALL
+    print(f"minitf peak memory, {datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}")
+    params = init_params(config, seed=0)
+    quantized = gpt2_models(config, params)
+    peak = peak_memory(config, {"float32": (params, "weight-only"),
+                                **{f"int8 {label}": q for label, q in quantized.items()}})
+    print_peak_memory(peak)
+    return 0
 
 
 def main_gpt2(args) -> int:
@@ -714,8 +765,7 @@ def main_gpt2(args) -> int:
     from minitf.model import init_params
 
     params = init_params(config, seed=0)
-    quantized = {"w8a8 (all)": (quantize_model(params, config, "all")[0], "w8a8"),
-                 HEAD_LABEL: (quantize_model(params, config, "all", head=True)[0], "w8a8")}
+    quantized = gpt2_models(config, params)
     engines, versions, skipped = gpt2_engines(config, params, quantized)
     versions.insert(1, f"numba {numba.__version__}")
     set_threads(1)  # the checks' thread count, and what the kernels line reports
@@ -776,11 +826,7 @@ def main_gpt2(args) -> int:
     peak = peak_memory(config, {"float32": (params, "weight-only"),
                                 **{f"int8 {label}": q for label, q in quantized.items()}})
     print()
-    print("peak resident memory of a generation (a fresh process: load the safetensors file, build "
-          "a cython Engine, 16 new tokens; VmHWM): " +
-          ", ".join(f"{label} {n / 2**20:,.0f} MiB" for label, n in peak.items()) + "; " +
-          ", ".join(f"{label} / float32 = {n / peak['float32']:.2f}" for label, n in peak.items()
-                    if label != "float32"))
+    print_peak_memory(peak)
     return 0
 
 
@@ -817,6 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-long", action="store_true", help=f"skip the long workload ({LONG_NEW} tokens past the context)")
     p.add_argument("--no-batch", action="store_true", help=f"skip the batch workload ({BATCH_ROWS} prompts together)")
     p.add_argument("--train-only", action="store_true", help="only the training comparison")
+    p.add_argument("--memory-only", action="store_true",
+                   help="with --config gpt2: only the peak memory of each generation, each in a fresh "
+                        "process (no checks or timings)")
     return p
 
 
@@ -829,6 +878,8 @@ def main(argv=None) -> int:
         build_parser().error(f"--train-threads {args.train_threads} must each be in [1, {cores}]")
     if args.repeats < 1:
         build_parser().error(f"--repeats {args.repeats} must be >= 1")
+    if args.memory_only and args.config is None:
+        build_parser().error("--memory-only measures GPT-2 small's shape: give --config gpt2 too")
     if args.config is not None:
         if args.model is not None:
             build_parser().error("--config gpt2 builds its own model: give --config or --model, not both")
@@ -836,7 +887,7 @@ def main(argv=None) -> int:
             import torch  # noqa: F401
         except ImportError:
             pass
-        return main_gpt2(args)
+        return main_gpt2_memory() if args.memory_only else main_gpt2(args)
     try:  # before set_threads: once numba.set_num_threads has started numba's OpenMP
         import torch  # noqa: F401  # workers, a torch imported later ran its 2-thread
     except ImportError:  # training step 13x slower (two OpenMP runtimes spinning)

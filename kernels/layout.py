@@ -5,8 +5,11 @@ variables when it is imported; the engine packs and allocates through `PackedWei
 
 Packed weights. A model's tensors are copied once into three flat arrays: pf (float32:
 wte, wpe, LayerNorms, float weights, biases, scales), pq (int8 weights, then the W8A8
-layers' tiled copies) and pi (int32 column sums of the tiled weights). The engine runs on
-views into them (`PackedWeights.views`), so every weight is stored once. An index table
+tiles) and pi (int32 column sums of the tiles). The engine runs on views into them
+(`PackedWeights.views`), so every weight is stored once: a W8A8 linear layer only as its
+tiles, which are all that the fused path reads of it (the (K, M) array the unfused kernels
+take is rebuilt from them on request, `unpack_vnni`). The int8 head keeps its (V, C) rows,
+which the embedding reads, and with W8A8 the tiles of their transpose too. An index table
 `tab` (int64, NCOL columns) says where each tensor is:
 
     row ROW_DIMS       the sizes, columns DIM_* below
@@ -16,8 +19,9 @@ views into them (`PackedWeights.views`), so every weight is stored once. An inde
 
 and a tensor row holds, in its columns: KIND (of a linear layer: F32, INT8 weight-only or
 W8A8), K and M (its shape; a LayerNorm has M = C), the element offsets W (float weight),
-B (bias), S (scale) in pf, Q (the (K, M) int8 weight) and P (its tiled copy) in pq, SUM (the
-column sums) in pi, and KP, MP: K and M padded to the int8 tile. The head's row ROW_WTE
+B (bias), S (scale) in pf, Q (the (K, M) int8 weight of a weight-only layer; -1 in a W8A8
+layer's row: not stored) and P (the tiles of a W8A8 layer) in pq, SUM (the column sums) in
+pi, and KP, MP: K and M padded to the int8 tile. The head's row ROW_WTE
 (K = V, M = C) is F32 (W: wte in pf) or, with an int8 head, INT8 or W8A8 (Q: wte (V, C) in
 pq, S: its scale per row in pf; W8A8 also P, SUM, KP, MP of its transpose (C, V) tiled, which
 the head's W8A8 sums run on, TILE_M vocabulary entries at a time).
@@ -83,6 +87,7 @@ HEAD_CHUNK = 64  # the tied head runs 64 vocabulary rows at a time for all rows 
 # One row of GPT-2 small (3,072 outputs) is then one block, which streams each weight
 # once in order, rather than in strided 1 KB pieces.
 MATMUL_BLOCK, MATMUL_L1_FLOATS = 256, 4096
+PACK_TILES = 16  # pack_vnni makes 16 tiles (1,024 outputs) at a time
 
 
 def padded(n: int, multiple: int) -> int:
@@ -90,13 +95,19 @@ def padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pack_vnni(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pack_vnni(wq: np.ndarray, out: np.ndarray | None = None,
+              colsum: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """int8 weights (K, M) -> (tiles (Mp/64 * Kp/4 * 64 * 4,) int8, column sums (Mp,) int32).
 
     Tile t holds outputs 64t .. 64t+63; inside it, group g holds the 4 bytes k = 4g .. 4g+3
     of each output side by side, the operand layout of vpdpbusd. K and M are padded with zero
     weights up to Kp = 4 * ceil(K / 4) and Mp = 64 * ceil(M / 64). The column sums undo the
     +128 that makes activations unsigned: sum_k (xq + 128) w = sum_k xq w + 128 sum_k w.
+
+    wq may be any (K, M) int8 array, a transposed view too. out and colsum, if given, are
+    written in place (C-contiguous int8 (Kp * Mp,) and int32 (Mp,)), else allocated. The
+    tiles are made PACK_TILES at a time, so the only temporary is one padded piece of
+    Kp x 64 * PACK_TILES bytes, never a padded or int32 copy of the whole weight.
 
     Raises:
         ValueError: a weight is -128, outside the quantizer's [-127, 127], which the AVX2
@@ -106,62 +117,87 @@ def pack_vnni(wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("int8 weights must be in [-127, 127] (the quantizer's range), got -128")
     K_, M_ = wq.shape
     Kp, Mp = padded(K_, TILE_K), padded(M_, TILE_M)
-    w = np.zeros((Kp, Mp), np.int8)
-    w[:K_, :M_] = wq
-    tiles = w.reshape(Kp // TILE_K, TILE_K, Mp // TILE_M, TILE_M).transpose(2, 0, 3, 1)  # (t, g, o, i)
-    return np.ascontiguousarray(tiles).reshape(-1), w.astype(np.int32).sum(axis=0, dtype=np.int32)
+    out = np.empty(Kp * Mp, np.int8) if out is None else out
+    colsum = np.empty(Mp, np.int32) if colsum is None else colsum
+    assert out.shape == (Kp * Mp,) and colsum.shape == (Mp,)
+    tiles = out.reshape(Mp // TILE_M, Kp // TILE_K, TILE_M, TILE_K)  # (t, g, o, i)
+    piece = np.zeros((Kp, TILE_M * PACK_TILES), np.int8)  # (Kp, outputs of PACK_TILES tiles)
+    for t0 in range(0, Mp // TILE_M, PACK_TILES):
+        m0 = t0 * TILE_M
+        m1 = min(Mp, m0 + TILE_M * PACK_TILES)  # outputs m0..m1-1 (padded)
+        w = piece[:, :m1 - m0]  # (Kp, m1 - m0)
+        w[...] = 0
+        w[:K_, :max(0, min(M_, m1) - m0)] = wq[:, m0:m1]
+        tiles[t0:t0 + (m1 - m0) // TILE_M] = (
+            w.reshape(Kp // TILE_K, TILE_K, -1, TILE_M).transpose(2, 0, 3, 1))  # (t, g, o, i)
+        w.sum(axis=0, dtype=np.int32, out=colsum[m0:m1])
+    return out, colsum
+
+
+def unpack_vnni(tiles: np.ndarray, K_: int, M_: int) -> np.ndarray:
+    """The (K, M) int8 weights `pack_vnni` tiled: a new C-contiguous array (the inverse)."""
+    Kp, Mp = padded(K_, TILE_K), padded(M_, TILE_M)
+    t = tiles.reshape(Mp // TILE_M, Kp // TILE_K, TILE_M, TILE_K)  # (t, g, o, i)
+    return np.ascontiguousarray(t.transpose(1, 3, 0, 2).reshape(Kp, Mp)[:K_, :M_])
 
 
 class PackedWeights:
     """A GPT-2 model's inference tensors packed once for the fused kernels.
 
     Args:
-        tensors: {GPT-2 name: C-contiguous array}: float32 tensors, and int8 linear weights
-            with their float32 `<name>.weight_scale` (M,) beside them; wte float32, or int8
-            (an int8 head) with `wte_scale` (V,).
+        tensors: {GPT-2 name: array}: float tensors (any float dtype, copied as float32),
+            and int8 linear weights with their `<name>.weight_scale` (M,) beside them; wte
+            float, or int8 (an int8 head) with `wte_scale` (V,). Each is read once, straight
+            into its place in the flat arrays (no other copy is made of it).
         n_layer, n_head: the model's sizes (the rest come from the tensors' shapes).
         int8_mode: "weight-only" or "w8a8", how the int8 linear layers run.
+        take: remove each tensor from `tensors` (a dict) once it is copied, so that its
+            memory is freed (if nothing else holds it) before the next one is copied: a
+            loaded file and its packed copy are never both whole in memory.
     Attributes:
         pf, pq, pi: the flat float32, int8 and int32 arrays; tab: the index table.
-        views: {name: view into pf or pq} for every tensor of `tensors`.
+        views: {name: view into pf or pq} for every tensor of `tensors` but the weights of
+            W8A8 linear layers, which are stored only as tiles.
         tiles: {"h.<l>.<linear>": (tiles, column sums)} of the W8A8 layers, and "wte" for a
-            W8A8 int8 head (its transpose (C, V) tiled), views into pq and pi (+K*M bytes
-            per W8A8 layer; weight-only and float layers add nothing).
+            W8A8 int8 head (its transpose (C, V) tiled), views into pq and pi (Kp*Mp bytes
+            and Mp int32 per W8A8 layer; the head's (V, C) rows stay in `views`).
+        shapes: {name: (K, M)} of the W8A8 layers (what `unpack_vnni` needs).
         exact: a W8A8 layer exists, so every stage before a quantization must round as the
             unfused kernels do (no transposed-cache attention, no fast GELU).
     """
 
-    def __init__(self, tensors: dict[str, np.ndarray], n_layer: int, n_head: int,
-                 int8_mode: str):
+    def __init__(self, tensors, n_layer: int, n_head: int, int8_mode: str, take: bool = False):
         V, C = tensors["wte"].shape
         block_size = tensors["wpe"].shape[0]
         d_ff = tensors["h.0.mlp.c_fc.bias"].shape[0]
         tab = np.zeros((FIRST_LAYER_ROW + ROWS_PER_LAYER * n_layer, NCOL), np.int64)
-        parts = {"f": [], "q": [], "i": []}  # (name, array, offset) per flat array
+        # first the offsets, from the shapes alone; the flat arrays are filled after
+        places = {"f": [], "q": []}  # (name, shape, offset) per flat array
         sizes = {"f": 0, "q": 0, "i": 0}
 
-        def put(kind: str, name: str, a: np.ndarray) -> int:
+        def put(kind: str, name: str, shape: tuple[int, ...]) -> int:
             off = sizes[kind]
-            parts[kind].append((name, a, off))
-            sizes[kind] += a.size
+            places[kind].append((name, tuple(shape), off))
+            sizes[kind] += int(np.prod(shape))
             return off
 
         def norm(row: int, name: str) -> None:
             tab[row, M] = C
-            tab[row, W] = put("f", name + ".weight", tensors[name + ".weight"])
-            tab[row, B] = put("f", name + ".bias", tensors[name + ".bias"])
+            tab[row, W] = put("f", name + ".weight", (C,))
+            tab[row, B] = put("f", name + ".bias", (C,))
 
         tiled = []  # (row, name) of the W8A8 layers (and head)
         wte = tensors["wte"]
         tab[ROW_WTE, [K, M]] = V, C
         if wte.dtype != np.int8:
-            tab[ROW_WTE, W] = put("f", "wte", wte)
+            tab[ROW_WTE, W] = put("f", "wte", (V, C))
         else:  # the int8 head: rows of wte with a scale each; W8A8 tiles wte.T (C, V)
             tab[ROW_WTE, KIND] = W8A8 if int8_mode == "w8a8" else INT8
-            tab[ROW_WTE, Q] = put("q", "wte", wte)
-            tab[ROW_WTE, S] = put("f", "wte_scale", tensors["wte_scale"])
-        tab[ROW_WPE, [K, M, W]] = block_size, C, put("f", "wpe", tensors["wpe"])
+            tab[ROW_WTE, Q] = put("q", "wte", (V, C))
+            tab[ROW_WTE, S] = put("f", "wte_scale", (V,))
+        tab[ROW_WPE, [K, M, W]] = block_size, C, put("f", "wpe", (block_size, C))
         norm(ROW_LNF, "ln_f")
+        self.shapes: dict[str, tuple[int, int]] = {}
         for l in range(n_layer):
             for j, layer in enumerate(LAYER_ROWS):
                 row, name = FIRST_LAYER_ROW + l * ROWS_PER_LAYER + j, f"h.{l}.{layer}"
@@ -170,22 +206,26 @@ class PackedWeights:
                     continue
                 w = tensors[name + ".weight"]
                 tab[row, [K, M]] = w.shape
-                tab[row, B] = put("f", name + ".bias", tensors[name + ".bias"])
+                tab[row, B] = put("f", name + ".bias", (w.shape[1],))
                 if w.dtype != np.int8:
-                    tab[row, [KIND, W]] = F32, put("f", name + ".weight", w)
+                    tab[row, [KIND, W]] = F32, put("f", name + ".weight", w.shape)
                     continue
-                tab[row, KIND] = W8A8 if int8_mode == "w8a8" else INT8
-                tab[row, Q] = put("q", name + ".weight", w)
-                tab[row, S] = put("f", name + ".weight_scale", tensors[name + ".weight_scale"])
-                if int8_mode == "w8a8":
+                tab[row, S] = put("f", name + ".weight_scale", (w.shape[1],))
+                if int8_mode == "w8a8":  # the tiles are its only copy (below)
+                    tab[row, [KIND, Q]] = W8A8, -1
                     tiled.append((row, name))
+                    self.shapes[name] = w.shape
+                else:
+                    tab[row, [KIND, Q]] = INT8, put("q", name + ".weight", w.shape)
         if wte.dtype == np.int8 and int8_mode == "w8a8":
             tiled.append((ROW_WTE, "wte"))  # read last in a decode step, so packed last
-        for row, name in tiled:  # the tiled copies last, in the order decode reads them
-            w = tensors[name + ".weight"] if row != ROW_WTE else wte.T  # (K, M)
-            tiles, colsum = pack_vnni(w)
-            tab[row, [P, SUM]] = put("q", name + ".tiles", tiles), put("i", name + ".colsum", colsum)
-            tab[row, [KP, MP]] = padded(w.shape[0], TILE_K), colsum.size
+        for row, name in tiled:  # the tiles last, in the order decode reads them
+            Kn, Mn = tab[row, [K, M]] if row != ROW_WTE else (C, V)  # the tiled (K, M)
+            tab[row, [KP, MP]] = padded(Kn, TILE_K), padded(Mn, TILE_M)
+            tab[row, P] = sizes["q"]
+            sizes["q"] += int(tab[row, KP] * tab[row, MP])
+            tab[row, SUM] = sizes["i"]
+            sizes["i"] += int(tab[row, MP])
         Kp = max(TILE_K, int(tab[:, KP].max()))
         # the sums of a step's rows hold the widest W8A8 layer; the head runs TILE_M
         # vocabulary entries at a time through them
@@ -199,13 +239,22 @@ class PackedWeights:
         self.pq = np.empty(sizes["q"], np.int8)
         self.pi = np.empty(sizes["i"], np.int32)
         self.views: dict[str, np.ndarray] = {}
-        for flat, kind in ((self.pf, "f"), (self.pq, "q"), (self.pi, "i")):
-            for name, a, off in parts[kind]:
-                view = flat[off:off + a.size].reshape(a.shape)
-                view[...] = a
+        for flat, kind in ((self.pf, "f"), (self.pq, "q")):
+            for name, shape, off in places[kind]:
+                view = flat[off:off + int(np.prod(shape))].reshape(shape)
+                view[...] = tensors[name]  # float32 by assignment (as astype does)
                 self.views[name] = view
-        self.tiles = {name: (self.views.pop(name + ".tiles"), self.views.pop(name + ".colsum"))
-                      for _, name in tiled}
+                if take:
+                    del tensors[name]
+        self.tiles: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for row, name in tiled:
+            Kp_, Mp_ = int(tab[row, KP]), int(tab[row, MP])
+            out = self.pq[tab[row, P]:tab[row, P] + Kp_ * Mp_]
+            colsum = self.pi[tab[row, SUM]:tab[row, SUM] + Mp_]
+            w = self.views["wte"].T if row == ROW_WTE else tensors[name + ".weight"]  # (K, M)
+            self.tiles[name] = pack_vnni(w, out, colsum)
+            if take and row != ROW_WTE:
+                del w, tensors[name + ".weight"]
         self.exact = bool(tiled)
 
     def nbytes(self) -> int:

@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -102,7 +102,7 @@ def _tensor_checksum(tensors: dict[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
         h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8))  # its bytes, without a copy
     return h.hexdigest()
 
 
@@ -164,41 +164,84 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
 
 
+# the safetensors dtypes numpy holds, little-endian as the format stores them
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+                       "U8": "u1", "BOOL": "?"}
+
+
+def _tensor_entries(header: dict, data_bytes: int, path) -> list[tuple[str, np.dtype, tuple, int]]:
+    """(name, dtype, shape, offset into the data) of every tensor of a parsed header, in
+    file order. CheckpointError naming `path` unless every entry is well formed (a known
+    dtype, a shape of integers >= 0, data_offsets [begin, end] spanning the shape's bytes)
+    and the tensors fill the `data_bytes` bytes of data one after another, no gap or
+    overlap, as the format requires."""
+    entries = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_SAFETENSORS_DTYPES[t["dtype"]])
+            shape, (begin, end) = tuple(t["shape"]), t["data_offsets"]
+            ok = all(_is_int(n) and n >= 0 for n in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors file: bad header entry for "
+                                  f"tensor {name!r}: {str(t)[:80]}")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: corrupt safetensors file: tensor {name!r} has "
+                                  f"{end - begin} bytes for shape {list(shape)} of {t['dtype']}")
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort()
+    filled = 0
+    for begin, end, name, _, _ in entries:
+        if begin != filled:
+            raise CheckpointError(f"{path}: corrupt safetensors file: tensor {name!r} starts at "
+                                  f"byte {begin} of the data, expected {filled} (a gap or overlap)")
+        filled = end
+    if filled != data_bytes:
+        if filled > data_bytes:
+            raise CheckpointError(f"{path}: truncated: {data_bytes} bytes of data, the header "
+                                  f"needs {filled}")
+        raise CheckpointError(f"{path}: corrupt safetensors file: {data_bytes - filled} bytes "
+                              f"after the last tensor")
+    return [(name, dtype, shape, begin) for begin, _, name, dtype, shape in entries]
+
+
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a safetensors file -> (tensors, metadata), verifying the checksum if recorded.
+
+    Each tensor is read straight from the file into its own array, one after another: the
+    memory it takes is the tensors' size, never the file's bytes beside them.
 
     Raises CheckpointError naming the file if it is missing, truncated or corrupt.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        # the file's bytes and the arrays made from them, before either is allocated
-        check_memory({"the file": size, "its arrays": size}, f"reading {path}",
-                     "it is larger than this machine can load")
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # the arrays made from the file, before any is allocated
+            check_memory({"its arrays": size}, f"reading {path}",
+                         "it is larger than this machine can load")
+            header, start = _parse_header(f, size, path)
+            entries = _tensor_entries(header, size - start, path)
+            tensors = {}
+            for name, dtype, shape, begin in entries:
+                a = np.empty(shape, dtype)
+                f.seek(start + begin)
+                if f.readinto(a.reshape(-1).view(np.uint8)) != a.nbytes:
+                    raise CheckpointError(f"{path}: truncated while it was read")
+                tensors[name] = a
     except SizeError as e:
         raise CheckpointError(str(e)) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
-    header, start = _parse_header(io.BytesIO(data), len(data), path)
-    try:  # tell a cut-off file from other damage: the header says how long the data is
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
-                  default=0)
-    except (TypeError, KeyError, IndexError):
-        end = 0  # malformed entry: let safetensors report it below
-    if isinstance(end, int) and len(data) < start + end:
-        raise CheckpointError(f"{path}: truncated: {len(data)} bytes, the header needs "
-                              f"{start + end}")
-    try:
-        metadata = header.get("__metadata__") or {}
-        tensors = safetensors.numpy.load(data)
-    except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes means damage
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: corrupt safetensors file: {msg}") from None
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors file: metadata is not an object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors file: metadata is not an object of strings")
     expected = metadata.get("sha256")
     if expected is not None and _tensor_checksum(tensors) != expected:
         raise CheckpointError(f"{path}: tensor data does not match its SHA-256 checksum (corrupt)")

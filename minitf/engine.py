@@ -81,29 +81,47 @@ class Linear:
 
 @dataclass
 class Int8Linear:
-    """An int8 linear layer: weight_q (K, M) int8 with a float32 scale per output channel.
+    """An int8 linear layer: int8 weights (K, M) with a float32 scale per output channel.
 
     No dequantized float copy is kept: the int8 kernel applies the scale once per output.
     `mode` is "weight-only" (float activations) or "w8a8" (activations quantized per token).
+    A W8A8 layer on the fused path keeps its weights only in the tile layout of
+    kernels/layout.py (`packed`, `colsum`), all that path reads; `weight_q` then rebuilds
+    the (K, M) array from the tiles when something asks for it (the unfused kernels).
     """
 
-    weight_q: np.ndarray  # (K, M) int8
+    stored_q: np.ndarray | None  # (K, M) int8, or None: only the tiles are kept
     scale: np.ndarray  # (M,) float32
     bias: np.ndarray  # (M,) float32
     mode: str = "weight-only"
-    # W8A8 on the fused path only: the same int8 weights in the tile layout of
-    # kernels/layout.py, and their column sums. Kept here so that memory accounting sees them.
+    # W8A8 on the fused path only: the int8 weights in the tile layout of kernels/layout.py,
+    # and their column sums. Kept here so that memory accounting sees them.
     packed: np.ndarray | None = None  # (Mp/64 * Kp/4 * 64 * 4,) int8
     colsum: np.ndarray | None = None  # (Mp,) int32
+    in_features: int = 0  # K, for rebuilding weight_q from the tiles
+
+    @property
+    def weight_q(self) -> np.ndarray:
+        """The int8 weights (K, M): the stored array, or a new one rebuilt from the tiles."""
+        if self.stored_q is not None:
+            return self.stored_q
+        return layout.unpack_vnni(self.packed, self.in_features, self.scale.size)
 
     def __call__(self, kb, x: np.ndarray) -> np.ndarray:
         return kb.matmul_int8(x, self.weight_q, self.scale, self.bias, mode=self.mode)
 
 
-def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weight-only"):
+def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weight-only",
+                weights: layout.PackedWeights | None = None):
     """The Linear or Int8Linear for `name` (e.g. "h.0.mlp.c_fc"), by the weight's dtype.
-    Arrays that are already C-contiguous of the right dtype are used as they are."""
-    w, b = params[name + ".weight"], np.ascontiguousarray(params[name + ".bias"], dtype=np.float32)
+    Arrays that are already C-contiguous of the right dtype are used as they are. With the
+    packed `weights` of the fused path, a W8A8 layer is made from its tiles alone."""
+    b = np.ascontiguousarray(params[name + ".bias"], dtype=np.float32)
+    if weights is not None and name in weights.tiles:
+        scale = params[name + ".weight_scale"]
+        packed, colsum = weights.tiles[name]
+        return Int8Linear(None, scale, b, int8_mode, packed, colsum, weights.shapes[name][0])
+    w = params[name + ".weight"]
     if w.dtype == np.int8:
         scale = np.ascontiguousarray(params[name + ".weight_scale"], dtype=np.float32)
         return Int8Linear(np.ascontiguousarray(w), scale, b, int8_mode)
@@ -179,6 +197,10 @@ class Engine:
         fused: run decode and prefill on the backend's fused path (`FusedPath`): None = yes
             for numba and cython, no for numpy. Hooks (trace, capture_attention,
             attention_out) work on either path and do not change it.
+        take_params: take the tensors out of `params` (a dict, left empty): on the fused
+            path each is freed, if nothing else holds it, once copied into the packed
+            arrays, so that loaded tensors and their packed copy are never both whole in
+            memory (`load_engine` does this).
     Raises:
         minitf.kernels.BackendError: the backend is unknown or cannot load, or fused=True
             for a backend without a fused path (a ValueError).
@@ -189,7 +211,8 @@ class Engine:
     """
 
     def __init__(self, config: GPTConfig, params: dict[str, np.ndarray], backend: str | None = None,
-                 int8_mode: str = "weight-only", fused: bool | None = None):
+                 int8_mode: str = "weight-only", fused: bool | None = None,
+                 take_params: bool = False):
         if int8_mode not in INT8_MODES:
             raise ValueError(f"int8 mode {int8_mode!r} is not one of {INT8_MODES}")
         if fused not in (None, True, False):
@@ -201,14 +224,19 @@ class Engine:
         if fused is None:
             fused = self.backend in kernels.FUSED_MODULES
         fk = kernels.fused_kernels(self.backend) if fused else None
-        # every tensor C-contiguous, float32 (int8 weights stay int8); on the fused path,
-        # views into the packed arrays, so every weight is stored once
-        tensors = {name: np.ascontiguousarray(a, dtype=np.int8 if a.dtype == np.int8 else np.float32)
-                   for name, a in params.items()}
+        # on the fused path, views into the packed arrays, each tensor copied straight into
+        # them, so every weight is stored once; else every tensor C-contiguous, float32 (int8
+        # weights stay int8)
         packed = None
         if fused:
-            packed = layout.PackedWeights(tensors, config.n_layer, config.n_head, int8_mode)
+            packed = layout.PackedWeights(params, config.n_layer, config.n_head, int8_mode,
+                                          take=take_params)
             tensors = packed.views
+        else:
+            tensors = {name: np.ascontiguousarray(a, dtype=np.int8 if a.dtype == np.int8 else np.float32)
+                       for name, a in params.items()}
+        if take_params:
+            params.clear()
         self.wte = tensors["wte"]  # (V, C) embedding and tied head: float32, or int8 ...
         self.wte_scale = tensors.get("wte_scale")  # ... with a float32 scale per row (V,)
         self.head_mode = int8_mode  # how an int8 head runs, as the int8 linear layers
@@ -223,7 +251,7 @@ class Engine:
             self.blocks.append({
                 "ln_1": (tensors[p + "ln_1.weight"], tensors[p + "ln_1.bias"]),
                 "ln_2": (tensors[p + "ln_2.weight"], tensors[p + "ln_2.bias"]),
-                **{lin: make_linear(tensors, p + lin, int8_mode) for lin in LINEARS},
+                **{lin: make_linear(tensors, p + lin, int8_mode, packed) for lin in LINEARS},
             })
         # trace(op_name) is called after every operation when set (memory plots); None = off
         self.trace: Callable[[str], None] | None = None
@@ -589,12 +617,15 @@ def load_engine(model_dir=None, backend: str | None = None):
     """(Engine, tokenizer, checkpoint) for a model directory, default: the shipped model.
 
     A quantized checkpoint (meta.json "quantization") loads with its int8 weights and runs
-    in the mode it records."""
+    in the mode it records. The engine takes the loaded tensors (`take_params`): the
+    returned checkpoint's `params` is empty, and on the fused path only the packed copy
+    stays in memory."""
     if model_dir is not None and not str(model_dir).strip():
         raise ValueError("model directory is empty; omit --model to use the shipped model")
     ckpt = load_checkpoint(model_dir or DEFAULT_MODEL_DIR, layout=checkpoint_layout, optimizer=False)
     quant = (ckpt.meta or {}).get("quantization") or {}
-    engine = Engine(ckpt.config, ckpt.params, backend, int8_mode=quant.get("mode", "weight-only"))
+    engine = Engine(ckpt.config, ckpt.params, backend, int8_mode=quant.get("mode", "weight-only"),
+                    take_params=True)
     return engine, ckpt.tokenizer, ckpt
 
 
@@ -685,10 +716,6 @@ class FusedPath:
         self.e, self.fk, self.weights = engine, fk, weights
         self.loops = engine.kb.loops  # the unfused backend's loops, unchecked
         self.exact = weights.exact
-        for l, blk in enumerate(engine.blocks):  # the W8A8 tiles, where accounting sees them
-            for name in LINEARS:
-                if f"h.{l}.{name}" in weights.tiles:
-                    blk[name].packed, blk[name].colsum = weights.tiles[f"h.{l}.{name}"]
         if "wte" in weights.tiles:  # a W8A8 int8 head
             engine.head_packed, engine.head_colsum = weights.tiles["wte"]
         self.eps = engine.config.layer_norm_eps

@@ -168,6 +168,43 @@ def test_truncated_model(saved):
         assert_error(ckpt, str(path), "truncated")
 
 
+def test_load_safetensors_reads_what_the_safetensors_library_reads(tmp_path):
+    """Every dtype numpy holds, empty and 0-d tensors too, equal to safetensors' own reader;
+    and entries the format forbids (a gap, an overlap, bytes that do not match the shape,
+    data after the last tensor) are refused naming the file."""
+    rng = np.random.default_rng(0)
+    tensors = {f"t.{dt}": (np.abs(rng.standard_normal((3, 5))) * 50).astype(dt)
+               for dt in ("<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "i1", "<u8", "<u4", "<u2", "u1")}
+    tensors |= {"mask": rng.random((2, 7)) > 0.5, "empty": np.zeros((0, 4), np.float32),
+                "scalar": np.array(2.5, np.float32)}
+    path = tmp_path / "all.safetensors"
+    safetensors.numpy.save_file(tensors, str(path), metadata={"k": "v"})
+    got, metadata = load_safetensors(path)
+    want = safetensors.numpy.load_file(str(path))
+    assert metadata == {"k": "v"} and sorted(got) == sorted(want)
+    for name, a in want.items():
+        assert got[name].dtype == a.dtype and got[name].shape == a.shape, name
+        np.testing.assert_array_equal(got[name], a, err_msg=name)
+
+    def write(header: dict, data: bytes):
+        raw = json.dumps(header).encode()
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+    entry = lambda begin, end: {"dtype": "F32", "shape": [2], "data_offsets": [begin, end]}  # noqa: E731
+    for header, data, fragment in (
+            ({"a": entry(0, 8), "b": entry(12, 20)}, bytes(20), "a gap or overlap"),
+            ({"a": entry(0, 8), "b": entry(4, 12)}, bytes(12), "a gap or overlap"),
+            ({"a": {**entry(0, 12), "shape": [2]}}, bytes(12), r"12 bytes for shape \[2\]"),
+            ({"a": {**entry(0, 8), "dtype": "BF99"}}, bytes(8), "bad header entry"),
+            ({"a": {**entry(0, 8), "shape": [-2]}}, bytes(8), "bad header entry"),
+            ({"a": entry(0, 8)}, bytes(9), "1 bytes after the last tensor"),
+            ({"a": entry(0, 8)}, bytes(7), "truncated")):
+        write(header, data)
+        with pytest.raises(CheckpointError, match=fragment) as e:
+            load_safetensors(path)
+        assert str(path) in str(e.value)
+
+
 def test_header_length_beyond_the_format_limit(saved):
     """A length field claiming a header larger than safetensors allows is refused before
     that much is read, and such a directory is not taken for a checkpoint."""

@@ -13,7 +13,7 @@ from minitf.config import GPTConfig
 from minitf.engine import Engine, FusedPath, Int8Linear, Linear
 from minitf.kernels import fused_kernels, get_backend, layout, numba_fused
 from minitf.kernels import numba_kernels, numpy_ref
-from minitf.kernels.layout import pack_vnni
+from minitf.kernels.layout import pack_vnni, unpack_vnni
 from minitf.model import init_params
 from minitf.quantization import quantize_model
 from models import perturbed_params
@@ -207,7 +207,7 @@ def test_scratch_buffers_hold_every_region_apart(config_params, quant):
 
 def test_pack_vnni_holds_every_weight_once_in_tile_order():
     rng = np.random.default_rng(0)
-    for K, M in ((240, 720), (26, 78), (3, 1), (960, 240)):
+    for K, M in ((240, 720), (26, 78), (3, 1), (960, 240), (24, 1100)):
         w = rng.integers(-127, 128, (K, M), dtype=np.int8)
         tiles, colsum = pack_vnni(w)
         Kp, Mp = -(-K // 4) * 4, -(-M // 64) * 64
@@ -216,6 +216,14 @@ def test_pack_vnni_holds_every_weight_once_in_tile_order():
         np.testing.assert_array_equal(back[:K, :M], w)
         assert not back[K:].any() and not back[:, M:].any()
         np.testing.assert_array_equal(colsum[:M], w.astype(np.int32).sum(axis=0))
+        assert not colsum[M:].any()
+        np.testing.assert_array_equal(unpack_vnni(tiles, K, M), w)
+        # in place, from a transposed view (the int8 head's wte.T), into dirty buffers
+        out, sums = np.full(Kp * Mp, 7, np.int8), np.full(Mp, 7, np.int32)
+        got = pack_vnni(np.ascontiguousarray(w.T).T, out, sums)
+        assert got[0] is out and got[1] is sums
+        np.testing.assert_array_equal(out, tiles)
+        np.testing.assert_array_equal(sums, colsum)
 
 
 def test_w8a8_prefill_rows_equal_the_unfused_kernel():
@@ -268,14 +276,17 @@ def test_weights_are_stored_once(config_params, backend):
         e = Engine(config, p, backend, int8_mode=mode)
         w = e.fused.weights
         assert np.shares_memory(e.wte, w.pf) and np.shares_memory(e.wpe, w.pf)
-        for blk in e.blocks:
+        for l, blk in enumerate(e.blocks):
             for name, layer in blk.items():
                 if isinstance(layer, Linear):
                     assert np.shares_memory(layer.weight, w.pf), name
                 elif isinstance(layer, Int8Linear):
-                    assert np.shares_memory(layer.weight_q, w.pq), name
-                    # the tiled copy exists for W8A8 only, and is visible to memory accounting
-                    assert (layer.packed is not None) == (mode == "w8a8"), name
+                    # weight-only: the (K, M) array; W8A8: the tiles alone, all the fused path
+                    # reads, visible to memory accounting; weight_q rebuilt from them
+                    assert (layer.stored_q is None) == (layer.packed is not None) == (mode == "w8a8"), name
+                    kept = layer.packed if mode == "w8a8" else layer.stored_q
+                    assert np.shares_memory(kept, w.pq), name
+                    np.testing.assert_array_equal(layer.weight_q, p[f"h.{l}.{name}.weight"])
         sizes = e.fused.nbytes()
         assert sizes["weights"] == w.pf.nbytes + w.pq.nbytes + w.pi.nbytes + w.tab.nbytes
 

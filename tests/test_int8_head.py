@@ -254,6 +254,53 @@ def test_the_int8_head_is_read_as_it_is_stored(config_params, backend):
                 assert e.head_packed.dtype == np.int8 and e.head_packed.size == -(-C // 4) * 4 * -(-V // 64) * 64
 
 
+@pytest.mark.parametrize("backend", ["numba", "cython"])
+def test_a_fused_w8a8_engine_keeps_each_int8_weight_once(config_params, backend):
+    """On the fused path a W8A8 model keeps its linear layers' weights only as tiles and
+    the head's as its (V, C) rows (the embedding's) and the tiles of wte.T: pq is exactly
+    those sizes, padded to the tile, and every other int8 array the engine holds is a
+    scratch buffer. Built with take_params (the dict it takes is left empty), its prefill
+    and decode still match the float64 forward, and a layer's unfused call (weight_q
+    rebuilt from the tiles, equal to the quantized weights) matches a float64 product of
+    the activations quantized by the rule."""
+    config, params = config_params
+    qparams, _ = quantize_model(params, config, "all", head=True)
+    V, C, B = config.vocab_size, config.d_model, config.block_size
+    given = dict(qparams)
+    e = Engine(config, given, backend, int8_mode="w8a8", take_params=True)
+    assert given == {}
+    pad = lambda n, m: -(-n // m) * m  # noqa: E731
+    layers = [n for n, a in qparams.items() if a.dtype == np.int8 and n != "wte"]
+    tiles = sum(pad(qparams[n].shape[0], 4) * pad(qparams[n].shape[1], 64) for n in layers)
+    pq = e.fused.weights.pq
+    assert pq.size == V * C + tiles + pad(C, 4) * pad(V, 64)
+    scratch = {id(a) for a in reachable_arrays(e.fused.buffers)}
+    for a in reachable_arrays(e):
+        if a.dtype == np.int8 and id(a) not in scratch and a.base is None:
+            assert a is pq, a.shape
+    ids = np.random.default_rng(2).integers(0, V, size=B)
+    want = reference_logits(qparams, config, ids, True)  # (B, V)
+    tol = TOL[("kv_cache_logits_w8a8", np.float32)]
+    e.prefill(ids[:1])
+    decode = np.stack([e.decode(t) for t in ids[1:]])  # positions 1 .. B-1
+    for name, got, ref in (("prefill", e.prefill(ids), want), ("decode", decode, want[1:])):
+        err = relative_error(got, ref)
+        assert err <= tol, f"{backend} {name}: error {err:.2e} > {tol}"
+    rng = np.random.default_rng(3)
+    for l, blk in enumerate(e.blocks):
+        for lin in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            layer, name = blk[lin], f"h.{l}.{lin}"
+            assert layer.stored_q is None and layer.packed is not None, name
+            wq = qparams[name + ".weight"]
+            np.testing.assert_array_equal(layer.weight_q, wq, err_msg=name)
+            x = rng.standard_normal((3, wq.shape[0])).astype(np.float32)
+            xq, sx = quantize_rule(x)  # float32, as the kernels quantize
+            ref = ((xq.astype(np.float64) @ wq) * sx[:, None].astype(np.float64)
+                   * qparams[name + ".weight_scale"] + qparams[name + ".bias"])
+            err = relative_error(layer(e.kb, x), ref)
+            assert err <= 1e-5, f"{backend} {name} unfused: error {err:.2e}"
+
+
 # ----------------------------------------------------------------------------------------
 # Checkpoints, export, bad input
 
