@@ -386,6 +386,22 @@ cdef void _layernorm_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
         _layernorm(sf + i * sw + o, sf + i * sw + i0, pf + ln[W], pf + ln[B], eps, 1, ln[M])
 
 
+cdef void _int8_head_row(float* x, const int8_t* pq, const int64_t* er, Py_ssize_t token,
+                         float s, Py_ssize_t C) noexcept nogil:
+    """x (C,) = row `token` of the int8 head (table row er, ROW_WTE) times s, float32: read
+    from the (V, C) rows (INT8), or gathered from the tiles of wte.T (W8A8, its only copy:
+    4 bytes every TILE_K * TILE_M, `layout.unpack_vnni_columns`)."""
+    cdef Py_ssize_t c, at
+    if er[KIND] == INT8:
+        at = er[Q] + token * C
+        for c in range(C):
+            x[c] = <float>pq[at + c] * s
+    else:
+        at = er[P] + (token // TILE_M) * er[KP] * TILE_M + (token % TILE_M) * TILE_K
+        for c in range(C):
+            x[c] = <float>pq[at + (c // TILE_K) * (TILE_K * TILE_M) + c % TILE_K] * s
+
+
 cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
                        float* k_cache, float* v_cache, float* kvT, int64_t* synced,
                        const float* pf, const int8_t* pq, const int32_t* pi,
@@ -422,8 +438,7 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
                 row[X + c] = wte[tokens[i] * C + c] + wpe[positions[i] * C + c]
         else:  # the int8 head's row, dequantized, then the position: two roundings, as
             s = pf[er[S] + tokens[i]]  # the unfused path
-            for c in range(C):
-                row[X + c] = <float>wq[tokens[i] * C + c] * s
+            _int8_head_row(row + X, pq, er, tokens[i], s, C)
             for c in range(C):
                 row[X + c] = row[X + c] + wpe[positions[i] * C + c]
     for l in range(L):

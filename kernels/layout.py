@@ -8,9 +8,11 @@ wte, wpe, LayerNorms, float weights, biases, scales), pq (int8 weights, then the
 tiles) and pi (int32 column sums of the tiles). The engine runs on views into them
 (`PackedWeights.views`), so every weight is stored once: a W8A8 linear layer only as its
 tiles, which are all that the fused path reads of it (the (K, M) array the unfused kernels
-take is rebuilt from them on request, `unpack_vnni`). The int8 head keeps its (V, C) rows,
-which the embedding reads, and with W8A8 the tiles of their transpose too. An index table
-`tab` (int64, NCOL columns) says where each tensor is:
+take is rebuilt from them on request, `unpack_vnni`). A weight-only int8 head keeps its
+(V, C) rows, which the embedding and the head read; a W8A8 one only the tiles of their
+transpose (C, V), from which the embedding gathers a token's row (`unpack_vnni_columns`,
+and its twins in the decode steps). An index table `tab` (int64, NCOL columns) says where
+each tensor is:
 
     row ROW_DIMS       the sizes, columns DIM_* below
     row ROW_SCRATCH    the offsets of the decode step's buffers, columns SF_* and SI_*
@@ -22,9 +24,11 @@ W8A8), K and M (its shape; a LayerNorm has M = C), the element offsets W (float 
 B (bias), S (scale) in pf, Q (the (K, M) int8 weight of a weight-only layer; -1 in a W8A8
 layer's row: not stored) and P (the tiles of a W8A8 layer) in pq, SUM (the column sums) in
 pi, and KP, MP: K and M padded to the int8 tile. The head's row ROW_WTE
-(K = V, M = C) is F32 (W: wte in pf) or, with an int8 head, INT8 or W8A8 (Q: wte (V, C) in
-pq, S: its scale per row in pf; W8A8 also P, SUM, KP, MP of its transpose (C, V) tiled, which
-the head's W8A8 sums run on, TILE_M vocabulary entries at a time).
+(K = V, M = C) is F32 (W: wte in pf) or, with an int8 head, INT8 (Q: wte (V, C) in pq, S:
+its scale per row in pf) or W8A8 (S, and Q = -1: the rows are not stored; P, SUM, KP, MP of
+the transpose (C, V) tiled, which the head's W8A8 sums run on, TILE_M vocabulary entries at
+a time, and the embedding reads: wte[v, c] is byte P + (v // TILE_M) * KP * TILE_M +
+(c // TILE_K) * TILE_K * TILE_M + (v % TILE_M) * TILE_K + c % TILE_K of pq).
 
 The int8 tile. AVX-512 VNNI `vpdpbusd` adds, in each of 16 int32 lanes, the products of 4
 adjacent unsigned bytes by 4 signed bytes; 4 registers make a tile of TILE_M = 64 outputs,
@@ -141,6 +145,27 @@ def unpack_vnni(tiles: np.ndarray, K_: int, M_: int) -> np.ndarray:
     return np.ascontiguousarray(t.transpose(1, 3, 0, 2).reshape(Kp, Mp)[:K_, :M_])
 
 
+def unpack_vnni_columns(tiles: np.ndarray, K_: int, M_: int,
+                        cols: np.ndarray | None = None) -> np.ndarray:
+    """Columns `cols` (n,) of the (K, M) int8 weights `pack_vnni` tiled, as the rows of a new
+    C-contiguous int8 array (n, K); all M columns if cols is None (the transpose (M, K)).
+
+    The W8A8 int8 head tiles wte.T (C, V): its columns are wte's rows, which the embedding
+    reads. Column m sits in tile m // TILE_M, at lane m % TILE_M of each group: 4 bytes every
+    TILE_K * TILE_M, a strided gather that touches only those bytes.
+
+    Raises:
+        ValueError: a column is outside [0, M).
+    """
+    Kp, Mp = padded(K_, TILE_K), padded(M_, TILE_M)
+    cols = np.arange(M_) if cols is None else np.asarray(cols)
+    if cols.size and (cols.min() < 0 or cols.max() >= M_):
+        raise ValueError(f"columns must be in [0, {M_}), got [{cols.min()}, {cols.max()}]")
+    t = tiles.reshape(Mp // TILE_M, Kp // TILE_K, TILE_M, TILE_K)  # (t, g, o, i)
+    rows = t[cols // TILE_M, :, cols % TILE_M, :]  # (n, g, i): advanced indices first
+    return np.ascontiguousarray(rows.reshape(len(cols), Kp)[:, :K_])
+
+
 class PackedWeights:
     """A GPT-2 model's inference tensors packed once for the fused kernels.
 
@@ -157,11 +182,12 @@ class PackedWeights:
     Attributes:
         pf, pq, pi: the flat float32, int8 and int32 arrays; tab: the index table.
         views: {name: view into pf or pq} for every tensor of `tensors` but the weights of
-            W8A8 linear layers, which are stored only as tiles.
+            W8A8 linear layers and a W8A8 int8 head's wte, which are stored only as tiles.
         tiles: {"h.<l>.<linear>": (tiles, column sums)} of the W8A8 layers, and "wte" for a
-            W8A8 int8 head (its transpose (C, V) tiled), views into pq and pi (Kp*Mp bytes
-            and Mp int32 per W8A8 layer; the head's (V, C) rows stay in `views`).
-        shapes: {name: (K, M)} of the W8A8 layers (what `unpack_vnni` needs).
+            W8A8 int8 head (its transpose (C, V) tiled, wte's only copy), views into pq and
+            pi (Kp*Mp bytes and Mp int32 per W8A8 layer).
+        shapes: {name: (K, M)} of what is tiled, "wte": (C, V) (what `unpack_vnni` and
+            `unpack_vnni_columns` need).
         exact: a W8A8 layer exists, so every stage before a quantization must round as the
             unfused kernels do (no transposed-cache attention, no fast GELU).
     """
@@ -187,13 +213,15 @@ class PackedWeights:
             tab[row, B] = put("f", name + ".bias", (C,))
 
         tiled = []  # (row, name) of the W8A8 layers (and head)
-        wte = tensors["wte"]
+        int8_head = tensors["wte"].dtype == np.int8
         tab[ROW_WTE, [K, M]] = V, C
-        if wte.dtype != np.int8:
+        if not int8_head:
             tab[ROW_WTE, W] = put("f", "wte", (V, C))
-        else:  # the int8 head: rows of wte with a scale each; W8A8 tiles wte.T (C, V)
-            tab[ROW_WTE, KIND] = W8A8 if int8_mode == "w8a8" else INT8
-            tab[ROW_WTE, Q] = put("q", "wte", (V, C))
+        elif int8_mode == "w8a8":  # the int8 head: wte.T (C, V) tiled, its only copy (below)
+            tab[ROW_WTE, [KIND, Q]] = W8A8, -1
+            tab[ROW_WTE, S] = put("f", "wte_scale", (V,))
+        else:  # the weight-only int8 head: rows of wte with a scale each
+            tab[ROW_WTE, [KIND, Q]] = INT8, put("q", "wte", (V, C))
             tab[ROW_WTE, S] = put("f", "wte_scale", (V,))
         tab[ROW_WPE, [K, M, W]] = block_size, C, put("f", "wpe", (block_size, C))
         norm(ROW_LNF, "ln_f")
@@ -217,8 +245,9 @@ class PackedWeights:
                     self.shapes[name] = w.shape
                 else:
                     tab[row, [KIND, Q]] = INT8, put("q", name + ".weight", w.shape)
-        if wte.dtype == np.int8 and int8_mode == "w8a8":
+        if int8_head and int8_mode == "w8a8":
             tiled.append((ROW_WTE, "wte"))  # read last in a decode step, so packed last
+            self.shapes["wte"] = (C, V)
         for row, name in tiled:  # the tiles last, in the order decode reads them
             Kn, Mn = tab[row, [K, M]] if row != ROW_WTE else (C, V)  # the tiled (K, M)
             tab[row, [KP, MP]] = padded(Kn, TILE_K), padded(Mn, TILE_M)
@@ -251,10 +280,11 @@ class PackedWeights:
             Kp_, Mp_ = int(tab[row, KP]), int(tab[row, MP])
             out = self.pq[tab[row, P]:tab[row, P] + Kp_ * Mp_]
             colsum = self.pi[tab[row, SUM]:tab[row, SUM] + Mp_]
-            w = self.views["wte"].T if row == ROW_WTE else tensors[name + ".weight"]  # (K, M)
+            key = "wte" if row == ROW_WTE else name + ".weight"
+            w = tensors[key].T if row == ROW_WTE else tensors[key]  # (K, M)
             self.tiles[name] = pack_vnni(w, out, colsum)
-            if take and row != ROW_WTE:
-                del w, tensors[name + ".weight"]
+            if take:
+                del w, tensors[key]
         self.exact = bool(tiled)
 
     def nbytes(self) -> int:

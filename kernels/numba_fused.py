@@ -417,6 +417,22 @@ def _layernorm_rows(sf, o, i0, pf, ln, n, eps):
 
 
 @njit
+def _int8_head_row(x, pq, er, token, s):
+    """x (C,) = row `token` of the int8 head (table row er, ROW_WTE) times s, float32: read
+    from the (V, C) rows (INT8), or gathered from the tiles of wte.T (W8A8, its only copy:
+    4 bytes every TILE_K * TILE_M, `layout.unpack_vnni_columns`)."""
+    C = x.shape[0]
+    if er[KIND] == INT8:
+        at = er[Q] + token * C
+        for c in range(C):
+            x[c] = np.float32(pq[at + c]) * s
+    else:
+        at = er[P] + (token // TILE_M) * er[KP] * TILE_M + (token % TILE_M) * TILE_K
+        for c in range(C):
+            x[c] = np.float32(pq[at + (c // TILE_K) * (TILE_K * TILE_M) + c % TILE_K]) * s
+
+
+@njit
 def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, ctl, n, eps,
                 exact):
     """One decode step of n sequences: for each row i < n of the step, the logits of token
@@ -448,9 +464,7 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
                 x[c] = wte[c] + wpe[pos * C + c]
         else:  # the int8 head's row, dequantized, then the position: two roundings, as
             # the unfused path (two loops: no fused multiply-add)
-            q, s = pq[er[Q] + token * C:er[Q] + (token + 1) * C], pf[er[S] + token]
-            for c in range(C):
-                x[c] = np.float32(q[c]) * s
+            _int8_head_row(x, pq, er, token, pf[er[S] + token])
             for c in range(C):
                 x[c] += wpe[pos * C + c]
     for l in range(L):

@@ -21,8 +21,9 @@ and the tied head, over a *path* that supplies the operations:
 
 An int8 tied head (`quantize --int8-head`: wte int8 with a scale per row, `wte_scale`) is
 read as it is stored on both paths: the embedding dequantizes the rows of the tokens, the
-head runs `matmul_nt_int8` in the model's int8 mode (the fused path's W8A8 head on the int8
-tiles of wte.T).
+head runs `matmul_nt_int8` in the model's int8 mode. The fused path's W8A8 head runs on the
+int8 tiles of wte.T, which are then wte's only copy: the embedding gathers a token's row
+from them, and `Engine.wte` rebuilds the (V, C) array on request.
 
 A prefill that only needs the last position's logits (generation) computes the last layer
 for the last position only: its keys and values still go to the cache for every position,
@@ -237,7 +238,9 @@ class Engine:
                        for name, a in params.items()}
         if take_params:
             params.clear()
-        self.wte = tensors["wte"]  # (V, C) embedding and tied head: float32, or int8 ...
+        # (V, C) embedding and tied head: float32, or int8 ... (None: a W8A8 int8 head on
+        # the fused path, stored only as the tiles of wte.T, head_packed; see `wte`)
+        self.stored_wte = tensors.get("wte")
         self.wte_scale = tensors.get("wte_scale")  # ... with a float32 scale per row (V,)
         self.head_mode = int8_mode  # how an int8 head runs, as the int8 linear layers
         # the W8A8 head's tiles of wte.T on the fused path (`FusedPath`), else None
@@ -290,6 +293,16 @@ class Engine:
         self.positions += [0] * (rows - self.rows)
         self.rows = rows
         self.path.reserve(rows)
+
+    @property
+    def wte(self) -> np.ndarray:
+        """The (V, C) embedding and tied head, float32, or int8 (with `wte_scale`): the
+        stored array, or, where only the W8A8 head's tiles of wte.T hold it (the fused
+        path), a new array rebuilt from them (as `Int8Linear.weight_q`)."""
+        if self.stored_wte is not None:
+            return self.stored_wte
+        return layout.unpack_vnni_columns(self.head_packed, self.config.d_model,
+                                          self.config.vocab_size)
 
     @property
     def pos(self) -> int:
@@ -779,7 +792,13 @@ class FusedPath:
         if self.e.wte_scale is None:
             np.take(self.e.wte, idx, axis=0, out=x)
         else:  # an int8 head: the rows dequantized, as the decode step does
-            x[...] = dequantize_rows(self.e.wte[idx], self.e.wte_scale[idx])
+            e = self.e
+            if e.stored_wte is not None:
+                q = e.stored_wte[idx]  # (T, C)
+            else:  # a W8A8 head: gathered from the tiles of wte.T, their only copy
+                q = layout.unpack_vnni_columns(e.head_packed, e.config.d_model,
+                                               e.config.vocab_size, idx)  # (T, C)
+            x[...] = dequantize_rows(q, e.wte_scale[idx])
         x += self.e.wpe[:T]
         return x
 

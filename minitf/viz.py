@@ -68,8 +68,9 @@ _N, _BASE, _STEP, _PHASE, _START, _T, _CUR, _PEAK, _DONE, _OWN = range(10)
 def engine_weight_arrays(engine) -> list[np.ndarray]:
     """Every weight array the engine holds (wte, wpe, LayerNorms, Linear / Int8Linear arrays,
     an int8 head's scales and tiles)."""
-    arrays = [engine.wte, engine.wpe, *engine.ln_f]
-    arrays += [a for a in (engine.wte_scale, engine.head_packed, engine.head_colsum) if a is not None]
+    arrays = [engine.wpe, *engine.ln_f]
+    arrays += [a for a in (engine.stored_wte, engine.wte_scale, engine.head_packed,
+                           engine.head_colsum) if a is not None]
     for blk in engine.blocks:
         for value in blk.values():
             if isinstance(value, tuple):  # a LayerNorm (weight, bias)

@@ -13,7 +13,7 @@ from minitf.config import GPTConfig
 from minitf.engine import Engine, FusedPath, Int8Linear, Linear
 from minitf.kernels import fused_kernels, get_backend, layout, numba_fused
 from minitf.kernels import numba_kernels, numpy_ref
-from minitf.kernels.layout import pack_vnni, unpack_vnni
+from minitf.kernels.layout import pack_vnni, unpack_vnni, unpack_vnni_columns
 from minitf.model import init_params
 from minitf.quantization import quantize_model
 from models import perturbed_params
@@ -218,12 +218,18 @@ def test_pack_vnni_holds_every_weight_once_in_tile_order():
         np.testing.assert_array_equal(colsum[:M], w.astype(np.int32).sum(axis=0))
         assert not colsum[M:].any()
         np.testing.assert_array_equal(unpack_vnni(tiles, K, M), w)
+        # columns as rows (the W8A8 head's embedding rows of wte.T): some, then all
+        cols = rng.integers(0, M, 5)
+        np.testing.assert_array_equal(unpack_vnni_columns(tiles, K, M, cols), w.T[cols])
+        np.testing.assert_array_equal(unpack_vnni_columns(tiles, K, M), w.T)
         # in place, from a transposed view (the int8 head's wte.T), into dirty buffers
         out, sums = np.full(Kp * Mp, 7, np.int8), np.full(Mp, 7, np.int32)
         got = pack_vnni(np.ascontiguousarray(w.T).T, out, sums)
         assert got[0] is out and got[1] is sums
         np.testing.assert_array_equal(out, tiles)
         np.testing.assert_array_equal(sums, colsum)
+    with pytest.raises(ValueError, match=r"columns must be in \[0, 1100\), got \[3, 1100\]"):
+        unpack_vnni_columns(tiles, K, M, [3, 1100])
 
 
 def test_w8a8_prefill_rows_equal_the_unfused_kernel():

@@ -103,6 +103,19 @@ def reference_logits(qparams, config, ids, w8a8):
     return h @ wte.T  # (T, V)
 
 
+class Forced:
+    """A sampler that keeps a copy of each logits it is given and returns the next token of
+    `seq` (from position `t`): every step's logits are then those of a known prefix."""
+
+    def __init__(self, seq, t):
+        self.seq, self.t, self.logits = seq, t, []
+
+    def __call__(self, logits):
+        self.logits.append(logits.copy())
+        self.t += 1
+        return int(self.seq[self.t - 1]) if self.t <= len(self.seq) else 0
+
+
 def relative_error(got, want) -> float:
     """max |got - want| / max(1, max |want|) (float32 logits of magnitude 10 are a few ulp
     apart at 1e-5)."""
@@ -237,8 +250,9 @@ def test_every_path_against_the_float64_forward(config_params, backend, quant):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_int8_head_is_read_as_it_is_stored(config_params, backend):
     """No float copy of the head: the engine holds no float array of wte's shape (or its
-    transpose's), and wte is the int8 matrix, stored once (a view into the packed arrays on
-    the fused path); W8A8 adds the tiles of wte.T, int8."""
+    transpose's), and wte is the int8 matrix, stored once: on the fused path a view into the
+    packed arrays, weight-only as its (V, C) rows, W8A8 only as the tiles of wte.T (from
+    which `Engine.wte` rebuilds the rows)."""
     config, params = config_params
     V, C = config.vocab_size, config.d_model
     for mode in ("weight-only", "w8a8"):
@@ -247,22 +261,26 @@ def test_the_int8_head_is_read_as_it_is_stored(config_params, backend):
         arrays = [a for a in reachable_arrays(e) if a.dtype.kind == "f"]
         assert not [a.shape for a in arrays if a.shape in ((V, C), (C, V), (V * C,))], (backend, mode)
         assert e.wte.dtype == np.int8 and e.wte_scale.shape == (V,)
+        np.testing.assert_array_equal(e.wte, qparams["wte"], err_msg=f"{backend} {mode}")
         if e.fused is not None:
-            assert np.shares_memory(e.wte, e.fused.weights.pq)
-            assert (e.head_packed is not None) == (mode == "w8a8")
-            if mode == "w8a8":
+            tiled = mode == "w8a8"
+            assert (e.head_packed is not None) == tiled and (e.stored_wte is None) == tiled
+            kept = e.head_packed if tiled else e.stored_wte
+            assert np.shares_memory(kept, e.fused.weights.pq)
+            if tiled:
                 assert e.head_packed.dtype == np.int8 and e.head_packed.size == -(-C // 4) * 4 * -(-V // 64) * 64
 
 
 @pytest.mark.parametrize("backend", ["numba", "cython"])
 def test_a_fused_w8a8_engine_keeps_each_int8_weight_once(config_params, backend):
     """On the fused path a W8A8 model keeps its linear layers' weights only as tiles and
-    the head's as its (V, C) rows (the embedding's) and the tiles of wte.T: pq is exactly
-    those sizes, padded to the tile, and every other int8 array the engine holds is a
-    scratch buffer. Built with take_params (the dict it takes is left empty), its prefill
-    and decode still match the float64 forward, and a layer's unfused call (weight_q
-    rebuilt from the tiles, equal to the quantized weights) matches a float64 product of
-    the activations quantized by the rule."""
+    wte's only as the tiles of wte.T, which the head reads and the embedding gathers a
+    token's row from: pq is exactly those sizes, padded to the tile, and every other int8
+    array the engine holds is a scratch buffer. Built with take_params (the dict it takes
+    is left empty), its prefill, decode and decode of several rows at once still match the
+    float64 forward, `Engine.wte` and a layer's `weight_q` (rebuilt from the tiles) equal
+    the quantized weights, and a layer's unfused call matches a float64 product of the
+    activations quantized by the rule."""
     config, params = config_params
     qparams, _ = quantize_model(params, config, "all", head=True)
     V, C, B = config.vocab_size, config.d_model, config.block_size
@@ -273,11 +291,13 @@ def test_a_fused_w8a8_engine_keeps_each_int8_weight_once(config_params, backend)
     layers = [n for n, a in qparams.items() if a.dtype == np.int8 and n != "wte"]
     tiles = sum(pad(qparams[n].shape[0], 4) * pad(qparams[n].shape[1], 64) for n in layers)
     pq = e.fused.weights.pq
-    assert pq.size == V * C + tiles + pad(C, 4) * pad(V, 64)
+    assert pq.size == tiles + pad(C, 4) * pad(V, 64)  # wte once: its transpose's tiles
+    assert e.stored_wte is None and "wte" not in e.fused.weights.views
     scratch = {id(a) for a in reachable_arrays(e.fused.buffers)}
     for a in reachable_arrays(e):
         if a.dtype == np.int8 and id(a) not in scratch and a.base is None:
             assert a is pq, a.shape
+    np.testing.assert_array_equal(e.wte, qparams["wte"])  # rebuilt from the tiles
     ids = np.random.default_rng(2).integers(0, V, size=B)
     want = reference_logits(qparams, config, ids, True)  # (B, V)
     tol = TOL[("kv_cache_logits_w8a8", np.float32)]
@@ -286,6 +306,15 @@ def test_a_fused_w8a8_engine_keeps_each_int8_weight_once(config_params, backend)
     for name, got, ref in (("prefill", e.prefill(ids), want), ("decode", decode, want[1:])):
         err = relative_error(got, ref)
         assert err <= tol, f"{backend} {name}: error {err:.2e} > {tol}"
+    # rows of a batch, prompts of 1, 4 and 2 tokens of other sequences, each fed its own
+    # next token: every decode step but the last ones runs several rows in one call
+    seqs = np.random.default_rng(4).integers(0, V, size=(3, B))
+    rows = [Forced(seq, p) for seq, p in zip(seqs, (1, 4, 2))]
+    list(e.generate_batch([seq[:r.t] for seq, r in zip(seqs, rows)], [B - r.t + 1 for r in rows], rows))
+    for i, (seq, r) in enumerate(zip(seqs, rows)):
+        got, ref = np.stack(r.logits), reference_logits(qparams, config, seq, True)[B - len(r.logits):]
+        err = relative_error(got, ref)
+        assert err <= tol, f"{backend} batch row {i}: error {err:.2e} > {tol}"
     rng = np.random.default_rng(3)
     for l, blk in enumerate(e.blocks):
         for lin in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
