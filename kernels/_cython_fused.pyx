@@ -421,7 +421,7 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
     cdef const int64_t* positions = ctl + CTL_POS * R
     cdef const int64_t* er = tab + ROW_WTE * NCOL  # the tied head's row: float or int8
     cdef const float* wte = pf + er[W]
-    cdef const int8_t* wq = pq + er[Q] if er[KIND] != F32 else NULL
+    cdef const int8_t* wq = pq + er[Q] if er[KIND] == INT8 else NULL  # W8A8: Q is -1
     cdef const float* wpe = pf + tab[ROW_WPE * NCOL + W]
     cdef float s
     cdef float scale = <float>(1.0 / sqrt(<double>(C // NH)))  # as the checks compute it

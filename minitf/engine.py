@@ -304,6 +304,14 @@ class Engine:
         return layout.unpack_vnni_columns(self.head_packed, self.config.d_model,
                                           self.config.vocab_size)
 
+    def wte_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows idx (T,) of `wte`, (T, C), float32 or int8: from the stored array, or
+        gathered from the W8A8 head's tiles of wte.T without rebuilding the whole of it."""
+        if self.stored_wte is not None:
+            return self.stored_wte[idx]
+        return layout.unpack_vnni_columns(self.head_packed, self.config.d_model,
+                                          self.config.vocab_size, idx)
+
     @property
     def pos(self) -> int:
         """Number of positions filled in row 0's cache."""
@@ -666,9 +674,9 @@ class UnfusedPath:
     def embed(self, idx: np.ndarray, start: int, row: int) -> np.ndarray:
         e = self.e
         if e.wte_scale is None:
-            return e.wte[idx] + e.wpe[start:start + len(idx)]  # (T, C)
+            return e.wte_rows(idx) + e.wpe[start:start + len(idx)]  # (T, C)
         # an int8 head: the tokens' rows dequantized, q[token] * scale[token]
-        return dequantize_rows(e.wte[idx], e.wte_scale[idx]) + e.wpe[start:start + len(idx)]  # (T, C)
+        return dequantize_rows(e.wte_rows(idx), e.wte_scale[idx]) + e.wpe[start:start + len(idx)]  # (T, C)
 
     def layernorm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
         return self.kb.layernorm(x, weight, bias, self.e.config.layer_norm_eps)
@@ -792,13 +800,8 @@ class FusedPath:
         if self.e.wte_scale is None:
             np.take(self.e.wte, idx, axis=0, out=x)
         else:  # an int8 head: the rows dequantized, as the decode step does
-            e = self.e
-            if e.stored_wte is not None:
-                q = e.stored_wte[idx]  # (T, C)
-            else:  # a W8A8 head: gathered from the tiles of wte.T, their only copy
-                q = layout.unpack_vnni_columns(e.head_packed, e.config.d_model,
-                                               e.config.vocab_size, idx)  # (T, C)
-            x[...] = dequantize_rows(q, e.wte_scale[idx])
+            e = self.e  # (a W8A8 head's rows gathered from the tiles of wte.T)
+            x[...] = dequantize_rows(e.wte_rows(idx), e.wte_scale[idx])  # (T, C)
         x += self.e.wpe[:T]
         return x
 
