@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,9 +30,9 @@ from minitf.tokenizer import CharTokenizer
 from reachable import reachable_arrays
 from tolerances import TOL
 
+from conftest import CORPUS
+
 BACKENDS = ["numpy", "numba", "cython"]
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("MINITF_DATA") or REPO / "../shared/data/tinyshakespeare/input.txt")
 # Every linear weight of this config has a shape no other tensor has, so the memory test can
 # tell a float copy of a quantized weight by its shape.
 CONFIG = GPTConfig(vocab_size=37, block_size=12, n_layer=2, n_head=3, d_model=24)
@@ -407,20 +406,18 @@ def test_engine_keeps_no_float_copy_of_quantized_weights(quantized_dir, model, s
 
 
 def run_cli(*args, cwd=tempfile.gettempdir()):
-    env = {**os.environ, "MINITF_DATA": str(CORPUS.resolve()),
+    env = {**os.environ, "MINITF_DATA": str(CORPUS),
            "MINITF_BACKEND": "numpy"}
     return subprocess.run([sys.executable, "-m", "minitf.quantize", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def tiny_model_dir(corpus_path, tmp_path_factory):
     """A small float32 model with the corpus' character vocabulary, GPT-2 init."""
-    if not CORPUS.exists():
-        pytest.skip(f"corpus not found at {CORPUS}; set MINITF_DATA to TinyShakespeare's input.txt")
     from minitf.tokenizer import train_tokenizer
 
-    tok = train_tokenizer("char", CORPUS.read_text(encoding="utf-8"))
+    tok = train_tokenizer("char", corpus_path.read_text(encoding="utf-8"))
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, d_model=16)
     path = tmp_path_factory.mktemp("cli") / "model"
     save_checkpoint(path, init_params(config, seed=1), config, tok, meta={"seed": 1})
