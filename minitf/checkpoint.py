@@ -372,6 +372,30 @@ def check_writable(directory: str | os.PathLike, need_bytes: int = 0) -> None:
     probe_write(directory, need_bytes, "checkpoint directory")
 
 
+def check_output(out: str | os.PathLike, replace: bool, command: str,
+                 own: Callable[[dict], str | None]) -> None:
+    """The rule of the commands that write a model made from another (quantize, convert)
+    into --out: an `out` without a checkpoint is written; one holding a model the command
+    did not write (`own(meta)` is None for its meta.json: a trained model, say) is never
+    overwritten; one it wrote (`own(meta)` describes it: "an int8 model (...)") is replaced
+    only with `replace` (--replace). Call it under the lock of `out`, after recovery.
+
+    Raises:
+        CheckpointError: a refusal, in one line naming --out, what it holds and the way out.
+    """
+    out = Path(out)
+    if not is_checkpoint(out):
+        return
+    meta = load_json(out / META_FILE) if (out / META_FILE).is_file() else {}
+    mine = own(meta if isinstance(meta, dict) else {})
+    if mine is None:
+        raise CheckpointError(f"--out {out} holds a minitf model that {command} did not write; "
+                              f"choose another directory ({command} never overwrites one)")
+    if not replace:
+        raise CheckpointError(f"--out {out} already holds {mine}; choose another directory, or "
+                              f"add --replace to replace it")
+
+
 def is_checkpoint(directory: str | os.PathLike) -> bool:
     """True if `directory` holds a minitf model.safetensors (by its metadata) and a config.json."""
     directory = Path(directory)

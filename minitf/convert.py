@@ -8,7 +8,9 @@
 hub) and writes a minitf checkpoint with `save_checkpoint`: atomically, tensors as stored
 (float32 or float16), the tokenizer.json carried over, meta.json recording the source. Every
 `--model DIR` also reads such a directory directly; converting saves the renaming at each
-start and gives the checkpoint minitf's checksum.
+start and gives the checkpoint minitf's checksum. An --out holding a model is refused, as
+quantize refuses one: the model of an earlier convert is replaced only with --replace,
+any other never (minitf.checkpoint.check_output).
 
 --to-hf writes what `GPT2LMHeadModel.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained`
 load. An int8 model is refused unless --dequantize: its weights then become int8 * scale in
@@ -24,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (check_writable, is_checkpoint, load_checkpoint, load_json,
-                         recover_checkpoint, save_checkpoint)
+from .checkpoint import (check_output, check_writable, load_checkpoint, recover_checkpoint,
+                         save_checkpoint)
 from .cli import Parser, fail, guarded, path_argument
 from .engine import DEFAULT_MODEL_DIR
 from .hf import HFError, is_hf_directory, save_hf_directory
 from .quantization import dequantize
 from .rundir import DirectoryLock
-from .tensors import HEAD, checkpoint_layout
+from .tensors import HEAD, Quantization, checkpoint_layout
 
 
 def build_parser() -> Parser:
@@ -48,7 +50,12 @@ def build_parser() -> Parser:
                           "or its shards, tokenizer.json)")
     way.add_argument("--to-hf", metavar="DIR", default=None, type=path_argument,
                      help="a new (or empty) directory to write the transformers files into")
-    p.add_argument("--out", default=None, type=path_argument, help="with --from-hf: the minitf checkpoint directory to write")
+    p.add_argument("--out", default=None, type=path_argument,
+                   help="with --from-hf: the minitf checkpoint directory to write; it must not "
+                        "hold a model unless --replace")
+    p.add_argument("--replace", action="store_true",
+                   help="with --from-hf: replace the model an earlier convert wrote in --out "
+                        "(never another model)")
     p.add_argument("--model", default=None, type=path_argument,
                    help="with --to-hf: the minitf model to export (default: the shipped model)")
     p.add_argument("--dequantize", action="store_true",
@@ -62,13 +69,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_hf is not None and (args.model is not None or args.dequantize):
         fail(parser, "--model and --dequantize go with --to-hf; --from-hf reads its DIR")
-    if args.to_hf is not None and args.out is not None:
-        fail(parser, "--out goes with --from-hf; --to-hf writes into its DIR")
+    if args.to_hf is not None and (args.out is not None or args.replace):
+        fail(parser, "--out and --replace go with --from-hf; --to-hf writes into its DIR, "
+                     "which must be new or empty")
     if args.from_hf is not None and not args.out:
         fail(parser, "--from-hf needs --out DIR, the minitf checkpoint to write")
     command = "python -m minitf.convert " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.from_hf is not None:
-        path = from_hf(Path(args.from_hf), Path(args.out), command)
+        path = from_hf(Path(args.from_hf), Path(args.out), command, args.replace)
     else:
         path = to_hf(Path(args.model) if args.model else DEFAULT_MODEL_DIR, Path(args.to_hf),
                      args.dequantize)
@@ -76,20 +84,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def from_hf(source: Path, out: Path, command: str) -> Path:
+def converted_model(meta: dict) -> str | None:
+    """What convert --from-hf wrote, as its meta.json says ("a model converted from DIR"),
+    or None for a model it did not write (minitf.checkpoint.check_output)."""
+    source = meta.get("converted_from")
+    if source is None:
+        return None
+    where = source.get("directory") if isinstance(source, dict) else None
+    return f"a model converted from {where}" if where else "a converted model"
+
+
+def from_hf(source: Path, out: Path, command: str, replace: bool = False) -> Path:
     """transformers directory `source` -> minitf checkpoint `out`, holding the lock of `out`
     from the start. Raises ValueError (HFError, CheckpointError) for a source minitf cannot
-    run or an `out` holding a model convert did not write; OSError (LockedError) for an
-    `out` that another process writes or that has no room for the model."""
+    run, an `out` holding a model convert did not write, or one it wrote without `replace`;
+    OSError (LockedError) for an `out` that another process writes or that has no room for
+    the model."""
     with DirectoryLock(out):
         recover_checkpoint(out)
         if not is_hf_directory(source):
             raise HFError(f"{source}: not a transformers directory (no config.json with a "
                           f"model_type)")
-        if is_checkpoint(out) and "converted_from" not in (
-                load_json(out / "meta.json") if (out / "meta.json").is_file() else {}):
-            raise HFError(f"--out {out} holds a minitf model that convert did not write; choose "
-                          f"another directory")
+        check_output(out, replace, "convert", converted_model)
         ckpt = load_checkpoint(source, dtype=None)  # tensors as stored
         check_writable(out, sum(a.nbytes for a in ckpt.params.values()) + (1 << 20))
         return save_checkpoint(out, ckpt.params, ckpt.config, ckpt.tokenizer,
@@ -107,12 +123,11 @@ def to_hf(model: Path, out: Path, dequantize_int8: bool) -> Path:
 def _to_hf(model: Path, out: Path, dequantize_int8: bool) -> Path:
     ckpt = load_checkpoint(model, layout=checkpoint_layout, optimizer=False)
     params = ckpt.params
-    quant = ckpt.meta.get("quantization")
-    if quant:
+    quant = Quantization.from_meta(ckpt.meta)
+    if quant is not None:
         if not dequantize_int8:
             raise HFError(
-                f"{ckpt.path} is an int8 model (scope {quant.get('scope')}, mode {quant.get('mode')}"
-                f"{', int8 head' if quant.get('head') else ''}) "
+                f"{ckpt.path} is an int8 model ({quant.describe()}) "
                 f"and transformers' GPT2LMHeadModel holds float weights: export the float32 model "
                 f"it came from, or pass --dequantize to export int8 * scale as float32")
         # a linear's scales are per column; the int8 head's (wte) per row: its transpose's

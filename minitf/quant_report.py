@@ -165,11 +165,12 @@ def format_report(report: dict) -> str:
         rows.append("")
         rows.append(f"validation: {ev['windows']} windows, {ev['tokens']:,} tokens, {ev['chars']:,} chars "
                     f"(backend {ev['backend']})")
-        rows.append(f"{'model':<22} {'loss (nats/token)':>17} {'perplexity':>11} {'bits/char':>10}")
-        for key, label in (("float32", "float32"), ("int8", f"int8 {report['scope']} {report['mode']}"
-                                                         + (" +head" if report.get("head") else ""))):
+        int8 = f"int8 {report['scope']} {report['mode']}" + (" +head" if report.get("head") else "")
+        w = max(22, len(int8))  # the label column: "int8 all weight-only +head" is 26 wide
+        rows.append(f"{'model':<{w}} {'loss (nats/token)':>17} {'perplexity':>11} {'bits/char':>10}")
+        for key, label in (("float32", "float32"), ("int8", int8)):
             m = ev[key]
-            rows.append(f"{label:<22} {m['loss']:>17.4f} {m['perplexity']:>11.4f} {m['bits_per_char']:>10.4f}")
+            rows.append(f"{label:<{w}} {m['loss']:>17.4f} {m['perplexity']:>11.4f} {m['bits_per_char']:>10.4f}")
         d = ev["diff_percent"]
-        rows.append(f"{'difference':<22} {d['loss']:>+16.4f}% {d['perplexity']:>+10.4f}% {d['bits_per_char']:>+9.4f}%")
+        rows.append(f"{'difference':<{w}} {d['loss']:>+16.4f}% {d['perplexity']:>+10.4f}% {d['bits_per_char']:>+9.4f}%")
     return "\n".join(rows)

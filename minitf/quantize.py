@@ -18,8 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .checkpoint import (check_writable, is_checkpoint, load_checkpoint, load_json,
-                         recover_checkpoint, save_json_atomic)
+from .checkpoint import (check_output, check_writable, load_checkpoint, recover_checkpoint,
+                         save_json_atomic)
 from .cli import Parser, add_backend_argument, add_data_argument, guarded, path_argument, positive_int
 from .dataset import load_data
 from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
@@ -69,6 +69,13 @@ def build_parser() -> Parser:
     return p
 
 
+def int8_model(meta: dict) -> str | None:
+    """What quantize wrote, as its meta.json says ("an int8 model (scope ffn, ...)"), or
+    None for a model it did not write (minitf.checkpoint.check_output)."""
+    quant = Quantization.from_meta(meta)
+    return None if quant is None else f"an int8 model ({quant.describe()})"
+
+
 @guarded
 def main(argv=None) -> int:
     parser = build_parser()
@@ -83,18 +90,13 @@ def main(argv=None) -> int:
             raise ValueError(f"{model_dir} is a transformers directory; convert it first: "
                              f"python -m minitf.convert --from-hf {model_dir} --out DIR")
         ckpt = load_checkpoint(model_dir, layout=checkpoint_layout)  # reads int8 models too
-        if ckpt.meta.get("quantization"):
-            raise ValueError(f"{ckpt.path} is already quantized ({ckpt.meta['quantization']}); "
+        source_quant = Quantization.from_meta(ckpt.meta)
+        if source_quant is not None:
+            raise ValueError(f"{ckpt.path} is already quantized ({source_quant.describe()}); "
                              "quantize the float32 model it came from")
         if out.resolve() == ckpt.path.resolve():
             raise ValueError(f"--out {out} is the model directory; choose another")
-        out_meta = load_json(out / "meta.json") if (out / "meta.json").is_file() else {}
-        if is_checkpoint(out) and not out_meta.get("quantization"):
-            raise ValueError(f"--out {out} holds a float model; choose another directory, "
-                             "quantize never overwrites a model it did not write")
-        if is_checkpoint(out) and not args.replace:
-            raise ValueError(f"--out {out} already holds an int8 model ({out_meta['quantization']}); "
-                             "choose another directory, or add --replace to replace it")
+        check_output(out, args.replace, "quantize", int8_model)
         float_engine = Engine(ckpt.config, ckpt.params, args.backend)
         tokens = load_data(args.data, ckpt.tokenizer, with_train=False).val
         eval_starts(len(tokens), ckpt.config.block_size, args.max_windows)  # enough text? now

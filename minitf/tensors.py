@@ -100,6 +100,10 @@ class Quantization:
         minitf.quantization.quantized_meta)."""
         return {"scope": self.scope, "mode": self.mode, "head": self.head}
 
+    def describe(self) -> str:
+        """For messages and reports: "scope ffn, weight-only, float32 head"."""
+        return f"scope {self.scope}, {self.mode}, {'int8' if self.head else 'float32'} head"
+
     def weight_names(self, config: GPTConfig) -> list[str]:
         """The int8 weights, e.g. ["h.0.mlp.c_fc.weight", ...], in parameter order; "wte"
         last with an int8 head."""

@@ -3,6 +3,8 @@
 import hashlib
 import io
 import os
+import subprocess
+import sys
 from urllib.error import URLError
 
 import numpy as np
@@ -23,7 +25,7 @@ from minitf.data import (
 )
 from minitf.tokenizer import CharTokenizer
 
-from conftest import SHARED_CORPUS
+from conftest import REPO, SHARED_CORPUS
 
 SHARED = SHARED_CORPUS.parent
 
@@ -78,6 +80,33 @@ def test_corpus_sha256_matches(corpus_bytes):
 def test_load_corpus_explicit_path(corpus_path, corpus_bytes):
     text = load_corpus(corpus_path)
     assert len(text) == 1_115_394 and text.encode("utf-8") == corpus_bytes
+
+
+def _pytest_without_corpus(tmp_path, **env):
+    """test_load_corpus_explicit_path in a pytest of its own, $MINITF_DATA naming no file,
+    outside CI unless `env` says otherwise; (the missing path, the finished process)."""
+    nothing = tmp_path / "nothing.txt"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("CI", "MINITF_INSTALLED")},
+           "MINITF_DATA": str(nothing), **env}
+    test = f"{__file__}::test_load_corpus_explicit_path"
+    return nothing, subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
+         str(REPO / "pyproject.toml"), test], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300)
+
+
+def test_a_missing_corpus_is_said_at_the_end_of_the_run(tmp_path):
+    nothing, r = _pytest_without_corpus(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = f"1 test skipped: TinyShakespeare not found at {nothing}; set MINITF_DATA=/path/to/input.txt"
+    assert line in r.stdout.splitlines(), r.stdout
+    assert "1 skipped" in r.stdout.splitlines()[-1], r.stdout
+
+
+def test_a_missing_corpus_fails_the_run_in_ci(tmp_path):
+    nothing, r = _pytest_without_corpus(tmp_path, CI="true")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"TinyShakespeare not found at {nothing}" in r.stdout and "1 error" in r.stdout, r.stdout
 
 
 def test_load_corpus_env_var(tmp_path, monkeypatch):

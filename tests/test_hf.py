@@ -451,7 +451,7 @@ def test_shipped_model_exported_gives_minitfs_greedy_text_in_transformers(tmp_pa
     assert tokenizer.decode(theirs) == ours, f"smallest top-2 gap {gap:.1e}"
 
 
-def test_import_convert_export_round_trip_gives_identical_logits(tiny, tmp_path, text):
+def test_import_convert_export_round_trip_gives_identical_logits(tiny, tmp_path, text, capsys):
     source, model = tiny
     ckpt_dir, export = tmp_path / "minitf", tmp_path / "exported"
     assert run_convert("--from-hf", source, "--out", ckpt_dir) == 0
@@ -468,10 +468,24 @@ def test_import_convert_export_round_trip_gives_identical_logits(tiny, tmp_path,
     assert np.array_equal(hf_logits(back, ids), hf_logits(model, ids))
     assert tokenizer.decode(ids) == text[: len(tokenizer.decode(ids))]
     assert tokenizer.eos_token == hf.END_OF_TEXT and back.config.eos_token_id == 400
-    # converting again into the same checkpoint is allowed; into a model it did not write, not
-    assert run_convert("--from-hf", source, "--out", ckpt_dir) == 0
-    with pytest.raises(SystemExit):
-        convert.main(["--from-hf", str(source), "--out", str(DEFAULT_MODEL_DIR)])
+    # converting again into the same checkpoint needs --replace; into a model convert did
+    # not write, never; each refusal one line that leaves the directory as it was
+    capsys.readouterr()
+    before = (ckpt_dir / "model.safetensors").read_bytes()
+    assert run_convert("--from-hf", source, "--out", ckpt_dir) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"python -m minitf.convert: error: --out {ckpt_dir} already holds a model "
+                   f"converted from {source.resolve()}; choose another directory, or add "
+                   f"--replace to replace it"), err
+    assert (ckpt_dir / "model.safetensors").read_bytes() == before
+    assert run_convert("--from-hf", source, "--out", ckpt_dir, "--replace") == 0
+    assert load_checkpoint(ckpt_dir).meta["command"].endswith("--replace")
+    shipped = {p.name: p.read_bytes() for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file()}
+    assert run_convert("--from-hf", source, "--out", DEFAULT_MODEL_DIR, "--replace") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("holds a minitf model that convert did not write; choose another "
+                        "directory (convert never overwrites one)") and "\n" not in err, err
+    assert {p.name: p.read_bytes() for p in DEFAULT_MODEL_DIR.iterdir() if p.is_file()} == shipped
 
 
 def test_int8_export_refused_unless_dequantized(tmp_path, capsys, text):
@@ -508,7 +522,8 @@ def test_export_never_replaces_files(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--from-hf", "x"], "--from-hf needs --out"),
-    (["--to-hf", "x", "--out", "y"], "--out goes with --from-hf"),
+    (["--to-hf", "x", "--out", "y"], "--out and --replace go with --from-hf"),
+    (["--to-hf", "x", "--replace"], "--out and --replace go with --from-hf"),
     (["--from-hf", "x", "--out", "y", "--dequantize"], "go with --to-hf"),
     ([], "one of the arguments --from-hf --to-hf is required"),
 ])

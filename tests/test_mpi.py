@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from tolerances import TOL
 
+from conftest import missing
+
 from minitf.checkpoint import load_checkpoint
 from minitf.rundir import Recovered
 
@@ -41,10 +43,7 @@ def _mpiexec() -> list[str]:
     except ImportError:
         found = None
     if found is None:
-        message = 'mpiexec or mpi4py not installed: pip install ".[mpi]"'
-        if os.environ.get("CI") == "true" or os.environ.get("MINITF_INSTALLED"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing('mpiexec or mpi4py not installed: pip install ".[mpi]"')
     version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
     flags = []
     if "Open MPI" in version or "OpenRTE" in version:  # Open MPI refuses root, and 2 slots

@@ -5,11 +5,11 @@ backend, its checkpoint, its memory, and the `python -m minitf.quantize` command
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,15 +25,16 @@ from minitf.config import GPTConfig, param_shapes
 from minitf.engine import Engine, Int8Linear, Linear, load_engine
 from minitf.kernels import get_backend
 from minitf.model import init_params
+from minitf.quant_report import format_report
 from minitf.quantization import dequantize, quantize_model, quantize_per_channel
 from minitf.tensors import checkpoint_layout, quantized_weight_names
 from minitf.tokenizer import CharTokenizer
 from reachable import reachable_arrays
 from tolerances import TOL
 
+from conftest import CORPUS
+
 BACKENDS = ["numpy", "numba", "cython"]
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("MINITF_DATA") or REPO / "../shared/data/tinyshakespeare/input.txt")
 # Every linear weight of this config has a shape no other tensor has, so the memory test can
 # tell a float copy of a quantized weight by its shape.
 CONFIG = GPTConfig(vocab_size=37, block_size=12, n_layer=2, n_head=3, d_model=24)
@@ -406,21 +407,43 @@ def test_engine_keeps_no_float_copy_of_quantized_weights(quantized_dir, model, s
 # The command line
 
 
+@pytest.mark.parametrize("scope, mode, head", [("ffn", "weight-only", True), ("all", "w8a8", False)])
+def test_report_validation_table_columns_line_up(scope, mode, head):
+    """The widest label, "int8 ffn weight-only +head", widens its column: every row of the
+    validation table ends where its header does."""
+    group = {"float32_bytes": 4000, "stored_bytes": 1100, "scale_bytes": 100, "ratio": 3.64,
+             "ratio_without_scales": 4.0}
+    metrics = {"loss": 1.5, "perplexity": 4.48, "bits_per_char": 2.16}
+    report = {"scope": scope, "mode": mode, "head": head, "tensors": [],
+              "totals": dict.fromkeys(("ffn_one_block", "ffn", "linear", "model"), group),
+              "evaluation": {"windows": 2, "tokens": 256, "chars": 256, "backend": "numpy",
+                             "float32": metrics, "int8": metrics,
+                             "diff_percent": {"loss": 0.25, "perplexity": -0.5, "bits_per_char": 12.0}}}
+    lines = format_report(report).splitlines()
+    table = lines[-4:]
+    label = f"int8 {scope} {mode}" + (" +head" if head else "")
+    assert [x[:len(label)].strip() for x in table] == ["model", "float32", label, "difference"], table
+    assert len({len(x) for x in table}) == 1, table
+    header = table[0]
+    for row in table[1:]:  # each number ends under its column's title
+        for title in ("loss (nats/token)", "perplexity", "bits/char"):
+            end = header.index(title) + len(title)
+            assert row[end - 1] != " " and (end == len(row) or row[end] == " "), (title, row)
+
+
 def run_cli(*args, cwd=tempfile.gettempdir()):
-    env = {**os.environ, "MINITF_DATA": str(CORPUS.resolve()),
+    env = {**os.environ, "MINITF_DATA": str(CORPUS),
            "MINITF_BACKEND": "numpy"}
     return subprocess.run([sys.executable, "-m", "minitf.quantize", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def tiny_model_dir(corpus_path, tmp_path_factory):
     """A small float32 model with the corpus' character vocabulary, GPT-2 init."""
-    if not CORPUS.exists():
-        pytest.skip(f"corpus not found at {CORPUS}; set MINITF_DATA to TinyShakespeare's input.txt")
     from minitf.tokenizer import train_tokenizer
 
-    tok = train_tokenizer("char", CORPUS.read_text(encoding="utf-8"))
+    tok = train_tokenizer("char", corpus_path.read_text(encoding="utf-8"))
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, d_model=16)
     path = tmp_path_factory.mktemp("cli") / "model"
     save_checkpoint(path, init_params(config, seed=1), config, tok, meta={"seed": 1})
@@ -480,7 +503,8 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
 
     # quantizing the int8 model again is refused, on one line
     r = run_cli("--model", out, "--out", tmp_path / "again")
-    assert r.returncode == 2 and "already quantized" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{out} is already quantized (scope ffn, weight-only, float32 head); " in r.stderr, r.stderr
     assert not (tmp_path / "again").exists()
 
 
@@ -510,11 +534,19 @@ def test_an_int8_model_in_out_is_replaced_only_with_replace(tiny_model_dir, tmp_
     assert run_cli("--model", tiny_model_dir, "--out", out, "--scope", "all").returncode == 0
     before = (out / "model.safetensors").read_bytes()
     r = run_cli("--model", tiny_model_dir, "--out", out)
-    assert r.returncode == 2 and "already holds an int8 model" in r.stderr and "--replace" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and (out / "model.safetensors").read_bytes() == before
+    assert r.stderr.strip() == (f"python -m minitf.quantize: error: --out {out} already holds an "
+                                f"int8 model (scope all, weight-only, float32 head); choose another "
+                                f"directory, or add --replace to replace it"), r.stderr
+    assert r.returncode == 2 and (out / "model.safetensors").read_bytes() == before
     r = run_cli("--model", tiny_model_dir, "--out", out, "--replace")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "meta.json").read_text())["quantization"]["scope"] == "ffn"
+    # a model quantize did not write is never replaced
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    r = run_cli("--model", tiny_model_dir, "--out", other, "--replace")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "holds a minitf model that quantize did not write" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("change, message", [
