@@ -62,6 +62,7 @@ from .checkpoint import load_checkpoint
 from .config import GPTConfig, check_memory
 from .kernels import get_backend, layout
 from .kernels.numpy_ref import dequantize_rows
+from .sampling import sample_rows
 from .tensors import (INT8_MODES, LINEARS, check_tensors, checkpoint_layout, infer_quantization,
                       inference_bytes, scale_name, tensor_layout)
 
@@ -590,8 +591,10 @@ class Engine:
         while running:
             tokens = [None] * N
             t = clock()
-            for r in running:
-                tokens[r] = self._check_id(samplers[r](logits[r]))
+            # Samplers with the same settings draw for all their rows in one numpy pass
+            for r, token in zip(running, sample_rows([samplers[r] for r in running],
+                                                     [logits[r] for r in running])):
+                tokens[r] = self._check_id(token)
                 self._mark("sample")
             stats.sample_s += clock() - t
             stats.new_tokens += len(running)

@@ -368,6 +368,88 @@ def _draw(p: np.ndarray, coin: float) -> int:
     return int(np.searchsorted(cdf, coin * cdf[-1], side="right"))
 
 
+def sample_rows(samplers, logits) -> list[int]:
+    """One token per row: row i drawn by samplers[i] from logits[i], the tokens
+    `[samplers[i](logits[i]) for i ...]` gives, bit for bit, each `Sampler` drawing its coin
+    from its own generator in row order (a sampler may serve several rows: it then draws
+    for them in turn, as that loop does).
+
+    Rows whose samplers are `Sampler`s with the same settings run together, in one numpy
+    pass over their (n, V) logits: the same float64 operations on the same numbers as
+    `Sampler.__call__` (elementwise, or along each row: max, sum, sort, cumsum), its
+    nucleus sorted whole rather than from its largest candidates (whose prefix of the
+    sorted order is the same). Other callables are called row by row; so is every row of a
+    group holding a non-finite logit, or overflowing its temperature, so that the error
+    names that row's values as `Sampler.__call__` does.
+
+    Args:
+        samplers: N callables, logits (V,) -> token id (`Sampler`s or any others).
+        logits: N logits vectors (V,) float32 or float64 (a sequence, or an (N, V) array).
+    Returns:
+        N token ids, as each sampler returns them.
+    Raises:
+        ValueError: as the samplers raise for bad logits.
+    """
+    n = len(samplers)
+    if n == 1:  # batch 1: the call itself
+        return [samplers[0](logits[0])]
+    tokens: list = [None] * n
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samplers):
+        if type(s) is Sampler:
+            groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+        else:
+            tokens[i] = s(logits[i])
+    for (temperature, top_k, top_p), rows in groups.items():
+        if len(rows) == 1:
+            tokens[rows[0]] = samplers[rows[0]](logits[rows[0]])
+            continue
+        for i, t in zip(rows, _sample_group([samplers[i] for i in rows], [logits[i] for i in rows],
+                                            temperature, top_k, top_p)):
+            tokens[i] = t
+    return tokens
+
+
+def _sample_group(samplers, logits, temperature, top_k, top_p) -> list[int]:
+    """`sample_rows` for rows whose Samplers share these settings (see there)."""
+    x = np.asarray(logits)
+    if x.dtype not in (np.float32, np.float64) or x.ndim != 2 or x.shape[1] == 0 or \
+            not np.isfinite(x).all():
+        return [s(l) for s, l in zip(samplers, logits)]  # row by row: its checks and messages
+    x = x.astype(np.float64)  # (n, V) a new array
+    if temperature == 0:
+        return [int(t) for t in np.argmax(x, axis=1)]  # the first maximum of each row
+    if temperature != 1:
+        with np.errstate(over="ignore"):
+            y = x / float(temperature)  # (n, V)
+        if not np.isfinite(y).all():  # an overflow: the row's own error
+            return [s(l) for s, l in zip(samplers, logits)]
+        x = y
+    V = x.shape[1]
+    if top_k and top_k < V:  # as _top_k, row by row
+        kth = np.partition(x, V - top_k, axis=1)[:, V - top_k:V - top_k + 1]  # (n, 1)
+        x = np.where(x < kth, -np.inf, x)
+    with np.errstate(over="ignore"):  # as Sampler.__call__
+        e = np.exp(x - x.max(axis=1, keepdims=True))  # (n, V)
+    if top_p is not None and top_p < 1:
+        probs = e / e.sum(axis=1, keepdims=True)
+        # _nucleus with the whole row sorted: most probable first, ties lower index first;
+        # -inf tokens (probability 0) last, never kept (the mass above them reaches p)
+        order = np.argsort(-x, axis=1, kind="stable")  # (n, V)
+        p_sorted = np.take_along_axis(probs, order, axis=1)
+        mass_before = np.cumsum(p_sorted, axis=1) - p_sorted
+        keep_sorted = mass_before < top_p - _TOP_P_SLACK
+        keep_sorted[:, 0] = True
+        keep = np.zeros(x.shape, dtype=bool)
+        np.put_along_axis(keep, order, keep_sorted, axis=1)
+        e = np.where(keep, e, 0.0)
+    p = e / e.sum(axis=1, keepdims=True)  # (n, V)
+    cdf = np.cumsum(p, axis=1)  # as _draw, row by row
+    coins = np.array([s.rng.random() for s in samplers])  # row order, as the loop draws
+    # searchsorted(cdf, u, side="right") on a non-decreasing cdf: how many entries are <= u
+    return [int(t) for t in (cdf <= (coins * cdf[:, -1])[:, None]).sum(axis=1)]
+
+
 class Sampler:
     """Holds the sampling settings and a seeded random generator; one call, one token.
 

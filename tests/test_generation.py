@@ -204,6 +204,26 @@ def test_batch_rows_equal_batch_1_bit_for_bit(params, backend, name, context_mod
         assert all(step[r] is None for step in steps[n:])
 
 
+@pytest.mark.parametrize("name", ["float32", "int8-w8a8"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_of_samplers_equals_batch_1(params, backend, name):
+    """Rows given bare Samplers (drawn together, a numpy pass per group of equal settings:
+    minitf.sampling.sample_rows) give the tokens generate() gives alone with the same seed,
+    past the context too; two groups of settings and a greedy row."""
+    p, mode, _ = model(params, name)
+    engine = Engine(CONFIG, p, backend, int8_mode=mode)
+    settings = [(1.0, None, 0.9), (0.8, 5, None), (1.0, None, 0.9), (0.0, None, None), (0.8, 5, None)]
+    prompts = [prompt_of(n, seed=20 + i) for i, n in enumerate((1, 4, B, 7, B + 3))]
+    rows = [Sampler(t, k, q, seed=i) for i, (t, k, q) in enumerate(settings)]
+    got = [[] for _ in prompts]
+    for step in engine.generate_batch(prompts, N_NEW, rows):
+        for r, token in enumerate(step):
+            got[r].append(token)
+    for r, (prompt, (t, k, q)) in enumerate(zip(prompts, settings)):
+        alone = list(engine.generate(prompt, N_NEW, Sampler(t, k, q, seed=r)))
+        assert got[r] == alone, f"{backend} {name} row {r}: tokens differ from batch 1"
+
+
 @pytest.mark.parametrize("backend", ["numba", "cython"])
 def test_batch_decodes_all_rows_in_one_compiled_call_per_step(params, backend):
     engine = Engine(CONFIG, params, backend)

@@ -26,6 +26,7 @@ from minitf.sampling import (
     greedy,
     probabilities,
     process_logits,
+    sample_rows,
     sample_token,
     top_k_filter,
     top_p_filter,
@@ -362,6 +363,39 @@ def test_sampler_draws_sample_token_of_probabilities_with_its_coins(V, temperatu
         x = x.astype(np.float32 if i % 4 else np.float64)
         want = sample_token(probabilities(x, temperature, top_k, top_p), coins.random())
         assert sampler(x) == want, i
+
+
+@pytest.mark.parametrize("V", [3, 65, 129, 1000])
+def test_sample_rows_draws_each_row_as_its_sampler_alone(V):
+    """sample_rows (the batched generation's sampling: one numpy pass per group of Samplers
+    with the same settings) gives, row by row, sample_token(probabilities(x), coin) with
+    the coins of each row's own seeded generator, drawn in row order: greedy and sampled
+    groups mixed, a Sampler serving several rows, a plain callable, ties and masked
+    tokens (a row with -inf, whose group is drawn row by row)."""
+    rng = np.random.default_rng(V)
+    settings = [(1.0, None, 0.9), (0.7, 5, 0.5), (0.0, None, 0.9), (1.3, None, None),
+                (0.7, 5, 0.5), (1.0, None, 0.9), (1.0, None, 0.9)]
+    samplers = [Sampler(t, k, p, seed=10 + i) for i, (t, k, p) in enumerate(settings)]
+    samplers[6] = samplers[0]  # one generator drawing for rows 0 and 6, in that order
+    coins = [np.random.default_rng(10 + i) for i in range(len(settings))]
+    coins[6] = coins[0]
+    samplers.append(lambda x: int(np.argmin(x)))  # not a Sampler: called as it is
+    for step in range(30):
+        x = rng.standard_normal((len(samplers), V)) * (3 if step % 2 else 0.3)
+        if step % 3 == 0:
+            x = np.round(x)  # ties
+        if step % 5 == 0:
+            x[1, rng.random(V) < 0.3] = -np.inf
+            x[1, 0] = 2.0
+        x = x.astype(np.float32 if step % 4 else np.float64)
+        want = []
+        for i, (t, k, p) in enumerate(settings):
+            if t == 0:
+                want.append(int(np.argmax(x[i])))
+            else:
+                want.append(sample_token(probabilities(x[i], t, k, p), coins[i].random()))
+        want.append(int(np.argmin(x[-1])))
+        assert sample_rows(samplers, list(x)) == want, step
 
 
 def test_sampler_frequencies_match_probabilities():
