@@ -565,8 +565,9 @@ cdef class Decoder:
 
 def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[:, ::1] acc,
                      const float[:, ::1] x, const int8_t[::1] wp, const int32_t[::1] wsum,
-                     const float[::1] w_scale, const float[::1] bias):
-    """`_cython_kernels.matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass.
+                     const float[::1] w_scale, const float[::1] bias, int threads):
+    """`_cython_kernels.matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass,
+    the tiles split over `threads` threads (numba_fused.linear_w8a8_rows).
 
     Outputs y (N, M); scratch xq (N, Kp) int8, sx (N,), acc (N, Mp) int32; inputs x (N, K),
     tiles wp, wsum (Mp,) column sums, w_scale (M,), bias (M,).
@@ -583,7 +584,7 @@ def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[
 
 def head_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[:, ::1] acc,
                    const float[:, ::1] x, const int8_t[::1] wp, const int32_t[::1] wsum,
-                   const float[::1] w_scale):
+                   const float[::1] w_scale, int threads):
     """The W8A8 int8 head for N rows (numba_fused.head_w8a8_rows, bit-identical to
     `_cython_kernels.matmul_nt_w8a8`): outputs y (N, V); scratch xq (N, Kp) int8, sx (N,),
     acc (N, chunk) int32 (chunk a multiple of TILE_M: the entries per pass); inputs x (N, C),
