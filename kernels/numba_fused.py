@@ -347,11 +347,13 @@ def _head_rows(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, threads):
     sf[i, H:H+C] for the step's rows i < n, by its kind (`_head_part`; W8A8: each row
     quantized once first), its vocabulary split over `threads` threads if there are more
     than one (the head has at least THREAD_MIN_WEIGHTS weights and, W8A8, the sums have a
-    tile of columns per thread), else in one part."""
+    tile of columns per thread: `chunk`, DIM_MP, is only that wide in a model with W8A8
+    layers), else in one part."""
     V, C, H = row[K], row[M], sc[SF_H]
     if row[KIND] == W8A8:
         _quantize_step_rows(sf, si, sc, H, C, n)
-    if threads > 1 and V * C >= THREAD_MIN_WEIGHTS and chunk >= threads * TILE_M:
+    if (threads > 1 and V * C >= THREAD_MIN_WEIGHTS
+            and (row[KIND] != W8A8 or chunk >= threads * TILE_M)):
         _head_threads(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, threads)
     else:
         _head_part(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, 0, 1)
