@@ -29,6 +29,12 @@ Numerics, stage by stage:
   row dots (`_matmul_nt_int8`), W8A8 on the int8 tiles of wte.T (`_head_w8a8`, as many
   vocabulary entries per pass as the rows' int32 sums hold), exact sums then the unfused
   epilogue; the embedding dequantizes the token's int8 row.
+
+Threads: with `minitf.threads.set_threads(n)` (kernels/_threads.py) every linear layer of
+at least `layout.THREAD_MIN_WEIGHTS` weights and the tied head split their outputs into n
+contiguous ranges, one per OpenMP thread (`prange`; setup.py compiles with -fopenmp where
+the compiler links it, else the loops run serially). Each output runs the same loop
+whatever the split, so the logits do not depend on n, bit for bit (tests/test_threads.py).
 """
 
 from cython.parallel cimport prange

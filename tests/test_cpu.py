@@ -133,7 +133,8 @@ print("RESULT", blas, torch.get_num_threads(), numba_pool._is_initialized)
 
 def test_threads_limit_blas_and_start_no_other_pool():
     """--threads 1: numpy's BLAS runs 1 thread; PyTorch's count (2, set first) is left as it
-    is; numba's thread pool is never started (no minitf kernel is parallel)."""
+    is; numba's thread pool is not started (minitf's parallel kernels run only on more than
+    one thread, kernels/_threads.py)."""
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs 2 cores to tell 1 thread from the default")
     done = run(["-c", THREADS])
