@@ -17,6 +17,9 @@ the choices; in short:
   is missing (the reason is kept in minitf/kernels/_build.json). MINITF_REQUIRE_CYTHON=1
   (set by CI) makes that an error. A compiler that works but fails on minitf's sources
   always fails the install.
+- OpenMP (-fopenmp) where the compiler compiles and links it: the fused decode step and the
+  W8A8 prefill split GPT-2-sized matmuls over `--threads` threads with Cython's `prange`.
+  Without it (clang without libomp, for one) the same loops run serially.
 - Nothing is written into the source tree: the generated C files and objects go to the
   build directory, and the wheel carries no C file.
 """
@@ -49,6 +52,7 @@ DEPENDS = ["kernels/_cython_loops.pxi", "kernels/int8_tile.h"]  # what the modul
 # fused W8A8 path, which must round as the unfused one bit for bit, did not (measured).
 BASE_ARGS = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
              "-fno-math-errno", "-ffp-contract=off"]
+OPENMP = "-fopenmp"  # if the compiler links it (Compiler.openmp)
 OPTIONAL_ARGS = [
     # gcc: the 4-row matmul kernel needs more runtime alias checks than the default 10
     # before it will vectorize (measured: 4x slower prefill without this)
@@ -88,6 +92,21 @@ class Compiler:
                 return False   # differ between setuptools versions)
         return True
 
+    def openmp(self) -> bool:
+        """The compiler compiles and links an OpenMP program with -fopenmp."""
+        code = "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "omp.c"
+            src.write_text(code)
+            try:
+                objects = self.cc.compile([str(src)], output_dir=tmp,
+                                          extra_postargs=["-fopenmp", "-Werror"])
+                self.cc.link_executable(objects, "omp", output_dir=tmp,
+                                        extra_postargs=["-fopenmp"])
+            except Exception:  # a probe, as in `compiles`
+                return False
+        return True
+
     def target(self) -> str:
         """The architecture the compiler targets (not the machine's: CC may cross-compile)."""
         for macro, name in (("__x86_64__", "x86-64"), ("__aarch64__", "aarch64")):
@@ -98,6 +117,11 @@ class Compiler:
     def builds(self) -> dict[str, tuple[str, list[str]]]:
         """{build name: (module-name suffix, compile flags)} for this compiler and target."""
         common = BASE_ARGS + [a for a in OPTIONAL_ARGS if self.compiles("int x;\n", BASE_ARGS + [a])]
+        if self.openmp():
+            common.append(OPENMP)
+        else:
+            print(f"minitf: {self.name} does not compile and link OpenMP (-fopenmp): the "
+                  "Cython kernels' large matmuls run on one thread", file=sys.stderr)
         if env_flag("MINITF_NATIVE"):
             return {"native": ("", common + ["-march=native"])}
         target = self.target()
@@ -124,7 +148,8 @@ def kernel_extensions(builds) -> list[Extension]:
                             include_dirs=[numpy.get_include(), "kernels"],
                             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                                            ("MINITF_BUILD", f'"{build}"')],
-                            extra_compile_args=args, depends=DEPENDS)
+                            extra_compile_args=args, depends=DEPENDS,
+                            extra_link_args=[OPENMP] if OPENMP in args else [])
             ext.build = build
             extensions.append(ext)
     return extensions

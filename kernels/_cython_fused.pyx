@@ -29,11 +29,19 @@ Numerics, stage by stage:
   row dots (`_matmul_nt_int8`), W8A8 on the int8 tiles of wte.T (`_head_w8a8`, as many
   vocabulary entries per pass as the rows' int32 sums hold), exact sums then the unfused
   epilogue; the embedding dequantizes the token's int8 row.
+
+Threads: with `minitf.threads.set_threads(n)` (kernels/_threads.py) every linear layer of
+at least `layout.THREAD_MIN_WEIGHTS` weights and the tied head split their outputs into n
+contiguous ranges, one per OpenMP thread (`prange`; setup.py compiles with -fopenmp where
+the compiler links it, else the loops run serially). Each output runs the same loop
+whatever the split, so the logits do not depend on n, bit for bit (tests/test_threads.py).
 """
 
+from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 
 from minitf.kernels import _isa, layout as _layout
+from minitf.kernels._threads import kernel_threads
 
 include "_cython_loops.pxi"  # the unfused backend's loops
 
@@ -59,6 +67,7 @@ cdef Py_ssize_t SI_XQ = _layout.SI_XQ, SI_ACC = _layout.SI_ACC
 cdef Py_ssize_t CTL_ROW = _layout.CTL_ROW, CTL_TOKEN = _layout.CTL_TOKEN, CTL_POS = _layout.CTL_POS
 cdef Py_ssize_t TILE_K = _layout.TILE_K, TILE_M = _layout.TILE_M, HEAD_CHUNK = _layout.HEAD_CHUNK
 cdef Py_ssize_t MATMUL_BLOCK = _layout.MATMUL_BLOCK, MATMUL_L1_FLOATS = _layout.MATMUL_L1_FLOATS
+cdef Py_ssize_t THREAD_MIN_WEIGHTS = _layout.THREAD_MIN_WEIGHTS
 
 
 # ------------------------------------------------------------------------ int8 tile -----
@@ -142,16 +151,23 @@ def int8_matmul_acc(str variant, int32_t[:, ::1] acc, const int8_t[:, ::1] xq,
 # ----------------------------------------------------------------------- linear layers ---
 
 
-cdef void _w8a8_sums(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq, Py_ssize_t x_stride,
-                     Py_ssize_t n, const int8_t* wp, const int32_t* wsum, Py_ssize_t Kp,
-                     Py_ssize_t Mp) noexcept nogil:
-    """acc[i * a_stride + m] = sum_k xq[i * x_stride + k] * w[k, m], rows i < n, outputs
-    m < Mp, on the tiles wp with column sums wsum (numba_fused._w8a8_sums): tile outer, 4
-    rows per weight pass, so each tile of weights is read once for all rows. Exact int32
-    sums, in the variant INT8_ISA."""
+cdef inline Py_ssize_t _split(Py_ssize_t M_, Py_ssize_t t, Py_ssize_t threads,
+                              Py_ssize_t multiple) noexcept nogil:
+    """The start of thread t's range of M_ outputs split `threads` ways, a multiple of
+    `multiple`; M_ for t = threads (numba_fused._split)."""
+    return M_ if t >= threads else M_ * t // threads // multiple * multiple
+
+
+cdef void _w8a8_tiles(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq, Py_ssize_t x_stride,
+                      Py_ssize_t n, const int8_t* wp, const int32_t* wsum, Py_ssize_t Kp,
+                      Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+    """acc[i * a_stride + m] = sum_k xq[i * x_stride + k] * w[k, m], rows i < n, the outputs
+    m of tiles t0 .. t1-1 (64 each), on the tiles wp with column sums wsum
+    (numba_fused._w8a8_tiles): tile outer, 4 rows per weight pass, so each tile of weights
+    is read once for all rows. Exact int32 sums, in the variant INT8_ISA."""
     cdef Py_ssize_t groups = Kp // TILE_K, tile, i
     cdef int rows
-    for tile in range(Mp // TILE_M):
+    for tile in range(t0, t1):
         i = 0
         while i < n:
             rows = 4 if i + 4 <= n else 1
@@ -161,24 +177,41 @@ cdef void _w8a8_sums(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq, Py_ssi
             i += rows
 
 
+cdef void _w8a8_sums(int32_t* acc, Py_ssize_t a_stride, const int8_t* xq, Py_ssize_t x_stride,
+                     Py_ssize_t n, const int8_t* wp, const int32_t* wsum, Py_ssize_t Kp,
+                     Py_ssize_t Mp, int threads) noexcept nogil:
+    """`_w8a8_tiles` of all Mp // 64 tiles: split into `threads` contiguous ranges, one per
+    OpenMP thread, if there are more than one and the weight has at least
+    THREAD_MIN_WEIGHTS bytes, else serially (a tile's sums do not depend on who computes
+    them)."""
+    cdef Py_ssize_t tiles = Mp // TILE_M, t
+    if threads > 1 and Kp * Mp >= THREAD_MIN_WEIGHTS:
+        for t in prange(threads, num_threads=threads, schedule="static"):
+            _w8a8_tiles(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, tiles * t // threads,
+                        tiles * (t + 1) // threads)
+    else:
+        _w8a8_tiles(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, 0, tiles)
+
+
 ctypedef fused weight_t:  # a float layer's weights, or a weight-only int8 layer's
     float
     int8_t
 
 
-cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
-                       const weight_t* w, Py_ssize_t Kn, Py_ssize_t Mn,
-                       Py_ssize_t n) noexcept nogil:
-    """Row i < n of sf (sw floats each): [o, o+M) = [i0, i0+K) @ float(w (K, M)), w float or
-    int8 (weight-only: the caller applies the channel scale). Blocks of outputs (layout.py:
+cdef void _matmul_cols(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
+                       const weight_t* w, Py_ssize_t Kn, Py_ssize_t Mn, Py_ssize_t n,
+                       Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Row i < n of sf (sw floats each): [o+c0, o+c1) = [i0, i0+K) @ float(w (K, M))[:, c0:c1],
+    w float or int8 (weight-only: the caller applies the channel scale). Blocks of outputs (layout.py:
     MATMUL_L1_FLOATS / n, at least MATMUL_BLOCK) outer, then groups of 8 k, then rows, so
     that the rows' outputs of a block stay in L1 while each group of weights is read once
     for all rows. Every row runs the same loop
-    body (8 k per pass, k ascending, then the last k one by one), so a row's result does not
-    depend on n. 8 k per pass rather than `_matmul_row`'s 4: half the loads and stores of
-    the outputs per weight byte (numba_fused._matmul_rows, measured there); float32 and
-    weight-only models only, W8A8 ones take `_matmul_row` (exact)."""
-    cdef Py_ssize_t i, k, m, m0 = 0, m1
+    body (8 k per pass, k ascending, then the last k one by one), so a row's result depends
+    neither on n nor on the blocks and column ranges. 8 k per pass rather than
+    `_matmul_row`'s 4: half the loads and stores of the outputs per weight byte
+    (numba_fused._matmul_cols, measured there); float32 and weight-only models only, W8A8
+    ones take `_matmul_row` (exact)."""
+    cdef Py_ssize_t i, k, m, m0 = c0, m1
     cdef Py_ssize_t block = MATMUL_L1_FLOATS // n // 16 * 16  # layout.py: MATMUL_BLOCK
     cdef float a0, a1, a2, a3, a4, a5, a6, a7
     cdef float* y
@@ -186,8 +219,8 @@ cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
     cdef const weight_t* w0
     if block < MATMUL_BLOCK:
         block = MATMUL_BLOCK
-    while m0 < Mn:
-        m1 = m0 + block if m0 + block < Mn else Mn
+    while m0 < c1:
+        m1 = m0 + block if m0 + block < c1 else c1
         for i in range(n):
             y = sf + i * sw + o
             for m in range(m0, m1):
@@ -217,14 +250,31 @@ cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
         m0 = m1
 
 
+cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
+                       const weight_t* w, Py_ssize_t Kn, Py_ssize_t Mn, Py_ssize_t n,
+                       int threads) noexcept nogil:
+    """`_matmul_cols` of all M outputs: split into `threads` ranges (multiples of 16 floats,
+    a cache line, so that two threads never write the same line), one per OpenMP thread,
+    if there are more than one and w has at least THREAD_MIN_WEIGHTS weights."""
+    cdef Py_ssize_t t
+    if threads > 1 and Kn * Mn >= THREAD_MIN_WEIGHTS:
+        for t in prange(threads, num_threads=threads, schedule="static"):
+            _matmul_cols(sf, sw, o, i0, w, Kn, Mn, n, _split(Mn, t, threads, 16),
+                         _split(Mn, t + 1, threads, 16))
+    else:
+        _matmul_cols(sf, sw, o, i0, w, Kn, Mn, n, 0, Mn)
+
+
 cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
                        const int64_t* sc, Py_ssize_t o, Py_ssize_t i0, const float* pf,
                        const int8_t* pq, const int32_t* pi, const int64_t* row, Py_ssize_t n,
-                       bint exact) noexcept nogil:
+                       bint exact, int threads) noexcept nogil:
     """Rows i < n of sf: [o, o+M) = the linear layer of table row `row` applied to [i0,
     i0+K), by its kind (numba_fused._linear_rows): F32 and INT8 all rows per weight pass, or
     in a W8A8 model (`exact`) the unfused kernels' row loops; W8A8: each row quantized, the
-    int8 tile on 4 rows per weight pass, the unfused epilogue per row. sc: the scratch row."""
+    int8 tile on 4 rows per weight pass, the unfused epilogue per row. sc: the scratch row.
+    The weight passes of a large layer run on `threads` threads (`_matmul_rows`,
+    `_w8a8_sums`)."""
     cdef Py_ssize_t Kn = row[K], Mn = row[M], Mp = row[MP], i, m
     cdef const float* bias = pf + row[B]
     cdef float* y
@@ -234,7 +284,7 @@ cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
             for i in range(n):
                 _matmul_row(sf + i * sw + o, sf + i * sw + i0, pf + row[W], Kn, Mn)
         else:
-            _matmul_rows(sf, sw, o, i0, pf + row[W], Kn, Mn, n)
+            _matmul_rows(sf, sw, o, i0, pf + row[W], Kn, Mn, n, threads)
         for i in range(n):
             y = sf + i * sw + o
             for m in range(Mn):
@@ -245,7 +295,7 @@ cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
                 _matmul_int8_row(sf + i * sw + o, sf + i * sw + i0, pq + row[Q], pf + row[S],
                                  bias, Kn, Mn)
         else:
-            _matmul_rows(sf, sw, o, i0, pq + row[Q], Kn, Mn, n)
+            _matmul_rows(sf, sw, o, i0, pq + row[Q], Kn, Mn, n, threads)
             for i in range(n):
                 y = sf + i * sw + o
                 for m in range(Mn):
@@ -256,10 +306,32 @@ cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
         xq = <int8_t*>(si + sc[SI_XQ])  # row i's int8 activations 4 siw bytes further on
         for i in range(n):
             sf[i * sw + sc[SF_SX]] = _quantize_row(xq + 4 * i * siw, sf + i * sw + i0, Kn)
-        _w8a8_sums(si + SI_ACC, siw, xq, 4 * siw, n, pq + row[P], pi + row[SUM], row[KP], Mp)
+        _w8a8_sums(si + SI_ACC, siw, xq, 4 * siw, n, pq + row[P], pi + row[SUM], row[KP], Mp,
+                   threads)
         for i in range(n):
             _w8a8_epilogue(sf + i * sw + o, si + i * siw + SI_ACC, sf[i * sw + sc[SF_SX]],
                            pf + row[S], bias, Mn)
+
+
+cdef void _head_w8a8_part(float* y, Py_ssize_t ystride, const int64_t* yrows, float* sx,
+                          Py_ssize_t sx_stride, int32_t* acc, Py_ssize_t a_stride,
+                          const int8_t* xq, Py_ssize_t x_stride, Py_ssize_t n, const int8_t* wp,
+                          const int32_t* wsum, const float* w_scale, Py_ssize_t Kp,
+                          Py_ssize_t V, Py_ssize_t v0, Py_ssize_t v1,
+                          Py_ssize_t width) noexcept nogil:
+    """The W8A8 head's vocabulary entries [v0, v1) (multiples of TILE_M, v1 <= Vp) for the n
+    rows already quantized (`_head_w8a8`), `width` entries per pass: their sums in
+    acc + i * a_stride, then the unfused epilogue into row yrows[i] (or i, yrows NULL) of y."""
+    cdef Py_ssize_t i, m0 = v0, m1, mp, r
+    while m0 < v1 and m0 < V:  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
+        mp = width if width < v1 - m0 else v1 - m0
+        m1 = m0 + mp if m0 + mp < V else V
+        _w8a8_tiles(acc, a_stride, xq, x_stride, n, wp + m0 * Kp, wsum + m0, Kp, 0, mp // TILE_M)
+        for i in range(n):
+            r = yrows[i] if yrows != NULL else i
+            _w8a8_epilogue(y + r * ystride + m0, acc + i * a_stride, sx[i * sx_stride],
+                           w_scale + m0, NULL, m1 - m0)
+        m0 += mp
 
 
 cdef void _head_w8a8(float* y, Py_ssize_t ystride, const int64_t* yrows, float* sx,
@@ -267,23 +339,46 @@ cdef void _head_w8a8(float* y, Py_ssize_t ystride, const int64_t* yrows, float* 
                      Py_ssize_t x_stride, const float* x, Py_ssize_t xs, Py_ssize_t n,
                      const int8_t* wp, const int32_t* wsum, const float* w_scale,
                      Py_ssize_t C, Py_ssize_t Kp, Py_ssize_t V, Py_ssize_t Vp,
-                     Py_ssize_t chunk) noexcept nogil:
+                     Py_ssize_t chunk, int threads) noexcept nogil:
     """The W8A8 int8 head of n rows (numba_fused.head_w8a8_rows): row i (x + i * xs) is
     quantized into xq + i * x_stride (its scale at sx[i * sx_stride]), then `chunk` (a
     multiple of TILE_M) vocabulary entries at a time on the tiles wp of wte.T (Vp columns,
-    4 rows per weight pass), its sums at acc + i * a_stride, the unfused epilogue into row
-    yrows[i] (or i, yrows NULL) of y (rows ystride apart)."""
-    cdef Py_ssize_t i, m0 = 0, m1, mp, r
+    4 rows per weight pass), its sums at acc + i * a_stride (a_stride >= chunk), the
+    unfused epilogue into row yrows[i] (or i, yrows NULL) of y (rows ystride apart). With
+    `threads` > 1 (and C * V >= THREAD_MIN_WEIGHTS, a tile of sums per thread) the
+    vocabulary is split into that many ranges, one per OpenMP thread, each with its own
+    chunk // threads columns of the sums."""
+    cdef Py_ssize_t i, t, width
     for i in range(n):
         sx[i * sx_stride] = _quantize_row(xq + i * x_stride, x + i * xs, C)
-    while m0 < V:  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
-        mp = chunk if chunk < Vp - m0 else Vp - m0
-        m1 = m0 + mp if m0 + mp < V else V
-        _w8a8_sums(acc, a_stride, xq, x_stride, n, wp + m0 * Kp, wsum + m0, Kp, mp)
+    if threads > 1 and C * V >= THREAD_MIN_WEIGHTS and chunk >= threads * TILE_M:
+        width = chunk // threads // TILE_M * TILE_M
+        for t in prange(threads, num_threads=threads, schedule="static"):
+            _head_w8a8_part(y, ystride, yrows, sx, sx_stride, acc + t * width, a_stride, xq,
+                            x_stride, n, wp, wsum, w_scale, Kp, V, _split(Vp, t, threads, TILE_M),
+                            _split(Vp, t + 1, threads, TILE_M), width)
+    else:
+        _head_w8a8_part(y, ystride, yrows, sx, sx_stride, acc, a_stride, xq, x_stride, n, wp,
+                        wsum, w_scale, Kp, V, 0, Vp, chunk)
+
+
+cdef void _head_chunks(float* logits, const float* sf, Py_ssize_t sw, Py_ssize_t H,
+                       const int64_t* rows, const int64_t* er, const float* pf,
+                       const int8_t* pq, Py_ssize_t V, Py_ssize_t C, Py_ssize_t n,
+                       Py_ssize_t v0, Py_ssize_t v1) noexcept nogil:
+    """The float32 or weight-only int8 tied head (table row er) of rows i < n of sf
+    ([H, H+C)) for the vocabulary entries [v0, v1): HEAD_CHUNK rows of wte at a time for
+    all rows, into row rows[i] of logits (each output sums as in the whole row)."""
+    cdef Py_ssize_t i, m0 = v0, m1
+    while m0 < v1:
+        m1 = m0 + HEAD_CHUNK if m0 + HEAD_CHUNK < v1 else v1
         for i in range(n):
-            r = yrows[i] if yrows != NULL else i
-            _w8a8_epilogue(y + r * ystride + m0, acc + i * a_stride, sx[i * sx_stride],
-                           w_scale + m0, NULL, m1 - m0)
+            if er[KIND] == F32:
+                _matmul_nt(logits + rows[i] * V + m0, sf + i * sw + H, pf + er[W] + m0 * C, 1,
+                           C, m1 - m0)
+            else:  # INT8: the weight-only int8 head
+                _matmul_nt_int8(logits + rows[i] * V + m0, sf + i * sw + H, pq + er[Q] + m0 * C,
+                                pf + er[S] + m0, 1, C, m1 - m0, V)
         m0 = m1
 
 
@@ -406,22 +501,23 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
                        float* k_cache, float* v_cache, float* kvT, int64_t* synced,
                        const float* pf, const int8_t* pq, const int32_t* pi,
                        const int64_t* tab, const int64_t* ctl, Py_ssize_t R, Py_ssize_t n,
-                       double eps, bint exact) noexcept nogil:
+                       double eps, bint exact, int threads) noexcept nogil:
     """One decode step of n sequences: the engine's block forward over one token per row.
-    Buffers and layout: numba_fused.decode_rows (ctl (3, R): rows, tokens, positions)."""
+    Buffers and layout: numba_fused.decode_rows (ctl (3, R): rows, tokens, positions); the
+    large linear layers and the head on `threads` OpenMP threads (the same logits, bit for
+    bit, for any count)."""
     cdef const int64_t* dims = tab + ROW_DIMS * NCOL
     cdef const int64_t* sc = tab + ROW_SCRATCH * NCOL
     cdef Py_ssize_t L = dims[DIM_L], C = dims[DIM_C], NH = dims[DIM_NH], V = dims[DIM_V]
     cdef Py_ssize_t Bk = dims[DIM_BLOCK], FF = dims[DIM_FF], Bp = dims[DIM_BP]
     cdef Py_ssize_t X = sc[SF_X], H = sc[SF_H], A = sc[SF_A], QKV = sc[SF_QKV]
     cdef Py_ssize_t F = sc[SF_F], G = sc[SF_G]
-    cdef Py_ssize_t i, l, c, t, r, pos, Tk, sync, m0, m1
+    cdef Py_ssize_t i, l, c, t, r, pos, Tk, sync
     cdef const int64_t* rows = ctl + CTL_ROW * R
     cdef const int64_t* tokens = ctl + CTL_TOKEN * R
     cdef const int64_t* positions = ctl + CTL_POS * R
     cdef const int64_t* er = tab + ROW_WTE * NCOL  # the tied head's row: float or int8
     cdef const float* wte = pf + er[W]
-    cdef const int8_t* wq = pq + er[Q] if er[KIND] == INT8 else NULL  # W8A8: Q is -1
     cdef const float* wpe = pf + tab[ROW_WPE * NCOL + W]
     cdef float s
     cdef float scale = <float>(1.0 / sqrt(<double>(C // NH)))  # as the checks compute it
@@ -444,7 +540,7 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
     for l in range(L):
         lr = tab + (FIRST_LAYER_ROW + l * ROWS_PER_LAYER) * NCOL
         _layernorm_rows(sf, sw, H, X, pf, lr + LN_1 * NCOL, n, eps)
-        _linear_rows(sf, sw, si, siw, sc, QKV, H, pf, pq, pi, lr + C_ATTN * NCOL, n, exact)
+        _linear_rows(sf, sw, si, siw, sc, QKV, H, pf, pq, pi, lr + C_ATTN * NCOL, n, exact, threads)
         for i in range(n):  # append each row's key and value to its cache, attend to it
             r, pos, row = rows[i], positions[i], sf + i * sw
             Tk = pos + 1
@@ -465,20 +561,20 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
                         vT[c * Bp + t] = vc[t * C + c]
                 _attention_t(row + H, row + sc[SF_ATT], <double*>(row + sc[SF_S64]), row + QKV,
                              row + QKV + C, row + QKV + 2 * C, kT, vT, Tk, Bp, C, NH, scale)
-        _linear_rows(sf, sw, si, siw, sc, A, H, pf, pq, pi, lr + ATTN_PROJ * NCOL, n, exact)
+        _linear_rows(sf, sw, si, siw, sc, A, H, pf, pq, pi, lr + ATTN_PROJ * NCOL, n, exact, threads)
         for i in range(n):
             row = sf + i * sw
             for c in range(C):
                 row[X + c] = row[X + c] + row[A + c]  # residual
         _layernorm_rows(sf, sw, H, X, pf, lr + LN_2 * NCOL, n, eps)
-        _linear_rows(sf, sw, si, siw, sc, F, H, pf, pq, pi, lr + C_FC * NCOL, n, exact)
+        _linear_rows(sf, sw, si, siw, sc, F, H, pf, pq, pi, lr + C_FC * NCOL, n, exact, threads)
         for i in range(n):
             row = sf + i * sw
             if exact:
                 _gelu(row + G, row + F, FF)
             else:  # differs: with the vectorized exp (1e-5)
                 _gelu_fast(row + G, row + F, FF)
-        _linear_rows(sf, sw, si, siw, sc, A, G, pf, pq, pi, lr + MLP_PROJ * NCOL, n, exact)
+        _linear_rows(sf, sw, si, siw, sc, A, G, pf, pq, pi, lr + MLP_PROJ * NCOL, n, exact, threads)
         for i in range(n):
             row = sf + i * sw
             for c in range(C):
@@ -490,18 +586,13 @@ cdef void _decode_rows(float* logits, float* sf, Py_ssize_t sw, int32_t* si, Py_
     if er[KIND] == W8A8:  # the int8 head, W8A8: on the tiles of wte.T
         _head_w8a8(logits, V, rows, sf + sc[SF_SX], sw, si + SI_ACC, siw,
                    <int8_t*>(si + sc[SI_XQ]), 4 * siw, sf + H, sw, n, pq + er[P], pi + er[SUM],
-                   pf + er[S], C, er[KP], V, er[MP], dims[DIM_MP])
-        return
-    m0 = 0
-    while m0 < V:  # the tied head: a chunk of wte for all rows
-        m1 = m0 + HEAD_CHUNK if m0 + HEAD_CHUNK < V else V
-        for i in range(n):  # (each output sums as in the whole row)
-            if er[KIND] == F32:
-                _matmul_nt(logits + rows[i] * V + m0, sf + i * sw + H, wte + m0 * C, 1, C, m1 - m0)
-            else:  # INT8: the weight-only int8 head
-                _matmul_nt_int8(logits + rows[i] * V + m0, sf + i * sw + H, wq + m0 * C,
-                                pf + er[S] + m0, 1, C, m1 - m0, V)
-        m0 = m1
+                   pf + er[S], C, er[KP], V, er[MP], dims[DIM_MP], threads)
+    elif threads > 1 and V * C >= THREAD_MIN_WEIGHTS:  # the vocabulary split over the threads
+        for t in prange(threads, num_threads=threads, schedule="static"):
+            _head_chunks(logits, sf, sw, H, rows, er, pf, pq, V, C, n,
+                         _split(V, t, threads, HEAD_CHUNK), _split(V, t + 1, threads, HEAD_CHUNK))
+    else:
+        _head_chunks(logits, sf, sw, H, rows, er, pf, pq, V, C, n, 0, V)
 
 
 cdef class Decoder:
@@ -549,13 +640,15 @@ cdef class Decoder:
         self.eps, self.exact = eps, exact
 
     def step(self, Py_ssize_t n):
-        """Run the first n rows of ctl (checked by the engine); fills their logits."""
+        """Run the first n rows of ctl (checked by the engine) on the kernel threads
+        (kernels/_threads.py); fills their logits."""
+        cdef int threads = kernel_threads()
         if not 1 <= n <= self.rows:
             raise ValueError(f"n={n} rows: the buffers hold 1..{self.rows}")
         with nogil:
             _decode_rows(self.logits, self.sf, self.sw, self.si, self.siw, self.k_cache,
                          self.v_cache, self.kvT, self.synced, self.pf, self.pq, self.pi,
-                         self.tab, self.ctl, self.rows, n, self.eps, self.exact)
+                         self.tab, self.ctl, self.rows, n, self.eps, self.exact, threads)
 
 
 # ------------------------------------------------------------------------ prefill --------
@@ -565,8 +658,9 @@ cdef class Decoder:
 
 def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[:, ::1] acc,
                      const float[:, ::1] x, const int8_t[::1] wp, const int32_t[::1] wsum,
-                     const float[::1] w_scale, const float[::1] bias):
-    """`_cython_kernels.matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass.
+                     const float[::1] w_scale, const float[::1] bias, int threads):
+    """`_cython_kernels.matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass,
+    the tiles split over `threads` threads (numba_fused.linear_w8a8_rows).
 
     Outputs y (N, M); scratch xq (N, Kp) int8, sx (N,), acc (N, Mp) int32; inputs x (N, K),
     tiles wp, wsum (Mp,) column sums, w_scale (M,), bias (M,).
@@ -576,14 +670,14 @@ def linear_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[
     with nogil:
         for r in range(N):
             sx[r] = _quantize_row(&xq[r, 0], &x[r, 0], Kn)
-        _w8a8_sums(&acc[0, 0], Mp, &xq[0, 0], Kp, N, &wp[0], &wsum[0], Kp, Mp)
+        _w8a8_sums(&acc[0, 0], Mp, &xq[0, 0], Kp, N, &wp[0], &wsum[0], Kp, Mp, threads)
         for r in range(N):
             _w8a8_epilogue(&y[r, 0], &acc[r, 0], sx[r], &w_scale[0], &bias[0], Mn)
 
 
 def head_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[:, ::1] acc,
                    const float[:, ::1] x, const int8_t[::1] wp, const int32_t[::1] wsum,
-                   const float[::1] w_scale):
+                   const float[::1] w_scale, int threads):
     """The W8A8 int8 head for N rows (numba_fused.head_w8a8_rows, bit-identical to
     `_cython_kernels.matmul_nt_w8a8`): outputs y (N, V); scratch xq (N, Kp) int8, sx (N,),
     acc (N, chunk) int32 (chunk a multiple of TILE_M: the entries per pass); inputs x (N, C),
@@ -592,7 +686,7 @@ def head_w8a8_rows(float[:, ::1] y, int8_t[:, ::1] xq, float[::1] sx, int32_t[:,
     with nogil:
         _head_w8a8(&y[0, 0], y.shape[1], NULL, &sx[0], 1, &acc[0, 0], acc.shape[1], &xq[0, 0],
                    xq.shape[1], &x[0, 0], x.shape[1], N, &wp[0], &wsum[0], &w_scale[0],
-                   x.shape[1], xq.shape[1], y.shape[1], wsum.shape[0], acc.shape[1])
+                   x.shape[1], xq.shape[1], y.shape[1], wsum.shape[0], acc.shape[1], threads)
 
 
 def causal_softmax_rows(float[:, ::1] att, float scale, int32_t[::1] si):

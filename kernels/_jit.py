@@ -7,10 +7,14 @@ bit-for-bit agreement of `quantize_rows` across backends. The flags kept allow w
 the loops fast: reassociation (vectorized sums and dot products), fused multiply-add, and
 ignoring the sign of zero. setup.py gives the Cython build the matching gcc flags.
 
-`parallel` is off: at the model's shapes a `prange` was measured slower than the serial
-loop on the 2-core target (thread wake-up costs more than a decode-size kernel takes, and
-the threads compete with BLAS's and the other backends'); run several engines in parallel
-instead.
+`parallel` is off but for the few kernels made with `njit_parallel`: at the default model's
+shapes a `prange` was measured slower than the serial loop on the 2-core target (thread
+wake-up costs more than a decode-size kernel takes). Those few split a large matmul (GPT-2
+small's) over the threads of kernels/_threads.py, and the fused kernels call them only with
+more than one thread and a layer of at least `layout.THREAD_MIN_WEIGHTS` weights. numba's
+threading layer is chosen in the order omp, tbb, workqueue (its default tries tbb first,
+which is rarely installed; omp wakes its threads in about a microsecond, workqueue in tens),
+unless $NUMBA_THREADING_LAYER or $NUMBA_THREADING_LAYER_PRIORITY says otherwise.
 
 `cache=True` keys a compiled function by its own source file: a change in another module
 it calls or reads constants from (numba_kernels' loops, layout.py's offsets) does not
@@ -25,6 +29,7 @@ first run only"), so that a silent pause is not taken for a hang. Loads from the
 cache say nothing.
 """
 
+import os
 import sys
 
 import numba
@@ -42,6 +47,17 @@ JIT_OPTIONS = dict(
 def njit(fn):
     """`numba.njit` with JIT_OPTIONS."""
     return numba.njit(**JIT_OPTIONS)(fn)
+
+
+def njit_parallel(fn):
+    """`numba.njit` with JIT_OPTIONS and parallel=True: for a function whose only parallel
+    construct is its `numba.prange` loop (keep it that small: numba would also parallelize
+    any array expression in it)."""
+    return numba.njit(**{**JIT_OPTIONS, "parallel": True})(fn)
+
+
+if "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
 class _FirstCompile(event.Listener):

@@ -92,6 +92,10 @@ HEAD_CHUNK = 64  # the tied head runs 64 vocabulary rows at a time for all rows 
 # once in order, rather than in strided 1 KB pieces.
 MATMUL_BLOCK, MATMUL_L1_FLOATS = 256, 4096
 PACK_TILES = 16  # pack_vnni makes 16 tiles (1,024 outputs) at a time
+# with several kernel threads (kernels/_threads.py), a linear layer of at least this many
+# weights (and the tied head) is split over them: GPT-2 small's smallest, 768 x 768, is
+# 589,824; the default model's largest, 240 x 960, is 230,400, and stays serial
+THREAD_MIN_WEIGHTS = 1 << 19
 
 
 def padded(n: int, multiple: int) -> int:

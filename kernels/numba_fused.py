@@ -46,14 +46,16 @@ import math
 
 import numpy as np
 
-from ._jit import njit
+from numba import prange
+
+from ._jit import njit, njit_parallel
+from ._threads import kernel_threads
 from .layout import (ATTN_PROJ, B, C_ATTN, C_FC, CTL_POS, CTL_ROW, CTL_TOKEN, DIM_BP,
                      DIM_C, DIM_FF, DIM_L, DIM_MP, DIM_NH, DIM_V, F32, FIRST_LAYER_ROW,
-                     HEAD_CHUNK,
-                     INT8, KIND, KP, LN_1, LN_2, MLP_PROJ, MP, ROW_DIMS, ROW_LNF, ROW_SCRATCH,
-                     ROW_WPE, ROW_WTE, ROWS_PER_LAYER, S, SF_A, SF_ATT, SF_F, SF_G, SF_H,
-                     SF_QKV, SF_S64, SF_SX, SF_X, SI_ACC, SI_EX, SI_XQ, SUM, TILE_K, TILE_M,
-                     K, M, P, Q, W)
+                     HEAD_CHUNK, INT8, KIND, KP, LN_1, LN_2, MLP_PROJ, MP, ROW_DIMS, ROW_LNF,
+                     ROW_SCRATCH, ROW_WPE, ROW_WTE, ROWS_PER_LAYER, S, SF_A, SF_ATT, SF_F, SF_G,
+                     SF_H, SF_QKV, SF_S64, SF_SX, SF_X, SI_ACC, SI_EX, SI_XQ, SUM,
+                     THREAD_MIN_WEIGHTS, TILE_K, TILE_M, W8A8, K, M, P, Q, W)
 from .numba_int8_tile import INT8_ISA, int8_tile
 from .numba_kernels import (_attention, _gelu, _layernorm, _matmul_int8_row,
                             _matmul_nt_int8_row, _matmul_nt_row, _matmul_row, _quantize_row,
@@ -67,16 +69,16 @@ __all__ = ["INT8_ISA", "Decoder", "decode_rows", "linear_w8a8_rows", "head_w8a8_
 
 
 @njit
-def _w8a8_sums(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, Mp):
-    """acc[i * a_stride + m] = sum_k xq[i * x_stride + k] * w[k, m] for rows i < n and
-    outputs m < Mp, w the (Kp, Mp) int8 weight tiled by `layout.pack_vnni` (wp), wsum (Mp,)
-    its column sums.
+def _w8a8_tiles(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, t0, t1):
+    """acc[i * a_stride + m] = sum_k xq[i * x_stride + k] * w[k, m] for rows i < n and the
+    outputs m of tiles t0 .. t1-1 (64 each), w the (Kp, Mp) int8 weight tiled by
+    `layout.pack_vnni` (wp), wsum (Mp,) its column sums.
 
     Tile outer, rows inner, 4 rows per weight pass: each tile of weights (Kp x 64 bytes) is
     read once for all rows. Exact int32 sums, whatever the grouping of rows. acc int32 and
     xq int8 flat arrays (row i's activations at xq[i * x_stride:], Kp of them)."""
     groups = Kp // TILE_K
-    for tile in range(Mp // TILE_M):
+    for tile in range(t0, t1):
         i = 0
         while i < n:
             rows = 4 if i + 4 <= n else 1
@@ -85,9 +87,37 @@ def _w8a8_sums(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, Mp):
             i += rows
 
 
+@njit_parallel
+def _w8a8_tiles_threads(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, tiles, threads):
+    """`_w8a8_tiles` of tiles 0 .. tiles-1, split into `threads` contiguous ranges, one per
+    thread (the sums of a tile do not depend on who computes it)."""
+    for t in prange(threads):
+        _w8a8_tiles(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, tiles * t // threads,
+                    tiles * (t + 1) // threads)
+
+
 @njit
-def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
-    """`numba_kernels._matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass.
+def _w8a8_sums(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, Mp, threads):
+    """`_w8a8_tiles` of all Mp // 64 tiles: on `threads` threads if there are more than one
+    and the weight has at least THREAD_MIN_WEIGHTS bytes, else serially."""
+    if threads > 1 and Kp * Mp >= THREAD_MIN_WEIGHTS:
+        _w8a8_tiles_threads(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, Mp // TILE_M, threads)
+    else:
+        _w8a8_tiles(acc, a_stride, xq, x_stride, n, wp, wsum, Kp, 0, Mp // TILE_M)
+
+
+@njit
+def _split(M_, t, threads, multiple):
+    """The start of thread t's range when M_ outputs are split `threads` ways: a multiple of
+    `multiple` (16, a cache line of floats, so that two threads never write the same line;
+    or a kernel's block of outputs); M_ for t = threads."""
+    return M_ if t >= threads else M_ * t // threads // multiple * multiple
+
+
+@njit
+def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias, threads):
+    """`numba_kernels._matmul_w8a8` for N rows (bit-identical), 4 rows per weight pass, the
+    tiles split over `threads` threads (`_w8a8_sums`).
 
     Outputs y (N, M) float32; scratch xq (N, Kp) int8, sx (N,) float32, acc (N, Mp) int32;
     inputs x (N, K) float32, tiles wp, wsum (Mp,), w_scale (M,), bias (M,).
@@ -96,49 +126,74 @@ def linear_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, bias):
     Kp, Mp = xq.shape[1], wsum.shape[0]
     for n in range(N):
         sx[n] = _quantize_row(xq[n, :Kn], x[n])
-    _w8a8_sums(acc.reshape(-1), Mp, xq.reshape(-1), Kp, N, wp, wsum, Kp, Mp)
+    _w8a8_sums(acc.reshape(-1), Mp, xq.reshape(-1), Kp, N, wp, wsum, Kp, Mp, threads)
     for n in range(N):
         _w8a8_epilogue(y[n], acc[n], sx[n], w_scale, bias)
 
 
 @njit
-def _matmul_rows(sf, o, i0, w, n):
-    """sf[i, o:o+M] = sf[i, i0:i0+K] @ float32(w (K, M)) for the step's rows i < n, w float32
-    or int8 (weight-only layers: the caller applies the channel scale). Groups of 8 k
-    outer, rows inner, so that the 8 weight rows of a group are read once for all rows.
+def _matmul_cols(sf, o, i0, w, n, m0, m1):
+    """sf[i, o+m0:o+m1] = sf[i, i0:i0+K] @ float32(w[:, m0:m1]) for the step's rows i < n, w
+    (K, M) float32 or int8 (weight-only layers: the caller applies the channel scale).
+    Groups of 8 k outer, rows inner, so that the 8 weight rows of a group are read once for
+    all rows.
 
-    Every row runs the same loop body (8 k per pass, k ascending, then the last k one by one), so a
-    row's result does not depend on n. 8 k per pass rather than the unfused kernel's 4:
-    half the loads and stores of the outputs per weight byte, which streamed GPT-2 small's
-    weights (9 MB a layer, read from memory) faster on Zen 4 (`bench/compare.py --config
-    gpt2` times the step); within
-    TOL[("kv_cache_logits", float32)] of it (float32 models only: W8A8 ones take the
-    unfused loops). Row views (one per group and row) keep the inner loop vectorized:
-    indices offset by an argument would not be (numba's negative-index check)."""
-    Kn, Mn = w.shape
+    Every output runs the same loop body (8 k per pass, k ascending, then the last k one by
+    one) whatever n, m0 and m1, so a row's result depends neither on the other rows nor on
+    how the outputs are split over threads. 8 k per pass rather than the unfused kernel's
+    4: half the loads and stores of the outputs per weight byte, which streamed GPT-2
+    small's weights (9 MB a layer, read from memory) faster on Zen 4 (`bench/compare.py
+    --config gpt2` times the step); within TOL[("kv_cache_logits", float32)] of it (float32
+    models only: W8A8 ones take the unfused loops). Views of the group's weight rows and of
+    each row's outputs keep the inner loop vectorized: indices offset by an argument would
+    not be (numba's negative-index check)."""
+    Kn = w.shape[0]
+    Mw = m1 - m0
     for i in range(n):
-        y = sf[i, o:o + Mn]
-        for m in range(Mn):
+        y = sf[i, o + m0:o + m1]
+        for m in range(Mw):
             y[m] = 0
     k = 0
     while k + 8 <= Kn:
+        w0, w1, w2, w3 = w[k, m0:m1], w[k + 1, m0:m1], w[k + 2, m0:m1], w[k + 3, m0:m1]
+        w4, w5, w6, w7 = w[k + 4, m0:m1], w[k + 5, m0:m1], w[k + 6, m0:m1], w[k + 7, m0:m1]
         for i in range(n):
-            y = sf[i, o:o + Mn]
+            y = sf[i, o + m0:o + m1]
             a0, a1, a2, a3 = sf[i, i0 + k], sf[i, i0 + k + 1], sf[i, i0 + k + 2], sf[i, i0 + k + 3]
             a4, a5, a6, a7 = sf[i, i0 + k + 4], sf[i, i0 + k + 5], sf[i, i0 + k + 6], sf[i, i0 + k + 7]
-            for m in range(Mn):
-                y[m] += ((a0 * np.float32(w[k, m]) + a1 * np.float32(w[k + 1, m])
-                          + a2 * np.float32(w[k + 2, m]) + a3 * np.float32(w[k + 3, m]))
-                         + (a4 * np.float32(w[k + 4, m]) + a5 * np.float32(w[k + 5, m])
-                            + a6 * np.float32(w[k + 6, m]) + a7 * np.float32(w[k + 7, m])))
+            for m in range(Mw):
+                y[m] += ((a0 * np.float32(w0[m]) + a1 * np.float32(w1[m])
+                          + a2 * np.float32(w2[m]) + a3 * np.float32(w3[m]))
+                         + (a4 * np.float32(w4[m]) + a5 * np.float32(w5[m])
+                            + a6 * np.float32(w6[m]) + a7 * np.float32(w7[m])))
         k += 8
     while k < Kn:
+        wk = w[k, m0:m1]
         for i in range(n):
-            y = sf[i, o:o + Mn]
+            y = sf[i, o + m0:o + m1]
             a = sf[i, i0 + k]
-            for m in range(Mn):
-                y[m] += a * np.float32(w[k, m])
+            for m in range(Mw):
+                y[m] += a * np.float32(wk[m])
         k += 1
+
+
+@njit_parallel
+def _matmul_cols_threads(sf, o, i0, w, n, threads):
+    """`_matmul_cols` of all outputs, split into `threads` ranges (`_split`), one per thread."""
+    Mn = w.shape[1]
+    for t in prange(threads):
+        _matmul_cols(sf, o, i0, w, n, _split(Mn, t, threads, 16), _split(Mn, t + 1, threads, 16))
+
+
+@njit
+def _matmul_rows(sf, o, i0, w, n, threads):
+    """sf[i, o:o+M] = sf[i, i0:i0+K] @ float32(w (K, M)) for the step's rows i < n
+    (`_matmul_cols`), on `threads` threads if there are more than one and w has at least
+    THREAD_MIN_WEIGHTS weights."""
+    if threads > 1 and w.size >= THREAD_MIN_WEIGHTS:
+        _matmul_cols_threads(sf, o, i0, w, n, threads)
+    else:
+        _matmul_cols(sf, o, i0, w, n, 0, w.shape[1])
 
 
 @njit
@@ -158,12 +213,13 @@ def _quantize_step_rows(sf, si, sc, i0, Kn, n):
 
 
 @njit
-def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
+def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact, threads):
     """sf[i, o:o+M] = linear layer `row` of the index table applied to sf[i, i0:i0+K], for
     the step's rows i < n (sc: the scratch row), by its kind: F32 and INT8 (weight-only)
-    all rows per weight pass (`_matmul_rows`, then the scale and bias), or in a W8A8 model (`exact`) the unfused
-    kernels' row loops; W8A8: each row quantized (its own scale), the int8 tile on 4 rows
-    per weight pass, then the unfused epilogue per row."""
+    all rows per weight pass (`_matmul_rows`, then the scale and bias), or in a W8A8 model
+    (`exact`) the unfused kernels' row loops; W8A8: each row quantized (its own scale), the
+    int8 tile on 4 rows per weight pass, then the unfused epilogue per row. The weight
+    passes of a large layer run on `threads` threads (`_matmul_rows`, `_w8a8_sums`)."""
     Kn, Mn = row[K], row[M]
     bias = pf[row[B]:row[B] + Mn]
     if row[KIND] == F32:
@@ -172,7 +228,7 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
             for i in range(n):
                 _matmul_row(sf[i, o:o + Mn], sf[i, i0:i0 + Kn], w)
         else:
-            _matmul_rows(sf, o, i0, w, n)
+            _matmul_rows(sf, o, i0, w, n, threads)
         for i in range(n):
             y = sf[i, o:o + Mn]
             for m in range(Mn):
@@ -184,7 +240,7 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
             for i in range(n):
                 _matmul_int8_row(sf[i, o:o + Mn], sf[i, i0:i0 + Kn], wq, w_scale, bias)
         else:
-            _matmul_rows(sf, o, i0, wq, n)
+            _matmul_rows(sf, o, i0, wq, n, threads)
             for i in range(n):
                 y = sf[i, o:o + Mn]
                 for m in range(Mn):
@@ -198,16 +254,16 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact):
         SW = si.shape[1]
         flat, xq, xq_off = _quantize_step_rows(sf, si, sc, i0, Kn, n)
         _w8a8_sums(flat[SI_ACC:], SW, xq[xq_off:], 4 * SW, n, pq[row[P]:row[P] + Kp * Mp], wsum,
-                   Kp, Mp)
+                   Kp, Mp, threads)
         for i in range(n):
             _w8a8_epilogue(sf[i, o:o + Mn], si[i, SI_ACC:SI_ACC + Mp], sf[i, SX], w_scale, bias)
 
 
 @njit
-def head_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale):
+def head_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale, threads):
     """The W8A8 int8 head for N rows: `numba_kernels._matmul_nt_w8a8` (bit-identical) on
     the tiles of wte.T, as many vocabulary entries at a time as acc holds, 4 rows per
-    weight pass.
+    weight pass, each chunk's tiles split over `threads` threads (`_w8a8_sums`).
 
     Outputs y (N, V) float32; scratch xq (N, Kp) int8, sx (N,) float32, acc (N, chunk)
     int32 (chunk a multiple of TILE_M); inputs x (N, C) float32, wp the tiles of wte.T (C, V)
@@ -222,49 +278,85 @@ def head_w8a8_rows(y, xq, sx, acc, x, wp, wsum, w_scale):
         mp = min(chunk, Vp - m0)
         m1 = min(m0 + mp, V)
         _w8a8_sums(acc.reshape(-1), chunk, xq.reshape(-1), Kp, N, wp[m0 * Kp:(m0 + mp) * Kp],
-                   wsum[m0:m0 + mp], Kp, mp)
+                   wsum[m0:m0 + mp], Kp, mp, threads)
         for n in range(N):
             _w8a8_epilogue(y[n, m0:m1], acc[n, :m1 - m0], sx[n], w_scale[m0:m1], None)
 
 
 @njit
-def _head_rows(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk):
-    """logits[ctl[CTL_ROW, i]] (V,) = the tied head (table row `row`, ROW_WTE) of
-    sf[i, H:H+C] for the step's rows i < n, by its kind: F32 and INT8 (weight-only) a chunk
-    of HEAD_CHUNK rows of wte for all rows (each output sums as in the whole row: the
-    unfused kernels' `_matmul_nt_row`, `_matmul_nt_int8_row`); W8A8: each row quantized
-    once, then `chunk` vocabulary entries at a time (the width of the rows' int32 sums,
-    DIM_MP) on the tiles of wte.T for all rows (4 per weight pass), the unfused epilogue per
-    row."""
+def _head_part(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, t, threads):
+    """Part t of `threads` of the tied head (`_head_rows`): the logits of a contiguous range
+    of the vocabulary, for the step's rows i < n (W8A8: their activations already quantized
+    into si). F32 and INT8 (weight-only) run chunks of HEAD_CHUNK rows of wte for all rows
+    (each output sums as in the whole row: the unfused kernels' `_matmul_nt_row`,
+    `_matmul_nt_int8_row`); W8A8 runs the tiles of wte.T for all rows (4 per weight pass),
+    as many vocabulary entries at a time as its share of the rows' int32 sums holds (chunk
+    // threads of the chunk = DIM_MP columns, from column t of those shares), then the
+    unfused epilogue per row. The parts are disjoint, in outputs and in scratch."""
     V, C, H = row[K], row[M], sc[SF_H]
-    if row[KIND] == F32:
-        wte = pf[row[W]:row[W] + V * C].reshape((V, C))
-        for m0 in range(0, V, HEAD_CHUNK):  # a chunk of wte for all rows
-            m1 = min(m0 + HEAD_CHUNK, V)
-            for i in range(n):  # (each output sums as in the whole row)
-                _matmul_nt_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C], wte[m0:m1])
-    elif row[KIND] == INT8:
-        wq = pq[row[Q]:row[Q] + V * C].reshape((V, C))
-        w_scale = pf[row[S]:row[S] + V]
-        for m0 in range(0, V, HEAD_CHUNK):
-            m1 = min(m0 + HEAD_CHUNK, V)
-            for i in range(n):
-                _matmul_nt_int8_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C], wq[m0:m1],
-                                    w_scale[m0:m1])
+    if row[KIND] == F32 or row[KIND] == INT8:
+        m_lo = _split(V, t, threads, HEAD_CHUNK)
+        m_hi = _split(V, t + 1, threads, HEAD_CHUNK)
+        if row[KIND] == F32:
+            wte = pf[row[W]:row[W] + V * C].reshape((V, C))
+            for m0 in range(m_lo, m_hi, HEAD_CHUNK):  # a chunk of wte for all rows
+                m1 = min(m0 + HEAD_CHUNK, V)
+                for i in range(n):  # (each output sums as in the whole row)
+                    _matmul_nt_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C], wte[m0:m1])
+        else:
+            wq = pq[row[Q]:row[Q] + V * C].reshape((V, C))
+            w_scale = pf[row[S]:row[S] + V]
+            for m0 in range(m_lo, m_hi, HEAD_CHUNK):
+                m1 = min(m0 + HEAD_CHUNK, V)
+                for i in range(n):
+                    _matmul_nt_int8_row(logits[ctl[CTL_ROW, i], m0:m1], sf[i, H:H + C],
+                                        wq[m0:m1], w_scale[m0:m1])
+        return
+    Kp, Vp, SX = row[KP], row[MP], sc[SF_SX]
+    w_scale = pf[row[S]:row[S] + V]  # (V,)
+    wp, wsum = pq[row[P]:row[P] + Kp * Vp], pi[row[SUM]:row[SUM] + Vp]
+    SW = si.shape[1]
+    flat = si.reshape(-1)
+    xq = flat.view(np.int8)
+    xq_off = 4 * sc[SI_XQ]
+    width = chunk // threads // TILE_M * TILE_M  # this part's columns of the sums
+    a0 = SI_ACC + t * width
+    m0 = _split(Vp, t, threads, TILE_M)
+    m_hi = _split(Vp, t + 1, threads, TILE_M)
+    while m0 < m_hi:  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
+        mp = min(width, m_hi - m0)
+        m1 = min(m0 + mp, V)
+        _w8a8_tiles(flat[a0:], SW, xq[xq_off:], 4 * SW, n, wp[m0 * Kp:(m0 + mp) * Kp],
+                    wsum[m0:m0 + mp], Kp, 0, mp // TILE_M)
+        for i in range(n):
+            _w8a8_epilogue(logits[ctl[CTL_ROW, i], m0:m1], si[i, a0:a0 + m1 - m0], sf[i, SX],
+                           w_scale[m0:m1], None)
+        m0 += mp
+
+
+@njit_parallel
+def _head_threads(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, threads):
+    """`_head_part` t of `threads` on thread t."""
+    for t in prange(threads):
+        _head_part(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, t, threads)
+
+
+@njit
+def _head_rows(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, threads):
+    """logits[ctl[CTL_ROW, i]] (V,) = the tied head (table row `row`, ROW_WTE) of
+    sf[i, H:H+C] for the step's rows i < n, by its kind (`_head_part`; W8A8: each row
+    quantized once first), its vocabulary split over `threads` threads if there are more
+    than one (the head has at least THREAD_MIN_WEIGHTS weights and, W8A8, the sums have a
+    tile of columns per thread: `chunk`, DIM_MP, is only that wide in a model with W8A8
+    layers), else in one part."""
+    V, C, H = row[K], row[M], sc[SF_H]
+    if row[KIND] == W8A8:
+        _quantize_step_rows(sf, si, sc, H, C, n)
+    if (threads > 1 and V * C >= THREAD_MIN_WEIGHTS
+            and (row[KIND] != W8A8 or chunk >= threads * TILE_M)):
+        _head_threads(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, threads)
     else:
-        Kp, Vp, SX = row[KP], row[MP], sc[SF_SX]
-        w_scale = pf[row[S]:row[S] + V]  # (V,)
-        wp, wsum = pq[row[P]:row[P] + Kp * Vp], pi[row[SUM]:row[SUM] + Vp]
-        SW = si.shape[1]
-        flat, xq, xq_off = _quantize_step_rows(sf, si, sc, H, C, n)
-        for m0 in range(0, V, chunk):  # tiles from m0 // TILE_M: Kp * TILE_M bytes each from m0 * Kp
-            mp = min(chunk, Vp - m0)
-            m1 = min(m0 + mp, V)
-            _w8a8_sums(flat[SI_ACC:], SW, xq[xq_off:], 4 * SW, n, wp[m0 * Kp:(m0 + mp) * Kp],
-                       wsum[m0:m0 + mp], Kp, mp)
-            for i in range(n):
-                _w8a8_epilogue(logits[ctl[CTL_ROW, i], m0:m1], si[i, SI_ACC:SI_ACC + m1 - m0],
-                               sf[i, SX], w_scale[m0:m1], None)
+        _head_part(logits, sf, si, sc, pf, pq, pi, row, ctl, n, chunk, 0, 1)
 
 
 # ------------------------------------------------------------- float32 fast stages ------
@@ -434,7 +526,7 @@ def _int8_head_row(x, pq, er, token, s):
 
 @njit
 def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, ctl, n, eps,
-                exact):
+                exact, threads):
     """One decode step of n sequences: for each row i < n of the step, the logits of token
     ctl[CTL_TOKEN, i] at position ctl[CTL_POS, i] of sequence r = ctl[CTL_ROW, i], its keys
     and values appended to r's cache.
@@ -447,6 +539,8 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
     positions each mirrors, kept in step here (positions written by anything else are
     copied in first). pf, pq, pi, tab: the packed weights. exact: a W8A8 model, whose
     stages before a quantization must be the unfused kernels', bit for bit (kvT unused).
+    threads: the large linear layers and the head split their outputs over that many
+    threads (kernels/_threads.py); the logits are the same, bit for bit, for any count.
     Rows must be distinct sequences with positions < block_size (the engine checks).
     """
     dims, sc = tab[ROW_DIMS], tab[ROW_SCRATCH]
@@ -470,7 +564,7 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
     for l in range(L):
         r0 = FIRST_LAYER_ROW + l * ROWS_PER_LAYER
         _layernorm_rows(sf, H, X, pf, tab[r0 + LN_1], n, eps)
-        _linear_rows(sf, si, sc, QKV, H, pf, pq, pi, tab[r0 + C_ATTN], n, exact)
+        _linear_rows(sf, si, sc, QKV, H, pf, pq, pi, tab[r0 + C_ATTN], n, exact, threads)
         for i in range(n):  # append each row's key and value to its cache, attend to it
             r, pos = ctl[CTL_ROW, i], ctl[CTL_POS, i]
             Tk = pos + 1
@@ -489,22 +583,22 @@ def decode_rows(logits, sf, si, k_cache, v_cache, kvT, synced, pf, pq, pi, tab, 
                 s64 = sf[i, sc[SF_S64]:sc[SF_S64] + 2 * Bp].view(np.float64)
                 ex = _exp_scratch(si[i, sc[SI_EX]:], max(FF, Bp))
                 _attention_t(h, att, s64, ex, q, qkv[C:2 * C], qkv[2 * C:], kT, vT, Tk, NH, scale)
-        _linear_rows(sf, si, sc, A, H, pf, pq, pi, tab[r0 + ATTN_PROJ], n, exact)
+        _linear_rows(sf, si, sc, A, H, pf, pq, pi, tab[r0 + ATTN_PROJ], n, exact, threads)
         _residual_rows(sf, X, A, C, n)
         _layernorm_rows(sf, H, X, pf, tab[r0 + LN_2], n, eps)
-        _linear_rows(sf, si, sc, F, H, pf, pq, pi, tab[r0 + C_FC], n, exact)
+        _linear_rows(sf, si, sc, F, H, pf, pq, pi, tab[r0 + C_FC], n, exact, threads)
         for i in range(n):
             if exact:
                 _gelu(sf[i, G:G + FF], sf[i, F:F + FF])
             else:  # differs: with the vectorized exp (1e-5)
                 _gelu_fast(sf[i, G:G + FF], sf[i, F:F + FF], _exp_scratch(si[i, sc[SI_EX]:], FF))
-        _linear_rows(sf, si, sc, A, G, pf, pq, pi, tab[r0 + MLP_PROJ], n, exact)
+        _linear_rows(sf, si, sc, A, G, pf, pq, pi, tab[r0 + MLP_PROJ], n, exact, threads)
         _residual_rows(sf, X, A, C, n)
     if not exact:
         for i in range(n):
             synced[ctl[CTL_ROW, i]] = ctl[CTL_POS, i] + 1
     _layernorm_rows(sf, H, X, pf, tab[ROW_LNF], n, eps)
-    _head_rows(logits, sf, si, sc, pf, pq, pi, er, ctl, n, dims[DIM_MP])  # the tied head
+    _head_rows(logits, sf, si, sc, pf, pq, pi, er, ctl, n, dims[DIM_MP], threads)  # the tied head
 
 
 # ------------------------------------------------------------------------ prefill -------
@@ -558,7 +652,8 @@ class Decoder:
         self.rows = sf.shape[0]
 
     def step(self, n: int) -> None:
-        """Run the first n rows of ctl (checked by the engine); fills their logits."""
+        """Run the first n rows of ctl (checked by the engine) on the kernel threads
+        (kernels/_threads.py); fills their logits."""
         if not 1 <= n <= self.rows:
             raise ValueError(f"n={n} rows: the buffers hold 1..{self.rows}")
-        decode_rows(*self._arrays, n, self.eps, self.exact)
+        decode_rows(*self._arrays, n, self.eps, self.exact, kernel_threads())

@@ -129,9 +129,10 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None,
         # 1 for inference: its matmuls are small, and a second BLAS thread that spins while
         # the other core is busy made quantize's validation 10x slower (measured)
-        help="threads: for generate, evaluate and quantize, BLAS's (minitf's own kernels are "
-             "serial; default 1); for train, the step's, each running a block of the batch's "
-             "rows with single-threaded BLAS (default: every core)",
+        help="threads: for generate, evaluate and quantize, BLAS's and those of minitf's "
+             "fused kernels, which split GPT-2-sized layers over them (default 1); for "
+             "train, the step's, each running a block of the batch's rows with "
+             "single-threaded BLAS (default: every core)",
     )
 
 

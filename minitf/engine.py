@@ -61,6 +61,7 @@ from . import kernels
 from .checkpoint import load_checkpoint
 from .config import GPTConfig, check_memory
 from .kernels import get_backend, layout
+from .kernels._threads import kernel_threads
 from .kernels.numpy_ref import dequantize_rows
 from .sampling import sample_rows
 from .tensors import (INT8_MODES, LINEARS, check_tensors, checkpoint_layout, infer_quantization,
@@ -828,7 +829,7 @@ class FusedPath:
             xq = b.xq_rows[:T * Kp].reshape(T, Kp)
             acc = b.acc_rows[:T * Mp].reshape(T, Mp)
             self.fk.linear_w8a8_rows(y, xq, b.sx[:T], acc, x, lin.packed, lin.colsum,
-                                     lin.scale, lin.bias)
+                                     lin.scale, lin.bias, kernel_threads())
         else:
             self.loops.matmul_int8_weight_only(y, x, lin.weight_q, lin.scale, lin.bias)
         return y
@@ -891,7 +892,7 @@ class FusedPath:
             Mp = int(self.weights.tab[layout.ROW_DIMS, layout.DIM_MP])  # entries per pass
             self.fk.head_w8a8_rows(logits, b.xq_rows[:N * Kp].reshape(N, Kp), b.sx[:N],
                                    b.acc_rows[:N * Mp].reshape(N, Mp), h,
-                                   e.head_packed, e.head_colsum, e.wte_scale)
+                                   e.head_packed, e.head_colsum, e.wte_scale, kernel_threads())
         elif e.wte_scale is not None:  # a weight-only int8 head: the unfused kernel
             self.loops.matmul_nt_int8_weight_only(logits, h, e.wte, e.wte_scale)
         elif last_only or self.exact:  # exact: a W8A8 model, whose logits equal the unfused path's

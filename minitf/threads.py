@@ -1,12 +1,14 @@
 """Thread control: the one knob for the threads minitf's computation uses.
 
-minitf's compiled kernels (numba and Cython) are serial (kernels/_jit.py: `parallel=False`,
-measured faster at the model's sizes), so the only thread pool that works for minitf is the
-BLAS library's: numpy's matmuls, which every backend's prefill and training call.
-`set_threads` limits that pool through threadpoolctl and touches nothing else: it does not
-start numba's thread pool (numba starts it for a parallel kernel, and none exists), and it
-leaves the OpenMP pool of another library in the same process alone (PyTorch's, in the
-benchmarks and tests, keeps its own count).
+Two pools take it. The BLAS library's, numpy's matmuls, which every backend's prefill and
+training call: `set_threads` limits it through threadpoolctl. And minitf's own compiled
+kernels (kernels/_threads.py): the fused decode step and the W8A8 prefill stages split each
+large linear layer and the tied head over that many threads (GPT-2 small's sizes; the
+default 1.4M-parameter model's layers are too small to gain and stay serial), with the
+same logits, bit for bit, for any count. numba starts its thread pool the first time such
+a kernel runs on more than one thread. `set_threads` leaves the OpenMP pool of another
+library in the same process alone (PyTorch's, in the benchmarks and tests, keeps its own
+count).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import os
 
 from threadpoolctl import threadpool_limits
 
+from .kernels._threads import set_kernel_threads
+
 
 def set_threads(n: int | None) -> None:
-    """Use `n` threads in the BLAS library numpy calls; None leaves its default.
+    """Use `n` threads in the BLAS library numpy calls and in minitf's compiled kernels;
+    None leaves both as they are (BLAS: its default; the kernels: 1 unless set).
 
     Raises:
         ValueError: n < 1 or more than the machine's cores.
@@ -28,3 +33,4 @@ def set_threads(n: int | None) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cores:
         raise ValueError(f"threads={n!r} must be an integer in [1, {cores}] (this machine's cores)")
     threadpool_limits(limits=n, user_api="blas")
+    set_kernel_threads(n)

@@ -170,7 +170,7 @@ def _loop(arrays, n, eps, exact):
     for pos in range(n):
         ctl[layout.CTL_ROW, 0], ctl[layout.CTL_TOKEN, 0] = 0, pos % 5
         ctl[layout.CTL_POS, 0] = pos % arrays[3].shape[2]
-        numba_fused.decode_rows(*arrays, 1, eps, exact)
+        numba_fused.decode_rows(*arrays, 1, eps, exact, 1)
 
 
 try:
@@ -248,7 +248,7 @@ def test_w8a8_prefill_rows_equal_the_unfused_kernel():
         for fk in (numba_fused, fused_kernels("cython")):
             y = np.zeros((N, M), np.float32)
             fk.linear_w8a8_rows(y, np.zeros((N, Kp), np.int8), np.zeros(N, np.float32),
-                                np.zeros((N, Mp), np.int32), x, tiles, colsum, scale, bias)
+                                np.zeros((N, Mp), np.int32), x, tiles, colsum, scale, bias, 1)
             np.testing.assert_array_equal(y, want, err_msg=f"{fk.__name__} N={N} K={K} M={M}")
 
 
