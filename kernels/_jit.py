@@ -52,7 +52,16 @@ def njit(fn):
 def njit_parallel(fn):
     """`numba.njit` with JIT_OPTIONS and parallel=True: for a function whose only parallel
     construct is its `numba.prange` loop (keep it that small: numba would also parallelize
-    any array expression in it)."""
+    any array expression in it).
+
+    It also starts numba's thread pool, once, in the module that defines such a function,
+    before any kernel of it runs: the code of a prange links against the pool, and numba
+    loads from its cache a kernel that calls a prange kernel (`numba_fused.decode_rows`
+    calling `_matmul_cols_threads`) without starting the pool when it compiled that kernel
+    on a callee that itself came from the cache; the first call then crashes (seen with a
+    fresh install's cache). `numba.get_num_threads` starts the pool; the omp layer creates
+    no thread until a prange runs on more than one (tests/test_cpu.py counts them)."""
+    numba.get_num_threads()
     return numba.njit(**{**JIT_OPTIONS, "parallel": True})(fn)
 
 
