@@ -30,7 +30,8 @@ import sys
 import warnings
 from typing import Callable, NoReturn
 
-from .config import MAX_BPE_VOCAB_SIZE
+from .config import MAX_BPE_VOCAB_SIZE, Rule
+from .threads import THREADS
 
 BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
 
@@ -126,7 +127,7 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads", type=ruled(int, THREADS), default=None,
         # 1 for inference: its matmuls are small, and a second BLAS thread that spins while
         # the other core is busy made quantize's validation 10x slower (measured)
         help="threads: for generate, evaluate and quantize, BLAS's (minitf's own kernels are "
@@ -162,6 +163,26 @@ def int_between(low: int, high: int):
         return value
 
     parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
+def ruled(convert: Callable[[str], object], rule: Rule):
+    """An argparse type: `convert(text)` (int or float), then `rule`, the config.Rule the
+    Python API checks the same setting with, so that a flag and its parameter allow the same
+    values and the rule is written once. argparse names the flag:
+    "argument --top-p: 1.5 is not allowed: it must be a number in (0, 1] ...". Text that
+    `convert` refuses gets argparse's own "invalid float value: 'x'"."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise ValueError(text) from None  # argparse: "invalid <convert> value: 'text'"
+        if not rule.allows(value):
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {rule.allowed}")
+        return value
+
+    parse.__name__ = convert.__name__
     return parse
 
 

@@ -15,6 +15,13 @@ import os
 
 from threadpoolctl import threadpool_limits
 
+from .config import Rule
+
+# what set_threads allows; the commands' --threads checks it too (minitf.cli)
+THREADS = Rule(lambda n: not isinstance(n, bool) and isinstance(n, int)
+               and 1 <= n <= (os.cpu_count() or 1),
+               f"an integer in [1, {os.cpu_count() or 1}] (this machine's cores)")
+
 
 def set_threads(n: int | None) -> None:
     """Use `n` threads in the BLAS library numpy calls; None leaves its default.
@@ -24,7 +31,6 @@ def set_threads(n: int | None) -> None:
     """
     if n is None:
         return
-    cores = os.cpu_count() or 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cores:
-        raise ValueError(f"threads={n!r} must be an integer in [1, {cores}] (this machine's cores)")
+    if not THREADS.allows(n):
+        raise ValueError(f"threads={n!r} must be {THREADS.allowed}")
     threadpool_limits(limits=n, user_api="blas")
