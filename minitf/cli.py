@@ -51,6 +51,18 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter,
 TEXT_ARGUMENTS = ("prompt", "stop", "separator")
 
 
+def prog_name(module: str) -> str:
+    """The command as the user typed it, for usage lines and messages: the console script's
+    name (pyproject.toml's [project.scripts], "minitf-" and the module's last name, e.g.
+    minitf-generate) when that is what runs, else "python -m <module>" (`python -m`, or a
+    command's main called from Python)."""
+    script = "minitf-" + module.rsplit(".", 1)[-1]
+    typed = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if typed.removesuffix(".exe") == script:  # a console script (a Windows one ends in .exe)
+        return script
+    return "python -m " + module
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with every default shown in --help and errors on one line, exit status 2."""
 
@@ -285,7 +297,7 @@ def guarded(main: Callable[..., int]) -> Callable[..., int]:
     def run(argv=None) -> int:
         spec = getattr(sys.modules.get(main.__module__), "__spec__", None)  # __main__ under -m
         module = spec.name if spec is not None else main.__module__
-        prog = "python -m " + module.removesuffix(".__main__")  # a package's __main__: its name
+        prog = prog_name(module.removesuffix(".__main__"))  # a package's __main__: its name
         stdout_closed = _fill_closed_std_fds()
         real_stdout, real_showwarning = sys.stdout, warnings.showwarning
         sys.stdout = _Stdout(None if stdout_closed or real_stdout is None else real_stdout)

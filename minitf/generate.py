@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import (Parser, add_backend_argument, fail, guarded, nonneg_int, path_argument, positive_int,
-                  ruled)
+from .cli import (Parser, add_backend_argument, fail, guarded, nonneg_int, path_argument,
+                  positive_int, prog_name, ruled)
 from .data import read_stream_bytes, read_text_bytes
 from .engine import CONTEXT_MODES, GenerationStats, load_engine
 from .kernels import describe
@@ -41,7 +41,7 @@ def unescape(text: str) -> str:
 
 def build_parser() -> Parser:
     p = Parser(
-        prog="python -m minitf.generate",
+        prog=prog_name("minitf.generate"),
         description="Sample text from a minitf model (default: the shipped TinyShakespeare model).",
         epilog='examples: python -m minitf.generate --prompt "ROMEO:" --max-new-tokens 200 --seed 1\n'
                '          python -m minitf.generate --num-samples 8 --seed 1 --stop "\\n\\n"',

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from .cli import (Parser, add_backend_argument, add_data_argument, bpe_vocab_size, fail, guarded,
-                  nonneg_int, path_argument, positive_int)
+                  nonneg_int, path_argument, positive_int, prog_name)
 from .config import PRESETS, GPTConfig
 from .dataset import load_dataset, tokenizer_kind
 from .distributed import MPIUnavailable, World, abort_on, world
@@ -48,7 +48,6 @@ NEW_RUN = {"tokenizer": "char", "vocab_size": 1024, "preset": "default", "seed":
            "dtype": DEFAULTS.dtype}
 
 
-PROG = "python -m minitf.train"
 # the optimization and evaluation flags, (TrainSettings field, type, what it sets), by group
 RUN_FLAGS = {
     "optimization": [
@@ -73,7 +72,7 @@ RUN_FLAGS = {
 
 def build_parser() -> Parser:
     p = Parser(
-        prog=PROG,
+        prog=prog_name("minitf.train"),
         description="Train a GPT-2-style model on TinyShakespeare with hand-written "
                     "backpropagation.",
         epilog="example: python -m minitf.train --out runs/char --steps 2000 --seed 1337",
@@ -220,7 +219,7 @@ def run(args, log=print, world: World = World()) -> dict | None:
         meta = {"command": command, "record": vars(args), "world": world}
         trainer = Trainer.resume(args.out, args.data, settings(args), required(args), **meta)
         if trainer.step >= trainer.settings.steps and world.rank == 0:
-            print(f"{PROG}: --steps {trainer.settings.steps}: the run in {args.out} is at step "
+            print(f"{prog_name('minitf.train')}: --steps {trainer.settings.steps}: the run in {args.out} is at step "
                   f"{trainer.step} already; no step ran (nothing to do; give a larger --steps "
                   f"to train on)", file=sys.stderr)
     else:

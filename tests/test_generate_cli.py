@@ -207,3 +207,21 @@ def test_a_prompt_file_with_a_byte_order_mark(capsys, tmp_path):
     status, out, err = run(capsys, "--prompt-file", str(path), "--backend", "numpy", "--seed", "5",
                            "--max-new-tokens", "5")
     assert status == 0 and out.startswith("JULIET:\n"), (out, err)
+
+
+def test_usage_names_the_command_as_typed(tmp_path):
+    """The console script's usage and errors say minitf-generate; python -m says its own."""
+    import shutil
+    import subprocess
+
+    script = shutil.which("minitf-generate", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the minitf-generate console script is not installed beside this Python")
+    for command, prog in ([[script], "minitf-generate"],
+                          [[sys.executable, "-m", "minitf.generate"], "python -m minitf.generate"]):
+        r = subprocess.run([*command, "--top-p", "2"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr == (
+            f"{prog}: error: argument --top-p: 2 is not allowed: it must be a number in (0, 1] "
+            "(1 means no nucleus filtering)\n"), r.stderr
+        r = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: {prog} "), r.stdout
