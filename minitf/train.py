@@ -31,6 +31,7 @@ import dataclasses
 import math
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from .cli import (Parser, add_backend_argument, add_data_argument, bpe_vocab_size, fail, guarded,
@@ -228,6 +229,12 @@ def run(args, log=print, world: World = World()) -> dict | None:
         trainer = Trainer.start(args.out, args.data, TrainSettings(**settings(args)),
                                 model_config(args),
                                 record["tokenizer"], record["vocab_size"], **meta)
+    s = trainer.settings
+    if world.rank == 0 and trainer.step < s.steps <= s.warmup:  # every step in the ramp
+        warnings.warn(f"--steps {s.steps} <= --warmup {s.warmup}: the learning rate never leaves "
+                      f"warm-up (it rises to {trainer.schedule(s.steps - 1):.3g}, not --lr "
+                      f"{s.lr:g}); give --steps above --warmup, or a smaller --warmup",
+                      stacklevel=2)
     return trainer.train(progress=not args.quiet, plot=not args.no_plot, log=log)
 
 
