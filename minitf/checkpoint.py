@@ -58,7 +58,7 @@ import numpy as np
 import safetensors.numpy
 
 from . import hf
-from .config import GPTConfig, SizeError, check_memory
+from .config import GPTConfig, SizeError, check_memory, format_bytes
 from .fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
 from .rundir import TMP_SUFFIX, DirectoryLock, probe_write, readable, recover, swap_in, temporary
 from .tensors import Layout, check_tensors, optimizer_layout, tensor_layout
@@ -465,6 +465,28 @@ class Checkpoint:
     optimizer_state: dict | None  # {"m": {...}, "v": {...}, "step": int, ...} or None
     meta: dict  # meta.json, {} if absent
     path: Path  # the directory actually read (.DIR.minitf-old after an interrupted save)
+
+    def __repr__(self) -> str:
+        """One line without the arrays: the path, config, training step (None without an
+        optimizer state), the weight tensors' count and bytes, the optimizer's, the
+        tokenizer's kind and size. E.g. Checkpoint(path=PosixPath('runs/char'),
+        config=GPTConfig(...), step=2000, tensors=28, bytes=3339264 (3.3 MB),
+        optimizer=56 tensors, bytes=6678528 (6.7 MB), tokenizer=CharTokenizer(65 tokens))."""
+        def size(arrays) -> str:
+            n = sum(int(a.nbytes) for a in arrays)
+            return f"{n} ({format_bytes(n)})"
+
+        opt = self.optimizer_state
+        if opt is None:
+            step, optimizer = None, "None"
+        else:
+            moments = [a for key in ("m", "v") for a in opt.get(key, {}).values()]
+            step, optimizer = opt.get("step"), f"{len(moments)} tensors, bytes={size(moments)}"
+        tok = self.tokenizer
+        return (f"Checkpoint(path={self.path!r}, config={self.config!r}, step={step!r}, "
+                f"tensors={len(self.params)}, bytes={size(self.params.values())}, "
+                f"optimizer={optimizer}, tokenizer={type(tok).__name__}"
+                f"({getattr(tok, 'vocab_size', '?')} tokens))")
 
 
 def load_checkpoint(

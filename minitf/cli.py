@@ -30,7 +30,8 @@ import sys
 import warnings
 from typing import Callable, NoReturn
 
-from .config import MAX_BPE_VOCAB_SIZE
+from .config import MAX_BPE_VOCAB_SIZE, Rule
+from .threads import THREADS
 
 BACKEND_CHOICES = ("numpy", "numba", "cython", "auto")
 
@@ -48,6 +49,18 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter,
 
 # free text, never a path: read as UTF-8 when the locale could not decode it
 TEXT_ARGUMENTS = ("prompt", "stop", "separator")
+
+
+def prog_name(module: str) -> str:
+    """The command as the user typed it, for usage lines and messages: the console script's
+    name (pyproject.toml's [project.scripts], "minitf-" and the module's last name, e.g.
+    minitf-generate) when that is what runs, else "python -m <module>" (`python -m`, or a
+    command's main called from Python)."""
+    script = "minitf-" + module.rsplit(".", 1)[-1]
+    typed = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if typed.removesuffix(".exe") == script:  # a console script (a Windows one ends in .exe)
+        return script
+    return "python -m " + module
 
 
 class Parser(argparse.ArgumentParser):
@@ -126,7 +139,7 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads", type=ruled(int, THREADS), default=None,
         # 1 for inference: its matmuls are small, and a second BLAS thread that spins while
         # the other core is busy made quantize's validation 10x slower (measured)
         help="threads: for generate, evaluate and quantize, BLAS's and those of minitf's "
@@ -163,6 +176,26 @@ def int_between(low: int, high: int):
         return value
 
     parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
+def ruled(convert: Callable[[str], object], rule: Rule):
+    """An argparse type: `convert(text)` (int or float), then `rule`, the config.Rule the
+    Python API checks the same setting with, so that a flag and its parameter allow the same
+    values and the rule is written once. argparse names the flag:
+    "argument --top-p: 1.5 is not allowed: it must be a number in (0, 1] ...". Text that
+    `convert` refuses gets argparse's own "invalid float value: 'x'"."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise ValueError(text) from None  # argparse: "invalid <convert> value: 'text'"
+        if not rule.allows(value):
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {rule.allowed}")
+        return value
+
+    parse.__name__ = convert.__name__
     return parse
 
 
@@ -265,7 +298,7 @@ def guarded(main: Callable[..., int]) -> Callable[..., int]:
     def run(argv=None) -> int:
         spec = getattr(sys.modules.get(main.__module__), "__spec__", None)  # __main__ under -m
         module = spec.name if spec is not None else main.__module__
-        prog = "python -m " + module.removesuffix(".__main__")  # a package's __main__: its name
+        prog = prog_name(module.removesuffix(".__main__"))  # a package's __main__: its name
         stdout_closed = _fill_closed_std_fds()
         real_stdout, real_showwarning = sys.stdout, warnings.showwarning
         sys.stdout = _Stdout(None if stdout_closed or real_stdout is None else real_stdout)

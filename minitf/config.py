@@ -18,6 +18,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 # The largest model minitf builds: 2**33 (8.6 billion) parameters, 34 GB of float32 weights,
 # five times GPT-2 XL. Far beyond what a CPU trains, and it keeps every size computed from
@@ -35,6 +36,19 @@ SIZE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model")
 
 class SizeError(ValueError):
     """A size that minitf refuses before allocating anything."""
+
+
+class Rule(NamedTuple):
+    """What one setting allows, written once: the Python API raises with it
+    (`f"top_p={v!r} is not allowed: it must be {rule.allowed}"`) and the command line's flag
+    checks with it (minitf.cli.ruled, where argparse names the flag).
+
+    allows: value -> bool (the value as the API receives it, e.g. a float from float(text)).
+    allowed: what is allowed, in words after "must be", e.g. "a number in (0, 1]".
+    """
+
+    allows: Callable[[object], bool]
+    allowed: str
 
 
 def num_params(config: GPTConfig) -> int:

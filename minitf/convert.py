@@ -28,7 +28,7 @@ import numpy as np
 
 from .checkpoint import (check_output, check_writable, load_checkpoint, recover_checkpoint,
                          save_checkpoint)
-from .cli import Parser, fail, guarded, path_argument
+from .cli import Parser, fail, guarded, path_argument, prog_name
 from .engine import DEFAULT_MODEL_DIR
 from .hf import HFError, is_hf_directory, save_hf_directory
 from .quantization import dequantize
@@ -38,7 +38,7 @@ from .tensors import HEAD, Quantization, checkpoint_layout
 
 def build_parser() -> Parser:
     p = Parser(
-        prog="python -m minitf.convert",
+        prog=prog_name("minitf.convert"),
         description="Convert a transformers GPT-2 directory (save_pretrained, or a download from "
                     "the HF hub) into a minitf checkpoint, or a minitf model into one.",
         epilog="examples: python -m minitf.convert --from-hf gpt2 --out runs/gpt2;  "

@@ -278,6 +278,13 @@ class Engine:
         check_memory(inference_bytes(self.config, self.quant, rows),
                      f"generating {rows:,} sequences together", f"lower {what}")
 
+    def check_keep(self, keep, what: str = "keep") -> None:
+        """ValueError unless `keep` (the tokens context_mode 'shift' keeps) is an integer in
+        [1, block_size]; the message names `what` (e.g. "--keep")."""
+        B = self.config.block_size
+        if not _is_int(keep) or not 1 <= keep <= B:
+            raise ValueError(f"{what}={keep!r} must be an integer in [1, {B}] (block_size)")
+
     def reserve(self, rows: int) -> None:
         """Make room for `rows` sequences: KV caches k_caches, v_caches (rows, n_layer,
         block_size, d_model) float32, and the fused path's buffers. Rows already held keep
@@ -560,8 +567,8 @@ class Engine:
             keep = B
         elif keep is None:
             keep = max(1, B // 2)
-        elif not _is_int(keep) or not 1 <= keep <= B:
-            raise ValueError(f"keep={keep!r} must be an integer in [1, {B}] (block_size)")
+        else:
+            self.check_keep(keep)
         self.reserve(len(prompts))
         # the rows' caches are this generation's now: an older generator that is resumed
         # raises rather than reading caches the new one overwrote

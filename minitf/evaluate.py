@@ -11,7 +11,8 @@ import json
 import math
 import sys
 
-from .cli import Parser, add_backend_argument, add_data_argument, fail, guarded, path_argument
+from .cli import (Parser, add_backend_argument, add_data_argument, fail, guarded, path_argument,
+                  prog_name)
 from .dataset import load_data
 from .engine import load_engine
 from .metrics import engine_logits, evaluate
@@ -20,7 +21,7 @@ from .threads import set_threads
 
 def build_parser() -> Parser:
     parser = Parser(
-        prog="python -m minitf.evaluate",
+        prog=prog_name("minitf.evaluate"),
         description="Validation loss (nats/token), perplexity and bits/char of a model.",
         epilog="example: python -m minitf.evaluate --backend numba --max-windows 200",
     )

@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import Parser, add_backend_argument, fail, guarded, nonneg_int, path_argument, positive_int
+from .cli import (Parser, add_backend_argument, fail, guarded, nonneg_int, path_argument,
+                  positive_int, prog_name, ruled)
 from .data import read_stream_bytes, read_text_bytes
 from .engine import CONTEXT_MODES, GenerationStats, load_engine
 from .kernels import describe
-from .sampling import Sampler, validate_sampling
+from .sampling import TEMPERATURE, TOP_K, TOP_P, Sampler, validate_sampling
 from .threads import set_threads
 from .tokenizer import TokenizerError, check_unicode
 
@@ -40,7 +41,7 @@ def unescape(text: str) -> str:
 
 def build_parser() -> Parser:
     p = Parser(
-        prog="python -m minitf.generate",
+        prog=prog_name("minitf.generate"),
         description="Sample text from a minitf model (default: the shipped TinyShakespeare model).",
         epilog='examples: python -m minitf.generate --prompt "ROMEO:" --max-new-tokens 200 --seed 1\n'
                '          python -m minitf.generate --num-samples 8 --seed 1 --stop "\\n\\n"',
@@ -49,9 +50,9 @@ def build_parser() -> Parser:
     source.add_argument("--prompt", default=None, help='text to continue (default: empty, which starts from a newline)')
     source.add_argument("--prompt-file", default=None, metavar="PATH", help="read the prompt from a UTF-8 file, or '-' for standard input")
     p.add_argument("--max-new-tokens", type=nonneg_int, default=200, help="tokens to generate per sample (may exceed the context, see --context-mode)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 means greedy")
-    p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0: off; above the vocabulary: off)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the smallest set reaching this probability, in (0, 1]")
+    p.add_argument("--temperature", type=ruled(float, TEMPERATURE), default=1.0, help="softmax temperature; 0 means greedy")
+    p.add_argument("--top-k", type=ruled(int, TOP_K), default=0, help="keep the k most likely tokens (0: off; above the vocabulary: off)")
+    p.add_argument("--top-p", type=ruled(float, TOP_P), default=0.9, help="nucleus sampling: keep the smallest set reaching this probability, in (0, 1]")
     p.add_argument("--seed", type=nonneg_int, default=None, help="random seed; sample i of --num-samples uses seed + i (default: fresh randomness, the seed is printed to stderr)")
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples of the prompt, decoded together")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="end a sample before STRING (repeatable; \\n \\t \\r \\\\ are understood)")
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
             prompt_ids = [int(t) for t in tokenizer.encode("\n")]
         seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
         engine.check_rows(args.num_samples, "--num-samples")  # before a sampler is made
+        if args.keep is not None:
+            engine.check_keep(args.keep, "--keep")
         samplers = [Sampler(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                             seed=seed + i) for i in range(args.num_samples)]
         rows = [StopText(tokenizer.decode_stream(), stops) for _ in samplers]

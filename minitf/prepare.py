@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 
-from .cli import Parser, bpe_vocab_size, fail, guarded, path_argument, positive_int
+from .cli import Parser, bpe_vocab_size, fail, guarded, path_argument, positive_int, prog_name
 from .dataset import DTYPES, prepare
 
 
 def build_parser() -> Parser:
     p = Parser(
-        prog="python -m minitf.prepare",
+        prog=prog_name("minitf.prepare"),
         description="Tokenize a text file, a folder of text files or standard input into "
                     "train.bin / val.bin, a tokenizer and a dataset.json record.",
         epilog="example: python -m minitf.prepare input.txt --out data/shakespeare --tokenizer bpe",

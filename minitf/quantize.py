@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .checkpoint import (check_output, check_writable, load_checkpoint, recover_checkpoint,
                          save_json_atomic)
-from .cli import Parser, add_backend_argument, add_data_argument, guarded, path_argument, positive_int
+from .cli import (Parser, add_backend_argument, add_data_argument, guarded, path_argument,
+                  positive_int, prog_name)
 from .dataset import load_data
 from .engine import DEFAULT_MODEL_DIR, Engine, load_engine
 from .hf import is_hf_directory
@@ -39,7 +40,7 @@ PLOT_FILE = "quant_error.png"
 
 def build_parser() -> Parser:
     p = Parser(
-        prog="python -m minitf.quantize",
+        prog=prog_name("minitf.quantize"),
         description="Post-training int8 quantization (symmetric, per output channel) of a "
                     "minitf model, with a report of its size and its validation loss against "
                     "the float32 model.",

@@ -29,6 +29,7 @@ import numbers
 
 import numpy as np
 
+from .config import Rule
 from .kernels.numpy_ref import softmax
 
 # "Reaches p" is tested with this much slack. The float64 prefix sums of V probabilities
@@ -66,6 +67,16 @@ def _positions(mask: np.ndarray, limit: int = 10) -> str:
     return f"[{shown}{more}]"
 
 
+# The rules of the sampling settings, each written once: validate_sampling (the Python API)
+# and generate's flags (--temperature, --top-k, --top-p) apply these.
+# `not (0 < p <= 1)` is also True for NaN; the finite check refuses inf and NaN.
+TEMPERATURE = Rule(lambda v: _is_real(v) and math.isfinite(v) and v >= 0,
+                   "a finite number >= 0 (0 means greedy decoding)")
+TOP_K = Rule(lambda v: _is_int(v) and v >= 0, "0 (no top-k filtering) or a positive integer")
+TOP_P = Rule(lambda v: _is_real(v) and 0 < v <= 1,
+             "a number in (0, 1] (1 means no nucleus filtering)")
+
+
 def validate_sampling(temperature, top_k=None, top_p=None, vocab_size=None) -> None:
     """Check sampling settings; raise ValueError with one sentence naming the bad value.
 
@@ -79,24 +90,16 @@ def validate_sampling(temperature, top_k=None, top_p=None, vocab_size=None) -> N
         vocab_size: None (not known yet) or a positive int V.
 
     Raises:
-        ValueError: any argument outside the ranges above.
+        ValueError: any argument outside the ranges above (the rules TEMPERATURE, TOP_K,
+            TOP_P).
     """
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(
-            f"temperature={temperature!r} is not allowed: it must be a finite number >= 0 "
-            "(0 means greedy decoding)"
-        )
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise ValueError(
-            f"top_k={top_k!r} is not allowed: it must be None or 0 (no top-k filtering) or a "
-            "positive integer"
-        )
-    if top_p is not None and (not _is_real(top_p) or not (0 < top_p <= 1)):
-        # `not (0 < p <= 1)` is also True for NaN.
-        raise ValueError(
-            f"top_p={top_p!r} is not allowed: it must be None or a number in (0, 1] "
-            "(1 means no nucleus filtering)"
-        )
+    if not TEMPERATURE.allows(temperature):
+        raise ValueError(f"temperature={temperature!r} is not allowed: it must be "
+                         f"{TEMPERATURE.allowed}")
+    if top_k is not None and not TOP_K.allows(top_k):
+        raise ValueError(f"top_k={top_k!r} is not allowed: it must be None or {TOP_K.allowed}")
+    if top_p is not None and not TOP_P.allows(top_p):
+        raise ValueError(f"top_p={top_p!r} is not allowed: it must be None or {TOP_P.allowed}")
     if vocab_size is not None and (not _is_int(vocab_size) or vocab_size < 1):
         raise ValueError(f"vocab_size={vocab_size!r} is not allowed: it must be a positive integer")
 

@@ -31,10 +31,11 @@ import dataclasses
 import math
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from .cli import (Parser, add_backend_argument, add_data_argument, bpe_vocab_size, fail, guarded,
-                  nonneg_int, path_argument, positive_int)
+                  nonneg_int, path_argument, positive_int, prog_name)
 from .config import PRESETS, GPTConfig
 from .dataset import load_dataset, tokenizer_kind
 from .distributed import MPIUnavailable, World, abort_on, world
@@ -48,7 +49,6 @@ NEW_RUN = {"tokenizer": "char", "vocab_size": 1024, "preset": "default", "seed":
            "dtype": DEFAULTS.dtype}
 
 
-PROG = "python -m minitf.train"
 # the optimization and evaluation flags, (TrainSettings field, type, what it sets), by group
 RUN_FLAGS = {
     "optimization": [
@@ -73,7 +73,7 @@ RUN_FLAGS = {
 
 def build_parser() -> Parser:
     p = Parser(
-        prog=PROG,
+        prog=prog_name("minitf.train"),
         description="Train a GPT-2-style model on TinyShakespeare with hand-written "
                     "backpropagation.",
         epilog="example: python -m minitf.train --out runs/char --steps 2000 --seed 1337",
@@ -220,7 +220,7 @@ def run(args, log=print, world: World = World()) -> dict | None:
         meta = {"command": command, "record": vars(args), "world": world}
         trainer = Trainer.resume(args.out, args.data, settings(args), required(args), **meta)
         if trainer.step >= trainer.settings.steps and world.rank == 0:
-            print(f"{PROG}: --steps {trainer.settings.steps}: the run in {args.out} is at step "
+            print(f"{prog_name('minitf.train')}: --steps {trainer.settings.steps}: the run in {args.out} is at step "
                   f"{trainer.step} already; no step ran (nothing to do; give a larger --steps "
                   f"to train on)", file=sys.stderr)
     else:
@@ -229,6 +229,12 @@ def run(args, log=print, world: World = World()) -> dict | None:
         trainer = Trainer.start(args.out, args.data, TrainSettings(**settings(args)),
                                 model_config(args),
                                 record["tokenizer"], record["vocab_size"], **meta)
+    s = trainer.settings
+    if world.rank == 0 and trainer.step < s.steps <= s.warmup:  # every step in the ramp
+        warnings.warn(f"--steps {s.steps} <= --warmup {s.warmup}: the learning rate never leaves "
+                      f"warm-up (it rises to {trainer.schedule(s.steps - 1):.3g}, not --lr "
+                      f"{s.lr:g}); give --steps above --warmup, or a smaller --warmup",
+                      stacklevel=2)
     return trainer.train(progress=not args.quiet, plot=not args.no_plot, log=log)
 
 

@@ -2,6 +2,7 @@
 atomic saves that survive a crash at any point."""
 
 import json
+import math
 import os
 import time
 import warnings
@@ -98,6 +99,21 @@ def test_round_trip_bit_exact(tmp_path):
     resumed = np.random.default_rng()
     resumed.bit_generator.state = opt["rng_state"]
     assert np.array_equal(resumed.random(4), rng.random(4))  # RNG continues where it stopped
+
+
+def test_repr_shows_sizes_not_arrays(tmp_path, saved):
+    params = make_params()
+    save_checkpoint(tmp_path / "opt", params, CONFIG, char_tokenizer(), optimizer_state(params, step=7))
+    n = len(param_shapes(CONFIG))
+    nbytes = 4 * sum(math.prod(shape) for shape in param_shapes(CONFIG).values())  # float32
+    text = repr(load_checkpoint(tmp_path / "opt"))
+    assert "array" not in text and "\n" not in text and len(text) < 1000, text
+    assert f"config={CONFIG!r}" in text and "step=7" in text, text
+    assert f"tensors={n}, bytes={nbytes} (" in text, text
+    assert f"optimizer={2 * n} tensors, bytes={2 * nbytes} (" in text, text
+    assert "tokenizer=CharTokenizer(65 tokens)" in text, text
+    bare = repr(load_checkpoint(saved[0]))  # no optimizer state
+    assert "step=None" in bare and "optimizer=None" in bare and "array" not in bare, bare
 
 
 def test_files_on_disk(saved):

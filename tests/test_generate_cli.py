@@ -155,7 +155,7 @@ def test_stats_of_one_token_say_no_decode_ran(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--keep", "5", "--context-mode", "exact"], "--keep 5 applies to --context-mode shift only"),
-    (["--keep", "500"], "keep=500 must be an integer in [1, 128]"),
+    (["--keep", "500"], "--keep=500 must be an integer in [1, 128]"),
     (["--keep", "0"], "0 must be >= 1"),
     (["--context-mode", "crop"], "invalid choice: 'crop'"),
     (["--num-samples", "0"], "0 must be >= 1"),
@@ -164,11 +164,23 @@ def test_stats_of_one_token_say_no_decode_ran(capsys):
     (["--prompt", "a", "--prompt-file", "b"], "not allowed with argument --prompt"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file /nonexistent/prompt.txt: cannot read it"),
     (["--seed", "-5"], "argument --seed: -5 must be >= 0"),
+    # the sampling settings' and the thread count's rules, named by the flag, not the
+    # Python parameter (top_p=, temperature=, threads=)
+    (["--top-p", "1.5"], "argument --top-p: 1.5 is not allowed: it must be a number in (0, 1]"),
+    (["--top-p", "0"], "argument --top-p: 0 is not allowed"),
+    (["--top-p", "nan"], "argument --top-p: nan is not allowed"),
+    (["--temperature", "-1"], "argument --temperature: -1 is not allowed: it must be a finite number >= 0"),
+    (["--temperature", "inf"], "argument --temperature: inf is not allowed"),
+    (["--temperature", "hot"], "argument --temperature: invalid float value: 'hot'"),
+    (["--top-k", "-1"], "argument --top-k: -1 is not allowed: it must be 0 (no top-k filtering) or a positive integer"),
+    (["--threads", "0"], "argument --threads: 0 is not allowed: it must be an integer in [1, "),
+    (["--threads", str((os.cpu_count() or 1) + 1)], "this machine's cores"),
 ])
 def test_bad_flags_one_line_exit_2(capsys, args, message):
     status, _, err = run(capsys, "--backend", "numpy", *args)
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and message in lines[0], err
+    assert not re.search(r"(?<![-\w])(top_p|top_k|temperature|threads|keep)=", err), err
 
 
 def test_ctrl_c_ends_the_line_says_interrupted_and_exits_130(capsys, monkeypatch):
@@ -195,3 +207,21 @@ def test_a_prompt_file_with_a_byte_order_mark(capsys, tmp_path):
     status, out, err = run(capsys, "--prompt-file", str(path), "--backend", "numpy", "--seed", "5",
                            "--max-new-tokens", "5")
     assert status == 0 and out.startswith("JULIET:\n"), (out, err)
+
+
+def test_usage_names_the_command_as_typed(tmp_path):
+    """The console script's usage and errors say minitf-generate; python -m says its own."""
+    import shutil
+    import subprocess
+
+    script = shutil.which("minitf-generate", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the minitf-generate console script is not installed beside this Python")
+    for command, prog in ([[script], "minitf-generate"],
+                          [[sys.executable, "-m", "minitf.generate"], "python -m minitf.generate"]):
+        r = subprocess.run([*command, "--top-p", "2"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr == (
+            f"{prog}: error: argument --top-p: 2 is not allowed: it must be a number in (0, 1] "
+            "(1 means no nucleus filtering)\n"), r.stderr
+        r = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: {prog} "), r.stdout

@@ -126,6 +126,23 @@ def test_bad_flags_give_one_line_and_exit_2(corpus_path, tmp_path, flags, messag
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_steps_within_the_warmup_warn_on_one_line(corpus_path, tmp_path, steps):
+    """TINY has --warmup 2: 1 or 2 steps never leave the linear ramp (their last rate is
+    3e-3 * steps / 3, nanoGPT's (it + 1) / (warmup + 1)); 3 steps reach the cosine."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "minitf.train", "--data", str(corpus_path), "--out", str(tmp_path / "x"),
+         *TINY, "--steps", str(steps), "--eval-interval", "10"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "warning" in line]
+    if steps > 2:
+        assert warned == [], proc.stderr
+        return
+    assert warned == [f"python -m minitf.train: warning: --steps {steps} <= --warmup 2: the learning "
+                      f"rate never leaves warm-up (it rises to {3e-3 * steps / 3:.3g}, not --lr "
+                      f"0.003); give --steps above --warmup, or a smaller --warmup"], proc.stderr
+
+
 def test_missing_corpus_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minitf.train", "--data", str(tmp_path / "nope.txt"),
                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
