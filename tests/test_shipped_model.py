@@ -76,8 +76,8 @@ def test_generate_cli_same_seed_same_text(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "ROMEO€"], "'€' (U+20AC)"),
-    (["--top-p", "0"], "top_p=0.0"),
-    (["--temperature", "-1"], "temperature=-1.0"),
+    (["--top-p", "0"], "argument --top-p: 0 is not allowed"),
+    (["--temperature", "-1"], "argument --temperature: -1 is not allowed"),
     (["--backend", "tpu"], "unknown kernel backend 'tpu'"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--max-new-tokens", "-5"], "-5 must be >= 0"),
