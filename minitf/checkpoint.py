@@ -489,6 +489,12 @@ class Checkpoint:
                 f"({getattr(tok, 'vocab_size', '?')} tokens))")
 
 
+# reads of a checkpoint that saves keep swapping out under the reader before it gives up: a
+# training run saves once per evaluation, but a writer saving in a loop on a loaded 2-core
+# machine (tests/test_faults.py) swapped three reads in a row
+LOAD_ATTEMPTS = 10
+
+
 def load_checkpoint(
     directory: str | os.PathLike,
     dtype=np.float32,
@@ -514,14 +520,14 @@ def load_checkpoint(
     a model file larger than this machine's memory.
     """
     requested = directory
-    for attempt in range(3):
+    for attempt in range(LOAD_ATTEMPTS):
         directory = readable(recover_checkpoint(requested), "checkpoint")
         before = _identity(directory)
         try:
             return _load(directory, dtype, layout, optimizer)
         except CheckpointError:
             # a save swapped the directory while it was read: read the new one
-            if attempt == 2 or _identity(directory) == before:
+            if attempt == LOAD_ATTEMPTS - 1 or _identity(directory) == before:
                 raise
     raise AssertionError("unreachable")
 
