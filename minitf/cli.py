@@ -183,14 +183,16 @@ def ruled(convert: Callable[[str], object], rule: Rule):
     """An argparse type: `convert(text)` (int or float), then `rule`, the config.Rule the
     Python API checks the same setting with, so that a flag and its parameter allow the same
     values and the rule is written once. argparse names the flag:
-    "argument --top-p: 1.5 is not allowed: it must be a number in (0, 1] ...". Text that
-    `convert` refuses gets argparse's own "invalid float value: 'x'"."""
+    "argument --top-p: 1.5 is not allowed: it must be a number in (0, 1] ...", and text
+    that `convert` refuses the same way: "argument --threads: 'two' is not allowed: it must
+    be an integer in [1, 2] ..."."""
 
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
-            raise ValueError(text) from None  # argparse: "invalid <convert> value: 'text'"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not allowed: it must be {rule.allowed}") from None
         if not rule.allows(value):
             raise argparse.ArgumentTypeError(f"{text} is not allowed: it must be {rule.allowed}")
         return value

@@ -171,7 +171,7 @@ def test_stats_of_one_token_say_no_decode_ran(capsys):
     (["--top-p", "nan"], "argument --top-p: nan is not allowed"),
     (["--temperature", "-1"], "argument --temperature: -1 is not allowed: it must be a finite number >= 0"),
     (["--temperature", "inf"], "argument --temperature: inf is not allowed"),
-    (["--temperature", "hot"], "argument --temperature: invalid float value: 'hot'"),
+    (["--temperature", "hot"], "argument --temperature: 'hot' is not allowed: it must be a finite number >= 0"),
     (["--top-k", "-1"], "argument --top-k: -1 is not allowed: it must be 0 (no top-k filtering) or a positive integer"),
     (["--threads", "0"], "argument --threads: 0 is not allowed: it must be an integer in [1, "),
     (["--threads", str((os.cpu_count() or 1) + 1)], "this machine's cores"),
