@@ -117,18 +117,36 @@ def _matmul(y, x, w, bias):
 
 @njit
 def _matmul_nt_row(y, x, w):
-    """y (M,) = x (K,) @ w.T, w (M, K): each output a contiguous dot product, one at a time.
+    """y (M,) = x (K,) @ w.T, w (M, K): each output a contiguous dot product, four rows of w
+    per pass (x loaded once for four sums; LLVM vectorizes each sum into vector lanes), then
+    the last M % 4 one at a time. An output's sum depends only on where its group of four
+    starts, so callers that cut w into pieces start each piece at a multiple of 4.
 
-    LLVM vectorizes the one sum (reassociated into vector lanes); four interleaved sums
-    streamed a w larger than the caches about half as fast (GPT-2 small's tied head, 50,257
-    x 768, on Zen 4; `bench/compare.py --config gpt2` times the decode step it ends).
+    Four rows per pass streamed GPT-2 small's tied head (50,257 x 768) from memory faster
+    than one dot product at a time on an Intel Xeon (AVX-512), at 1 and 2 threads, whether
+    numba compiled for that CPU, znver3 or znver4 (`bench/compare.py --config gpt2` times
+    the decode step it ends); an earlier run on a shared Zen 4 had found the opposite.
     """
     M, K = w.shape
-    for m in range(M):
+    m = 0
+    while m + 4 <= M:
+        w0, w1, w2, w3 = w[m], w[m + 1], w[m + 2], w[m + 3]
+        s0 = s1 = s2 = s3 = y.dtype.type(0)
+        for k in range(K):
+            a = x[k]
+            s0 += a * w0[k]
+            s1 += a * w1[k]
+            s2 += a * w2[k]
+            s3 += a * w3[k]
+        y[m], y[m + 1], y[m + 2], y[m + 3] = s0, s1, s2, s3
+        m += 4
+    while m < M:
+        wm = w[m]
         s0 = y.dtype.type(0)
         for k in range(K):
-            s0 += x[k] * w[m, k]
+            s0 += x[k] * wm[k]
         y[m] = s0
+        m += 1
 
 
 NT_CHUNK = 64  # rows of w per pass of `_matmul_nt` (64 x C floats: 192 KB at d_model 768, in L2)
