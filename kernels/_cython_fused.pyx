@@ -50,7 +50,7 @@ cdef Py_ssize_t NCOL = _layout.NCOL
 cdef Py_ssize_t KIND = _layout.KIND, K = _layout.K, M = _layout.M, W = _layout.W
 cdef Py_ssize_t B = _layout.B, S = _layout.S, Q = _layout.Q, P = _layout.P
 cdef Py_ssize_t KP = _layout.KP, MP = _layout.MP, SUM = _layout.SUM
-cdef int64_t F32 = _layout.F32, INT8 = _layout.INT8, W8A8 = _layout.W8A8
+cdef int64_t F32 = _layout.F32, INT8 = _layout.INT8, W8A8 = _layout.W8A8, F32T = _layout.F32T
 cdef Py_ssize_t ROW_DIMS = _layout.ROW_DIMS, ROW_SCRATCH = _layout.ROW_SCRATCH
 cdef Py_ssize_t ROW_WTE = _layout.ROW_WTE, ROW_WPE = _layout.ROW_WPE, ROW_LNF = _layout.ROW_LNF
 cdef Py_ssize_t FIRST_LAYER_ROW = _layout.FIRST_LAYER_ROW
@@ -265,12 +265,40 @@ cdef void _matmul_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
         _matmul_cols(sf, sw, o, i0, w, Kn, Mn, n, 0, Mn)
 
 
+cdef void _matmul_nt_cols(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
+                          const float* wt, Py_ssize_t Kn, Py_ssize_t n, Py_ssize_t c0,
+                          Py_ssize_t c1) noexcept nogil:
+    """Row i < n of sf: [o+c0, o+c1) = [i0, i0+K) @ wt[c0:c1].T, wt (M, K) float32 (an F32T
+    layer, layout.py): HEAD_CHUNK outputs at a time for all rows, each a dot product as the
+    tied head's (`_matmul_nt`; c0 a multiple of 4), as numba_fused._matmul_nt_cols."""
+    cdef Py_ssize_t i, m0 = c0, m1
+    while m0 < c1:
+        m1 = m0 + HEAD_CHUNK if m0 + HEAD_CHUNK < c1 else c1
+        for i in range(n):
+            _matmul_nt(sf + i * sw + o + m0, sf + i * sw + i0, wt + m0 * Kn, 1, Kn, m1 - m0)
+        m0 = m1
+
+
+cdef void _matmul_nt_rows(float* sf, Py_ssize_t sw, Py_ssize_t o, Py_ssize_t i0,
+                          const float* wt, Py_ssize_t Kn, Py_ssize_t Mn, Py_ssize_t n,
+                          int threads) noexcept nogil:
+    """`_matmul_nt_cols` of all M outputs, split over `threads` threads as `_matmul_rows`
+    splits `_matmul_cols`."""
+    cdef Py_ssize_t t
+    if threads > 1 and Kn * Mn >= THREAD_MIN_WEIGHTS:
+        for t in prange(threads, num_threads=threads, schedule="static"):
+            _matmul_nt_cols(sf, sw, o, i0, wt, Kn, n, _split(Mn, t, threads, 16),
+                            _split(Mn, t + 1, threads, 16))
+    else:
+        _matmul_nt_cols(sf, sw, o, i0, wt, Kn, n, 0, Mn)
+
+
 cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
                        const int64_t* sc, Py_ssize_t o, Py_ssize_t i0, const float* pf,
                        const int8_t* pq, const int32_t* pi, const int64_t* row, Py_ssize_t n,
                        bint exact, int threads) noexcept nogil:
     """Rows i < n of sf: [o, o+M) = the linear layer of table row `row` applied to [i0,
-    i0+K), by its kind (numba_fused._linear_rows): F32 and INT8 all rows per weight pass, or
+    i0+K), by its kind (numba_fused._linear_rows): F32, F32T and INT8 all rows per weight pass, or
     in a W8A8 model (`exact`) the unfused kernels' row loops; W8A8: each row quantized, the
     int8 tile on 4 rows per weight pass, the unfused epilogue per row. sc: the scratch row.
     The weight passes of a large layer run on `threads` threads (`_matmul_rows`,
@@ -279,8 +307,10 @@ cdef void _linear_rows(float* sf, Py_ssize_t sw, int32_t* si, Py_ssize_t siw,
     cdef const float* bias = pf + row[B]
     cdef float* y
     cdef int8_t* xq
-    if row[KIND] == F32:
-        if exact:  # feeds a quantization: the unfused kernel, bit for bit
+    if row[KIND] == F32 or row[KIND] == F32T:
+        if row[KIND] == F32T:
+            _matmul_nt_rows(sf, sw, o, i0, pf + row[W], Kn, Mn, n, threads)
+        elif exact:  # feeds a quantization: the unfused kernel, bit for bit
             for i in range(n):
                 _matmul_row(sf + i * sw + o, sf + i * sw + i0, pf + row[W], Kn, Mn)
         else:

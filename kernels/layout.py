@@ -8,7 +8,12 @@ wte, wpe, LayerNorms, float weights, biases, scales), pq (int8 weights, then the
 tiles) and pi (int32 column sums of the tiles). The engine runs on views into them
 (`PackedWeights.views`), so every weight is stored once: a W8A8 linear layer only as its
 tiles, which are all that the fused path reads of it (the (K, M) array the unfused kernels
-take is rebuilt from them on request, `unpack_vnni`). A weight-only int8 head keeps its
+take is rebuilt from them on request, `unpack_vnni`). A float32 linear layer of at least
+THREAD_MIN_WEIGHTS weights (GPT-2 small's) in a model without W8A8 layers is stored
+transposed, (M, K), kind F32T: the decode step then runs it as the tied head, a dot product
+per output, and the outputs a thread computes are one contiguous stream of memory (a (K, M)
+weight split by outputs is read in strided pieces of every row); its view is that array's
+transpose, the (K, M) weight F-contiguous, which BLAS takes as it is. A weight-only int8 head keeps its
 (V, C) rows, which the embedding and the head read; a W8A8 one only the tiles of their
 transpose (C, V), from which the embedding gathers a token's row (`unpack_vnni_columns`,
 and its twins in the decode steps). An index table `tab` (int64, NCOL columns) says where
@@ -63,7 +68,7 @@ import numpy as np
 # ----------------------------------------------------------------------- index table ----
 NCOL = 11
 KIND, K, M, W, B, S, Q, P, KP, MP, SUM = range(NCOL)  # columns of a tensor row
-F32, INT8, W8A8 = 0, 1, 2  # kinds of linear layer (column KIND)
+F32, INT8, W8A8, F32T = 0, 1, 2, 3  # kinds of linear layer (column KIND); F32T: see PackedWeights
 ROW_DIMS, ROW_SCRATCH, ROW_WTE, ROW_WPE, ROW_LNF = range(5)
 FIRST_LAYER_ROW = 5
 LAYER_ROWS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
@@ -218,6 +223,9 @@ class PackedWeights:
 
         tiled = []  # (row, name) of the W8A8 layers (and head)
         int8_head = tensors["wte"].dtype == np.int8
+        exact = int8_mode == "w8a8" and any(
+            t.dtype == np.int8 for n, t in tensors.items() if n == "wte" or n.endswith(".weight"))
+        transposed = set()  # the F32T weights: stored (M, K)
         tab[ROW_WTE, [K, M]] = V, C
         if not int8_head:
             tab[ROW_WTE, W] = put("f", "wte", (V, C))
@@ -239,8 +247,12 @@ class PackedWeights:
                 w = tensors[name + ".weight"]
                 tab[row, [K, M]] = w.shape
                 tab[row, B] = put("f", name + ".bias", (w.shape[1],))
-                if w.dtype != np.int8:
+                if w.dtype != np.int8 and (exact or w.size < THREAD_MIN_WEIGHTS):
                     tab[row, [KIND, W]] = F32, put("f", name + ".weight", w.shape)
+                    continue
+                if w.dtype != np.int8:  # F32T: w.T (M, K) stored, each output's weights a row
+                    tab[row, [KIND, W]] = F32T, put("f", name + ".weight", w.shape[::-1])
+                    transposed.add(name + ".weight")
                     continue
                 tab[row, S] = put("f", name + ".weight_scale", (w.shape[1],))
                 if int8_mode == "w8a8":  # the tiles are its only copy (below)
@@ -275,7 +287,11 @@ class PackedWeights:
         for flat, kind in ((self.pf, "f"), (self.pq, "q")):
             for name, shape, off in places[kind]:
                 view = flat[off:off + int(np.prod(shape))].reshape(shape)
-                view[...] = tensors[name]  # float32 by assignment (as astype does)
+                if name in transposed:
+                    view[...] = tensors[name].T  # (M, K)
+                    view = view.T  # the (K, M) weight, F-contiguous: BLAS takes it as it is
+                else:
+                    view[...] = tensors[name]  # float32 by assignment (as astype does)
                 self.views[name] = view
                 if take:
                     del tensors[name]
@@ -289,7 +305,7 @@ class PackedWeights:
             self.tiles[name] = pack_vnni(w, out, colsum)
             if take:
                 del w, tensors[key]
-        self.exact = bool(tiled)
+        self.exact = exact
 
     def nbytes(self) -> int:
         """Bytes of pf, pq, pi and the index table."""

@@ -51,7 +51,7 @@ from numba import prange
 from ._jit import njit, njit_parallel
 from ._threads import kernel_threads
 from .layout import (ATTN_PROJ, B, C_ATTN, C_FC, CTL_POS, CTL_ROW, CTL_TOKEN, DIM_BP,
-                     DIM_C, DIM_FF, DIM_L, DIM_MP, DIM_NH, DIM_V, F32, FIRST_LAYER_ROW,
+                     DIM_C, DIM_FF, DIM_L, DIM_MP, DIM_NH, DIM_V, F32, F32T, FIRST_LAYER_ROW,
                      HEAD_CHUNK, INT8, KIND, KP, LN_1, LN_2, MLP_PROJ, MP, ROW_DIMS, ROW_LNF,
                      ROW_SCRATCH, ROW_WPE, ROW_WTE, ROWS_PER_LAYER, S, SF_A, SF_ATT, SF_F, SF_G,
                      SF_H, SF_QKV, SF_S64, SF_SX, SF_X, SI_ACC, SI_EX, SI_XQ, SUM,
@@ -177,21 +177,42 @@ def _matmul_cols(sf, o, i0, w, n, m0, m1):
         k += 1
 
 
+@njit
+def _matmul_nt_cols(sf, o, i0, wt, n, m0, m1):
+    """sf[i, o+m0:o+m1] = sf[i, i0:i0+K] @ wt[m0:m1].T for the step's rows i < n, wt (M, K)
+    float32 (an F32T layer, layout.py): HEAD_CHUNK outputs at a time for all rows, each a
+    dot product as the tied head's (`_matmul_nt_row`, four outputs per pass from m0, a
+    multiple of 4: an output's sum is the same whatever the split and the rows)."""
+    Kn = wt.shape[1]
+    for c0 in range(m0, m1, HEAD_CHUNK):
+        c1 = min(c0 + HEAD_CHUNK, m1)
+        for i in range(n):
+            _matmul_nt_row(sf[i, o + c0:o + c1], sf[i, i0:i0 + Kn], wt[c0:c1])
+
+
 @njit_parallel
-def _matmul_cols_threads(sf, o, i0, w, n, threads):
-    """`_matmul_cols` of all outputs, split into `threads` ranges (`_split`), one per thread."""
-    Mn = w.shape[1]
+def _matmul_cols_threads(sf, o, i0, w, n, threads, transposed):
+    """`_matmul_cols` (w (K, M)) or, `transposed`, `_matmul_nt_cols` (w (M, K)) of all
+    outputs, split into `threads` ranges (`_split`), one per thread."""
+    Mn = w.shape[0] if transposed else w.shape[1]
     for t in prange(threads):
-        _matmul_cols(sf, o, i0, w, n, _split(Mn, t, threads, 16), _split(Mn, t + 1, threads, 16))
+        m0, m1 = _split(Mn, t, threads, 16), _split(Mn, t + 1, threads, 16)
+        if transposed:
+            _matmul_nt_cols(sf, o, i0, w, n, m0, m1)
+        else:
+            _matmul_cols(sf, o, i0, w, n, m0, m1)
 
 
 @njit
-def _matmul_rows(sf, o, i0, w, n, threads):
-    """sf[i, o:o+M] = sf[i, i0:i0+K] @ float32(w (K, M)) for the step's rows i < n
-    (`_matmul_cols`), on `threads` threads if there are more than one and w has at least
-    THREAD_MIN_WEIGHTS weights."""
+def _matmul_rows(sf, o, i0, w, n, threads, transposed):
+    """sf[i, o:o+M] = sf[i, i0:i0+K] @ float32(w) for the step's rows i < n, w (K, M)
+    (`_matmul_cols`) or, `transposed`, the F32T layer's (M, K) (`_matmul_nt_cols`), on
+    `threads` threads if there are more than one and w has at least THREAD_MIN_WEIGHTS
+    weights."""
     if threads > 1 and w.size >= THREAD_MIN_WEIGHTS:
-        _matmul_cols_threads(sf, o, i0, w, n, threads)
+        _matmul_cols_threads(sf, o, i0, w, n, threads, transposed)
+    elif transposed:
+        _matmul_nt_cols(sf, o, i0, w, n, 0, w.shape[0])
     else:
         _matmul_cols(sf, o, i0, w, n, 0, w.shape[1])
 
@@ -215,20 +236,22 @@ def _quantize_step_rows(sf, si, sc, i0, Kn, n):
 @njit
 def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact, threads):
     """sf[i, o:o+M] = linear layer `row` of the index table applied to sf[i, i0:i0+K], for
-    the step's rows i < n (sc: the scratch row), by its kind: F32 and INT8 (weight-only)
+    the step's rows i < n (sc: the scratch row), by its kind: F32, F32T and INT8 (weight-only)
     all rows per weight pass (`_matmul_rows`, then the scale and bias), or in a W8A8 model
     (`exact`) the unfused kernels' row loops; W8A8: each row quantized (its own scale), the
     int8 tile on 4 rows per weight pass, then the unfused epilogue per row. The weight
     passes of a large layer run on `threads` threads (`_matmul_rows`, `_w8a8_sums`)."""
     Kn, Mn = row[K], row[M]
     bias = pf[row[B]:row[B] + Mn]
-    if row[KIND] == F32:
-        w = pf[row[W]:row[W] + Kn * Mn].reshape((Kn, Mn))
-        if exact:  # feeds a quantization: the unfused kernel, bit for bit
+    if row[KIND] == F32 or row[KIND] == F32T:
+        if row[KIND] == F32T:
+            _matmul_rows(sf, o, i0, pf[row[W]:row[W] + Kn * Mn].reshape((Mn, Kn)), n, threads, True)
+        elif exact:  # feeds a quantization: the unfused kernel, bit for bit
+            w = pf[row[W]:row[W] + Kn * Mn].reshape((Kn, Mn))
             for i in range(n):
                 _matmul_row(sf[i, o:o + Mn], sf[i, i0:i0 + Kn], w)
         else:
-            _matmul_rows(sf, o, i0, w, n, threads)
+            _matmul_rows(sf, o, i0, pf[row[W]:row[W] + Kn * Mn].reshape((Kn, Mn)), n, threads, False)
         for i in range(n):
             y = sf[i, o:o + Mn]
             for m in range(Mn):
@@ -240,7 +263,7 @@ def _linear_rows(sf, si, sc, o, i0, pf, pq, pi, row, n, exact, threads):
             for i in range(n):
                 _matmul_int8_row(sf[i, o:o + Mn], sf[i, i0:i0 + Kn], wq, w_scale, bias)
         else:
-            _matmul_rows(sf, o, i0, wq, n, threads)
+            _matmul_rows(sf, o, i0, wq, n, threads, False)
             for i in range(n):
                 y = sf[i, o:o + Mn]
                 for m in range(Mn):

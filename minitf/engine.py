@@ -73,7 +73,8 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "pretrained"
 
 @dataclass
 class Linear:
-    """A float32 linear layer y = x @ weight + bias, weight (K, M) as GPT-2 stores it."""
+    """A float32 linear layer y = x @ weight + bias, weight (K, M) as GPT-2 stores it (on the
+    fused path a view into the packed weights, F-contiguous for an F32T layer: layout.py)."""
 
     weight: np.ndarray  # (K, M) float32
     bias: np.ndarray  # (M,) float32
@@ -128,6 +129,8 @@ def make_linear(params: dict[str, np.ndarray], name: str, int8_mode: str = "weig
     if w.dtype == np.int8:
         scale = np.ascontiguousarray(params[name + ".weight_scale"], dtype=np.float32)
         return Int8Linear(np.ascontiguousarray(w), scale, b, int8_mode)
+    if weights is not None:  # a view into pf, used as it is (F-contiguous: an F32T layer's)
+        return Linear(w, b)
     return Linear(np.ascontiguousarray(w, dtype=np.float32), b)
 
 

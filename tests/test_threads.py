@@ -74,6 +74,34 @@ def test_the_model_has_split_and_serial_layers():
     assert C * C < layout.THREAD_MIN_WEIGHTS and CONFIG.vocab_size * C >= layout.THREAD_MIN_WEIGHTS
 
 
+def test_large_float_layers_are_stored_transposed_once(params):
+    """A float32 layer of at least THREAD_MIN_WEIGHTS weights (not in a W8A8 model) is kept
+    as its transpose (M, K) in pf, kind F32T, and its view is the original (K, M) weight
+    without a copy; smaller ones stay (K, M), kind F32; W8A8 models keep every float layer
+    (K, M)."""
+    packed = layout.PackedWeights(dict(params), CONFIG.n_layer, CONFIG.n_head, "weight-only")
+    kinds = {}
+    for j, name in enumerate(layout.LAYER_ROWS):
+        if name.startswith("ln"):
+            continue
+        row = packed.tab[layout.FIRST_LAYER_ROW + j]
+        w, view = params[f"h.0.{name}.weight"], packed.views[f"h.0.{name}.weight"]
+        K, M = w.shape
+        kinds[name] = int(row[layout.KIND])
+        stored = packed.pf[row[layout.W]:row[layout.W] + K * M]
+        assert np.shares_memory(view, stored) and np.array_equal(view, w.astype(np.float32))
+        if kinds[name] == layout.F32T:
+            assert view.flags.f_contiguous and np.array_equal(stored.reshape(M, K), view.T)
+        else:
+            assert view.flags.c_contiguous and np.array_equal(stored.reshape(K, M), view)
+    assert kinds == {"attn.c_attn": layout.F32T, "attn.c_proj": layout.F32,
+                     "mlp.c_fc": layout.F32T, "mlp.c_proj": layout.F32T}
+    q = quantize_model(params, CONFIG, scope="ffn")[0]  # attention float in a W8A8 model
+    w8a8 = layout.PackedWeights(q, CONFIG.n_layer, CONFIG.n_head, "w8a8")
+    row = w8a8.tab[layout.FIRST_LAYER_ROW + layout.C_ATTN]
+    assert row[layout.KIND] == layout.F32 and w8a8.views["h.0.attn.c_attn.weight"].flags.c_contiguous
+
+
 @pytest.mark.parametrize("rows", [1, 3, 5])
 @pytest.mark.parametrize("model", MODELS, ids=[m[0] for m in MODELS])
 @pytest.mark.parametrize("backend", ["numba", "cython"])
