@@ -24,7 +24,8 @@ runs numba_kernels' own loops (`_layernorm`, `_attention`, `_gelu`, `_matmul_row
 `_quantize_row`, ...) row by row on arrays of the types the unfused path gives them, so it
 rounds exactly as the unfused path; the int8 sums are exact in any order. Float32 and
 weight-only models have no such cliff: their linear layers run all rows per weight pass
-(`_matmul_rows`), attention runs along the keys of a transposed copy of the cache
+(`_matmul_rows`; a large float32 layer, stored transposed (layout.py, F32T), as dot
+products like the tied head's), attention runs along the keys of a transposed copy of the cache
 (`_attention_t`) and GELU uses a vectorized exp (`_gelu_fast`), within 1e-5.
 
 int8 x int8 sums: `numba_int8_tile.int8_tile` on the tiles of `layout.pack_vnni`, in the
