@@ -121,12 +121,13 @@ class StopText:
 
 
 def stats_lines(stats: GenerationStats, total_s: float, backend: str, path: str, mode: str,
-                keep: int | None) -> list[str]:
+                keep: int | None, threads: int) -> list[str]:
     """The --stats report: prefill, in-context decode and re-prefill apart, then overall,
     then which build and int8 tile the backend ran (`minitf.kernels.describe`)."""
     per = lambda s, n: f"{s / n * 1e3:.3f} ms/token, {n / s:,.0f} tokens/s"
     context = f"context {mode}" + (f", keep {keep}" if mode == "shift" else "")
-    lines = [f"stats: backend {backend}, {path} path, {stats.rows} sample(s), {context} "
+    lines = [f"stats: backend {backend}, {path} path, {threads} thread{'s' if threads > 1 else ''}, "
+             f"{stats.rows} sample(s), {context} "
              "(after a warm-up pass that loads the compiled kernels)"]
     if not stats.new_tokens:
         return lines + ["  no tokens generated"]
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
         except TokenizerError as e:
             fail(parser, f"--stop: {e}")
     try:
-        set_threads(args.threads if args.threads is not None else 1)
+        threads = args.threads if args.threads is not None else 1
+        set_threads(threads)
         engine, tokenizer, ckpt = load_engine(args.model, args.backend)
         validate_sampling(args.temperature, args.top_k or None, args.top_p, tokenizer.vocab_size)
         text = read_prompt(args)
@@ -279,7 +281,8 @@ def main(argv=None) -> int:
             print(f"wrote {path}", file=sys.stderr)
     if args.stats:
         keep = args.keep if args.keep is not None else max(1, B // 2)
-        for line in stats_lines(stats, total, engine.backend, engine.path.NAME, args.context_mode, keep):
+        for line in stats_lines(stats, total, engine.backend, engine.path.NAME, args.context_mode,
+                                keep, threads):
             print(line, file=sys.stderr)
     return 0
 

@@ -49,6 +49,21 @@ HEAD_METHOD = "symmetric per-row int8 (one scale per vocabulary entry), round-ha
 QMAX = 127  # symmetric int8: [-127, 127]
 
 
+def _finite_float32_weight(w, caller: str, layout: str) -> np.ndarray:
+    """w as a float32 2-D array, or ValueError naming `caller`, the expected `layout` and what
+    was given: w must be non-empty, 2-D, floating point and finite."""
+    w = np.asarray(w)
+    if w.ndim != 2 or w.size == 0 or not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"{caller} needs a non-empty 2-D float {layout} weight, got "
+                         f"{w.dtype} {w.shape}")
+    w = w.astype(np.float32, copy=False)
+    if not np.isfinite(w).all():
+        bad = np.count_nonzero(~np.isfinite(w))
+        raise ValueError(f"{caller}: the weight has {bad} NaN/inf values; quantize "
+                         "a finite model")
+    return w
+
+
 def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel int8 quantization: w[:, m] ~= wq[:, m] * scale[m].
 
@@ -66,15 +81,7 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ValueError: w is not 2-D, is empty, or holds NaN/inf.
     """
-    w = np.asarray(w)
-    if w.ndim != 2 or w.size == 0 or not np.issubdtype(w.dtype, np.floating):
-        raise ValueError(f"quantize_per_channel needs a non-empty 2-D float (K, M) weight, got "
-                         f"{w.dtype} {w.shape}")
-    w = w.astype(np.float32, copy=False)  # (K, M)
-    if not np.isfinite(w).all():
-        bad = np.count_nonzero(~np.isfinite(w))
-        raise ValueError(f"quantize_per_channel: the weight has {bad} NaN/inf values; quantize "
-                         "a finite model")
+    w = _finite_float32_weight(w, "quantize_per_channel", "(K, M)")  # (K, M)
     amax = np.max(np.abs(w), axis=0)  # (M,) float32
     scale = amax / np.float32(QMAX)  # (M,) float32
     usable = scale >= np.finfo(np.float32).tiny  # (M,) a normal float > 0
@@ -95,9 +102,10 @@ def quantize_per_row(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         wq: (V, C) int8, C-contiguous; scale: (V,) float32, every entry a normal float > 0.
     Raises:
-        ValueError: as `quantize_per_channel`.
+        ValueError: w is not 2-D, is empty, or holds NaN/inf.
     """
-    wq_t, scale = quantize_per_channel(np.asarray(w).T)  # (C, V), (V,)
+    w = _finite_float32_weight(w, "quantize_per_row", "(V, C)")  # (V, C)
+    wq_t, scale = quantize_per_channel(w.T)  # (C, V), (V,)
     return np.ascontiguousarray(wq_t.T), scale  # (V, C)
 
 

@@ -126,6 +126,14 @@ def test_the_seed_is_printed_when_none_was_given(capsys):
     assert "seed" not in run(capsys, "--backend", "numpy", "--max-new-tokens", "3", "--temperature", "0")[2]
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="--threads 2 needs two cores")
+def test_stats_name_the_thread_count(capsys):
+    status, out, err = run(capsys, "--backend", "numba", "--seed", "1", "--max-new-tokens", "5",
+                           "--threads", "2", "--stats")
+    assert status == 0, err
+    assert err.splitlines()[0].startswith("stats: backend numba, fused path, 2 threads, 1 sample(s)")
+
+
 @pytest.mark.parametrize("mode", ["shift", "exact"])
 def test_stats_report_prefill_decode_and_re_prefill_apart(capsys, mode):
     status, out, err = run(capsys, "--backend", "cython", "--seed", "1", "--max-new-tokens", "300",
@@ -133,7 +141,7 @@ def test_stats_report_prefill_decode_and_re_prefill_apart(capsys, mode):
     assert status == 0, err
     assert out.endswith("\n")  # nothing of the report is glued to the text
     lines = err.strip().splitlines()
-    assert lines[0].startswith(f"stats: backend cython, fused path, 1 sample(s), context {mode}")
+    assert lines[0].startswith(f"stats: backend cython, fused path, 1 thread, 1 sample(s), context {mode}")
     names = [line.split()[0] for line in lines[1:]]
     assert names == ["prefill", "decode", "re-prefill", "model", "sampling", "all", "kernels"]
     decodes = int(re.search(r"decode +(\d+) tokens +[\d.]+ ms/token, [\d,]+ tokens/s", err).group(1))

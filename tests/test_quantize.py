@@ -26,7 +26,7 @@ from minitf.engine import Engine, Int8Linear, Linear, load_engine
 from minitf.kernels import get_backend
 from minitf.model import init_params
 from minitf.quant_report import format_report
-from minitf.quantization import dequantize, quantize_model, quantize_per_channel
+from minitf.quantization import dequantize, quantize_model, quantize_per_channel, quantize_per_row
 from minitf.tensors import checkpoint_layout, quantized_weight_names
 from minitf.tokenizer import CharTokenizer
 from reachable import reachable_arrays
@@ -164,6 +164,11 @@ def test_bad_input_is_refused():
         quantize_per_channel(np.array([[1.0, np.nan]], np.float32))
     with pytest.raises(ValueError, match="2-D"):
         quantize_per_channel(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=r"quantize_per_row needs a non-empty 2-D float \(V, C\) "
+                                         r"weight, got int64 \(2, 3\)"):
+        quantize_per_row(np.ones((2, 3), np.int64))
+    with pytest.raises(ValueError, match="quantize_per_row: the weight has 1 NaN/inf"):
+        quantize_per_row(np.array([[1.0, np.inf]], np.float32))
     with pytest.raises(ValueError, match="scope 'attn'"):
         quantize_model(init_params(CONFIG), CONFIG, scope="attn")
     qparams, _ = quantize_model(init_params(CONFIG), CONFIG)
