@@ -81,7 +81,12 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ValueError: w is not 2-D, is empty, or holds NaN/inf.
     """
-    w = _finite_float32_weight(w, "quantize_per_channel", "(K, M)")  # (K, M)
+    return _quantize_columns(_finite_float32_weight(w, "quantize_per_channel", "(K, M)"))
+
+
+def _quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rule of `quantize_per_channel` on a checked (K, M) float32 w: (K, M) int8, (M,)
+    float32."""
     amax = np.max(np.abs(w), axis=0)  # (M,) float32
     scale = amax / np.float32(QMAX)  # (M,) float32
     usable = scale >= np.finfo(np.float32).tiny  # (M,) a normal float > 0
@@ -105,7 +110,7 @@ def quantize_per_row(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ValueError: w is not 2-D, is empty, or holds NaN/inf.
     """
     w = _finite_float32_weight(w, "quantize_per_row", "(V, C)")  # (V, C)
-    wq_t, scale = quantize_per_channel(w.T)  # (C, V), (V,)
+    wq_t, scale = _quantize_columns(w.T)  # (C, V), (V,)
     return np.ascontiguousarray(wq_t.T), scale  # (V, C)
 
 
