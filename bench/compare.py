@@ -78,6 +78,7 @@ import numpy as np
 
 # measures the installed minitf (a checkout: `pip install -e .`); `python -m minitf.kernels`
 # and the header below say which build and int8 variant each backend runs
+from minitf.cli import Parser
 from minitf.config import GPTConfig
 from minitf.engine import DEFAULT_MODEL_DIR, Engine
 from minitf.hf import config_to_hf, params_to_hf
@@ -842,12 +843,11 @@ def thread_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python bench/compare.py",
         description="Decode, prefill and training speed of minitf's backends against PyTorch "
                     "eager and HF transformers, in one process, on the same weights.",
-        epilog="example: python bench/compare.py --model runs/bpe --repeats 9",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="example: python bench/compare.py --model runs/bpe --repeats 9")
     p.add_argument("--config", choices=["gpt2"], default=None,
                    help="gpt2: a random-weight model of GPT-2 small's shape (vocab 50257, 12 layers, "
                         "d_model 768, 12 heads, context 1024), decode and prefill at 1 and 2 threads "

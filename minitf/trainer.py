@@ -50,7 +50,7 @@ from .data import batch_rows, get_batch
 from .dataset import Data, load_data
 from .distributed import World
 from .kernels import get_backend
-from .metrics import evaluate
+from .metrics import eval_starts, evaluate
 from .model import GPT, DropoutMasks, init_params
 from .optim import AdamW, CosineSchedule, clip_coefficient
 from .plots import plot_loss_curve
@@ -580,13 +580,19 @@ class Trainer:
         bad = [n for n, p in self.params.items() if not np.all(np.isfinite(p))]
         if bad:
             raise self._diverged(f"weights {bad[:3]} became NaN or inf")
+        say = bar.write if bar is not None else log
+        if final:  # the last step's validation may take a while: say what runs
+            n = len(eval_starts(len(self.val_tokens), self.config.block_size,
+                                s.final_eval_windows))
+            say(f"step {self.step}: final validation over {n:,} windows, then the train "
+                f"loss over {s.eval_windows:,}")
         val = self.evaluate(self.val_tokens, s.final_eval_windows if final else s.eval_windows)
         if not math.isfinite(val["loss"]):
             raise self._diverged(f"validation loss {val['loss']}")
         self.history["val"].append([self.step, val["loss"]])
         msg = (f"step {self.step}: train loss {loss:.4f}, val loss {val['loss']:.4f} nats/token, "
                f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.4f} bits/char")
-        (bar.write if bar is not None else log)(msg)
+        say(msg)
         result = None
         if final:
             result = {"step": self.step, "wall_seconds": round(time.perf_counter() - t_start, 1),

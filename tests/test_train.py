@@ -39,6 +39,19 @@ def test_resume_continues_exactly(corpus_path, tmp_path, dropout):
     assert once.meta["history"]["train"] == twice.meta["history"]["train"]
 
 
+def test_the_final_validation_is_announced(corpus_path, tmp_path):
+    """The last step's validation (the whole split by default) is said before it runs, with
+    its window count, so a long final evaluation is not a silent pause."""
+    lines = []
+    args = train.build_parser().parse_args(["--data", str(corpus_path), "--out", str(tmp_path / "r"),
+                                            *TINY, "--steps", "4", "--eval-interval", "2"])
+    train.run(args, log=lambda *a: lines.append(" ".join(map(str, a))))
+    said = [i for i, line in enumerate(lines) if "final validation" in line]
+    assert len(said) == 1, lines
+    assert lines[said[0]] == "step 4: final validation over 8 windows, then the train loss over 4"
+    assert lines[said[0] + 1].startswith("step 4: train loss"), lines
+
+
 def test_resume_keeps_the_runs_own_settings(corpus_path, tmp_path, capsys):
     """--resume with only --steps: every optimization and evaluation setting is the run's own
     (non-default --warmup, --lr, --batch-size, ...), so the losses equal one uninterrupted run
