@@ -58,7 +58,7 @@ import numpy as np
 import safetensors.numpy
 
 from . import hf
-from .config import GPTConfig, SizeError, check_memory, format_bytes
+from .config import GPTConfig, SizeError, check_memory, format_bytes, is_int
 from .fileio import fsync_dir, read_json, save_json_atomic, write_bytes_atomic  # noqa: F401 (re-exported)
 from .rundir import TMP_SUFFIX, DirectoryLock, probe_write, readable, recover, swap_in, temporary
 from .tensors import Layout, check_tensors, optimizer_layout, tensor_layout
@@ -183,7 +183,7 @@ def _tensor_entries(header: dict, data_bytes: int, path) -> list[tuple[str, np.d
         try:
             dtype = np.dtype(_SAFETENSORS_DTYPES[t["dtype"]])
             shape, (begin, end) = tuple(t["shape"]), t["data_offsets"]
-            ok = all(_is_int(n) and n >= 0 for n in (*shape, begin, end))
+            ok = all(is_int(n) and n >= 0 for n in (*shape, begin, end))
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
@@ -609,7 +609,7 @@ def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:
         state_path = directory / TRAIN_STATE_FILE
         files.exists(TRAIN_STATE_FILE)
         train_state = load_json(state_path)
-        if not isinstance(train_state, dict) or not _is_int(train_state.get("step")) \
+        if not isinstance(train_state, dict) or not is_int(train_state.get("step")) \
                 or train_state["step"] < 0:
             raise CheckpointError(f'{state_path}: must be a JSON object with an integer "step" '
                                   f'>= 0')
@@ -620,10 +620,6 @@ def _load(directory: Path, dtype, layout, optimizer: bool) -> Checkpoint:
             "v": {name: moments["v." + name] for name in params},
         }
     return Checkpoint(params, config, tokenizer, optimizer_state, meta, directory)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _SealedFiles:

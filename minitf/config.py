@@ -15,6 +15,7 @@ when it exceeds this machine's memory (`memory_limit`).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,16 @@ class SizeError(ValueError):
     """A size that minitf refuses before allocating anything."""
 
 
+def is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool (True is a mistake, not a 1), a float or NaN."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (Python or numpy, NaN and inf included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class Rule(NamedTuple):
     """What one setting allows, written once: the Python API raises with it
     (`f"top_p={v!r} is not allowed: it must be {rule.allowed}"`) and the command line's flag
@@ -49,6 +60,10 @@ class Rule(NamedTuple):
 
     allows: Callable[[object], bool]
     allowed: str
+
+
+# GPTConfig.dropout, and minitf.train's --dropout (minitf.cli.ruled)
+DROPOUT = Rule(lambda v: is_real(v) and 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def num_params(config: GPTConfig) -> int:
@@ -108,9 +123,8 @@ class GPTConfig:
         if not (isinstance(self.layer_norm_eps, float) and 0 < self.layer_norm_eps < 1):
             raise ValueError(f"config layer_norm_eps={self.layer_norm_eps!r} must be a finite "
                              f"float in (0, 1) (GPT-2: 1e-05)")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config dropout={self.dropout!r} must be a number in [0, 1)")
+        if not DROPOUT.allows(self.dropout):
+            raise ValueError(f"config dropout={self.dropout!r} must be {DROPOUT.allowed}")
 
     @property
     def d_head(self) -> int:

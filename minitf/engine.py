@@ -59,7 +59,7 @@ import numpy as np
 
 from . import kernels
 from .checkpoint import load_checkpoint
-from .config import GPTConfig, check_memory
+from .config import GPTConfig, check_memory, is_int
 from .kernels import get_backend, layout
 from .kernels._threads import kernel_threads
 from .kernels.numpy_ref import dequantize_rows
@@ -285,7 +285,7 @@ class Engine:
         """ValueError unless `keep` (the tokens context_mode 'shift' keeps) is an integer in
         [1, block_size]; the message names `what` (e.g. "--keep")."""
         B = self.config.block_size
-        if not _is_int(keep) or not 1 <= keep <= B:
+        if not is_int(keep) or not 1 <= keep <= B:
             raise ValueError(f"{what}={keep!r} must be an integer in [1, {B}] (block_size)")
 
     def reserve(self, rows: int) -> None:
@@ -393,7 +393,7 @@ class Engine:
 
     def _check_id(self, token) -> int:
         """One token id as a Python int, checked to be in [0, V)."""
-        if not _is_int(token):  # a sampler's float, NaN included, is never truncated
+        if not is_int(token):  # a sampler's float, NaN included, is never truncated
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {token!r}, "
                              f"which is not an integer")
         t = int(token)
@@ -559,7 +559,7 @@ class Engine:
                                  if len(prompts) > 1 else "generate needs a prompt of at least one token")
             windows.append(ids[-B:])  # what the row's cache holds
         for n in budgets:
-            if not _is_int(n) or n < 0:
+            if not is_int(n) or n < 0:
                 raise ValueError(f"max_new_tokens={n!r} must be an integer >= 0")
         if context_mode not in CONTEXT_MODES:
             raise ValueError(f"context_mode={context_mode!r} is not one of {CONTEXT_MODES}")
@@ -635,11 +635,6 @@ class Engine:
                 stats.decode_s += clock() - t
                 stats.decode_steps += 1
                 stats.decode_tokens += len(decode)
-
-
-def _is_int(value) -> bool:
-    """An integer (Python or numpy), not a bool, a float or a NaN."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _short(value) -> str:

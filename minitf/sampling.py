@@ -25,11 +25,10 @@ token); NaN, +inf, or every token -inf is a ValueError that names the positions.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from .config import Rule
+from .config import Rule, is_int, is_real
 from .kernels.numpy_ref import softmax
 
 # "Reaches p" is tested with this much slack. The float64 prefix sums of V probabilities
@@ -50,15 +49,6 @@ _TOP_P_CANDIDATES = 64
 # validation
 
 
-def _is_real(value) -> bool:
-    # bool is an int subclass, but temperature=True is a mistake, not a number.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _positions(mask: np.ndarray, limit: int = 10) -> str:
     """Indices where `mask` is True, as "[i, j, ...]" with at most `limit` shown."""
     idx = np.flatnonzero(mask)
@@ -70,10 +60,10 @@ def _positions(mask: np.ndarray, limit: int = 10) -> str:
 # The rules of the sampling settings, each written once: validate_sampling (the Python API)
 # and generate's flags (--temperature, --top-k, --top-p) apply these.
 # `not (0 < p <= 1)` is also True for NaN; the finite check refuses inf and NaN.
-TEMPERATURE = Rule(lambda v: _is_real(v) and math.isfinite(v) and v >= 0,
+TEMPERATURE = Rule(lambda v: is_real(v) and math.isfinite(v) and v >= 0,
                    "a finite number >= 0 (0 means greedy decoding)")
-TOP_K = Rule(lambda v: _is_int(v) and v >= 0, "0 (no top-k filtering) or a positive integer")
-TOP_P = Rule(lambda v: _is_real(v) and 0 < v <= 1,
+TOP_K = Rule(lambda v: is_int(v) and v >= 0, "0 (no top-k filtering) or a positive integer")
+TOP_P = Rule(lambda v: is_real(v) and 0 < v <= 1,
              "a number in (0, 1] (1 means no nucleus filtering)")
 
 
@@ -100,7 +90,7 @@ def validate_sampling(temperature, top_k=None, top_p=None, vocab_size=None) -> N
         raise ValueError(f"top_k={top_k!r} is not allowed: it must be None or {TOP_K.allowed}")
     if top_p is not None and not TOP_P.allows(top_p):
         raise ValueError(f"top_p={top_p!r} is not allowed: it must be None or {TOP_P.allowed}")
-    if vocab_size is not None and (not _is_int(vocab_size) or vocab_size < 1):
+    if vocab_size is not None and (not is_int(vocab_size) or vocab_size < 1):
         raise ValueError(f"vocab_size={vocab_size!r} is not allowed: it must be a positive integer")
 
 
@@ -357,7 +347,7 @@ def sample_token(probs, coin) -> int:
     total = float(p.sum(dtype=np.float64))
     if abs(total - 1.0) > _PROBS_SUM_ATOL:
         raise ValueError(f"probs must sum to 1 (within {_PROBS_SUM_ATOL}), but sum to {total!r}")
-    if not _is_real(coin) or not (0 <= coin < 1):
+    if not is_real(coin) or not (0 <= coin < 1):
         raise ValueError(f"coin={coin!r} is not allowed: it must be a number in [0, 1)")
     return _draw(p, float(coin))
 
@@ -472,7 +462,7 @@ class Sampler:
 
     def __init__(self, temperature=1.0, top_k=None, top_p=0.9, seed=None):
         validate_sampling(temperature, top_k, top_p)
-        if seed is not None and (not _is_int(seed) or seed < 0):
+        if seed is not None and (not is_int(seed) or seed < 0):
             raise ValueError(f"seed={seed!r} is not allowed: it must be None or an integer >= 0")
         self.temperature = temperature
         self.top_k = top_k

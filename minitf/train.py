@@ -28,20 +28,19 @@ checks the flags, and reports.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shlex
 import sys
 import warnings
 from pathlib import Path
 
 from .cli import (Parser, add_backend_argument, add_data_argument, bpe_vocab_size, fail, guarded,
-                  nonneg_int, path_argument, positive_int, prog_name)
-from .config import PRESETS, GPTConfig
+                  path_argument, positive_int, prog_name, ruled)
+from .config import DROPOUT, PRESETS, GPTConfig
 from .dataset import load_dataset, tokenizer_kind
 from .distributed import MPIUnavailable, World, abort_on, world
 from .kernels import get_backend
 from .threads import set_threads
-from .trainer import REQUIRABLE, Diverged, Interrupted, Trainer, TrainSettings
+from .trainer import REQUIRABLE, SETTING_RULES, Diverged, Interrupted, Trainer, TrainSettings
 
 DEFAULTS = TrainSettings()
 # what a new run takes for the flags that a checkpoint fixes (see build_parser)
@@ -52,21 +51,21 @@ NEW_RUN = {"tokenizer": "char", "vocab_size": 1024, "preset": "default", "seed":
 # the optimization and evaluation flags, (TrainSettings field, type, what it sets), by group
 RUN_FLAGS = {
     "optimization": [
-        ("steps", nonneg_int, "total optimizer steps"),
-        ("batch_size", positive_int, "windows per step"),
+        ("steps", int, "total optimizer steps"),
+        ("batch_size", int, "windows per step"),
         ("lr", float, "peak learning rate"),
         ("min_lr", float, "learning rate at the end of the cosine decay"),
-        ("warmup", nonneg_int, "linear warmup steps"),
-        ("decay_steps", nonneg_int, "step where the cosine decay reaches --min-lr"),
+        ("warmup", int, "linear warmup steps"),
+        ("decay_steps", int, "step where the cosine decay reaches --min-lr"),
         ("weight_decay", float, "AdamW decoupled weight decay, 2-D weights only"),
         ("beta1", float, "AdamW beta1"),
         ("beta2", float, "AdamW beta2"),
         ("grad_clip", float, "global-norm gradient clipping, 0: off"),
     ],
     "evaluation and output": [
-        ("eval_interval", positive_int, "validate and checkpoint every N steps"),
-        ("eval_windows", positive_int, "validation windows during training"),
-        ("final_eval_windows", positive_int, "validation windows at the last step"),
+        ("eval_interval", int, "validate and checkpoint every N steps"),
+        ("eval_windows", int, "validation windows during training"),
+        ("final_eval_windows", int, "validation windows at the last step"),
     ],
 }
 
@@ -106,9 +105,10 @@ def build_parser() -> Parser:
         for name, kind, what in flags:
             default = {"decay_steps": "--steps", "final_eval_windows": "the whole split"}.get(
                 name, getattr(d, name))
-            g.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+            g.add_argument("--" + name.replace("_", "-"), type=ruled(kind, SETTING_RULES[name]),
+                           default=None,
                            help=f"{what} (default: {default}; on --resume, the run's)")
-    g.add_argument("--seed", type=nonneg_int, default=None,
+    g.add_argument("--seed", type=ruled(int, SETTING_RULES["seed"]), default=None,
                    help=f"seed for initialisation, batches and dropout masks (default: {d.seed}; "
                         f"on --resume, the checkpoint's random state continues)")
     g.add_argument("--dtype", default=None, choices=("float32", "float64"),
@@ -119,7 +119,7 @@ def build_parser() -> Parser:
                    help="also keep the checkpoint of the best validation loss in OUT/best "
                         "(its step in OUT/best/meta.json) (default: off; on --resume, the run's)")
     g = p.add_argument_group("regularization and speed")
-    g.add_argument("--dropout", type=float, default=None,
+    g.add_argument("--dropout", type=ruled(float, DROPOUT), default=None,
                    help="dropout probability where GPT-2 has it (embedding, attention weights, "
                         "residual branches), training only (default: 0.0; on --resume, the "
                         "run's own)")
@@ -129,31 +129,16 @@ def build_parser() -> Parser:
 
 
 def validate(parser: Parser, args) -> None:
-    """Check the flags given (a resumed run's own values are checked by its Trainer)."""
+    """Check the flags given against each other (each flag's own range is its type's,
+    SETTING_RULES; a resumed run's own values are checked by its Trainer)."""
     if args.vocab_size is not None and args.tokenizer == "char":
         fail(parser, f"--vocab-size {args.vocab_size} applies to --tokenizer bpe only (a char "
                      f"vocabulary is the text's characters)")
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            fail(parser, f"--{name.replace('_', '-')} {value} must be a finite number")
-    if args.lr is not None and not args.lr > 0:
-        fail(parser, f"--lr {args.lr} must be a finite number > 0")
     lr = args.lr if args.lr is not None else DEFAULTS.lr
-    if args.min_lr is not None and not 0 <= args.min_lr <= lr:
+    if args.min_lr is not None and not args.min_lr <= lr:
         fail(parser, f"--min-lr {args.min_lr} must be in [0, --lr={lr}]")
     if args.min_lr is None and not args.resume and lr < DEFAULTS.min_lr:
         fail(parser, f"--lr {lr} is below the default --min-lr {DEFAULTS.min_lr}: give --min-lr too")
-    for name in ("beta1", "beta2"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
-            fail(parser, f"--{name} {getattr(args, name)} must be in [0, 1)")
-    if args.weight_decay is not None and not args.weight_decay >= 0:
-        fail(parser, f"--weight-decay {args.weight_decay} must be >= 0")
-    if args.grad_clip is not None and not args.grad_clip >= 0:
-        fail(parser, f"--grad-clip {args.grad_clip} must be >= 0 (0 turns clipping off)")
-    if args.dropout is not None:
-        if not 0 <= args.dropout < 1:
-            fail(parser, f"--dropout {args.dropout} must be in [0, 1)")
 
 
 def check_dataset_flags(parser: Parser, args) -> None:

@@ -39,13 +39,14 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .checkpoint import (CheckpointError, check_writable, is_checkpoint, load_checkpoint,
                          recover_checkpoint, save_checkpoint)
-from .config import PRESETS, GPTConfig, check_memory, num_params
+from .config import PRESETS, GPTConfig, Rule, check_memory, is_int, is_real, num_params
 from .data import batch_rows, get_batch
 from .dataset import Data, load_data
 from .distributed import World
@@ -118,33 +119,51 @@ class TrainSettings:
     keep_best: bool = False  # also keep the checkpoint of the best validation in out/best
 
     def __post_init__(self):
-        """ValueError naming the first field of a wrong type or out of its range."""
-        def integer(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+        """ValueError naming the first field of a wrong type or out of its range
+        (SETTING_RULES), or min_lr above lr."""
+        for name, rule in SETTING_RULES.items():
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_SETTINGS:
+                continue
+            if not rule.allows(value):
+                raise ValueError(f"{name}={value!r} is not allowed: it must be {rule.allowed}")
+            if is_real(value):  # numpy numbers too: the run's meta.json records Python ones
+                object.__setattr__(self, name, int(value) if is_int(value) else float(value))
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must be at most lr={self.lr}")
 
-        def number(v):
-            return (integer(v) or isinstance(v, float)) and math.isfinite(v)
 
-        low = {"steps": 0, "batch_size": 1, "warmup": 0, "decay_steps": 0, "eval_interval": 1,
-               "eval_windows": 1, "final_eval_windows": 1, "seed": 0, "threads": 1}
-        for name, least in low.items():
-            v = getattr(self, name)
-            if not (v is None and name in ("decay_steps", "final_eval_windows", "threads")
-                    or integer(v) and v >= least):
-                raise ValueError(f"{name}={v!r} must be an integer >= {least}")
-        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
-            if not number(getattr(self, name)):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"lr={self.lr} must be > 0 and min_lr={self.min_lr} in [0, lr]")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)")
-        if not (self.weight_decay >= 0 and self.grad_clip >= 0):
-            raise ValueError(f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip} "
-                             f"must be >= 0")
-        if self.dtype not in ("float32", "float64") or not isinstance(self.keep_best, bool):
-            raise ValueError(f"dtype={self.dtype!r} must be float32 or float64, keep_best="
-                             f"{self.keep_best!r} true or false")
+def _int_at_least(low: int) -> Rule:
+    return Rule(lambda v: is_int(v) and v >= low, f"an integer >= {low}")
+
+
+def _finite(test: Callable[[float], bool], allowed: str) -> Rule:
+    return Rule(lambda v: is_real(v) and math.isfinite(v) and test(v), f"a finite number {allowed}")
+
+
+# What each TrainSettings field allows, written once: TrainSettings checks its fields with
+# these, and minitf.train's flags with the same (minitf.cli.ruled).
+SETTING_RULES = {
+    "steps": _int_at_least(0),
+    "batch_size": _int_at_least(1),
+    "lr": _finite(lambda v: v > 0, "> 0"),
+    "min_lr": _finite(lambda v: v >= 0, ">= 0 (at most lr)"),
+    "warmup": _int_at_least(0),
+    "decay_steps": _int_at_least(0),
+    "weight_decay": _finite(lambda v: v >= 0, ">= 0"),
+    "beta1": _finite(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": _finite(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": _finite(lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "eval_interval": _int_at_least(1),
+    "eval_windows": _int_at_least(1),
+    "final_eval_windows": _int_at_least(1),
+    "seed": _int_at_least(0),
+    "dtype": Rule(lambda v: v in ("float32", "float64"), "float32 or float64"),
+    "threads": _int_at_least(1),
+    "keep_best": Rule(lambda v: isinstance(v, bool), "True or False"),
+}
+# the fields that may be None (see TrainSettings)
+OPTIONAL_SETTINGS = ("decay_steps", "final_eval_windows", "threads")
 
 
 class StepThreads:

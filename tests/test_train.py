@@ -95,6 +95,33 @@ def test_the_python_api_trains_as_the_command_does(corpus_path, tmp_path):
     assert load_checkpoint(tmp_path / "api").optimizer_state["step"] == 6
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("steps", -1, "steps=-1 is not allowed: it must be an integer >= 0"),
+    ("batch_size", 2.0, "batch_size=2.0 is not allowed: it must be an integer >= 1"),
+    ("lr", float("inf"), "lr=inf is not allowed: it must be a finite number > 0"),
+    ("beta1", 1.0, "beta1=1.0 is not allowed: it must be a finite number in [0, 1)"),
+    ("keep_best", 1, "keep_best=1 is not allowed: it must be True or False"),
+    ("dtype", "float16", "dtype='float16' is not allowed: it must be float32 or float64"),
+    ("min_lr", 0.5, "min_lr=0.5 must be at most lr=0.001"),
+])
+def test_train_settings_refuse_a_bad_field_by_name(field, value, message):
+    from minitf.trainer import TrainSettings
+
+    with pytest.raises(ValueError) as e:
+        TrainSettings(**{field: value})
+    assert str(e.value) == message
+
+
+def test_train_settings_take_numpy_numbers_as_python_ones():
+    """A numpy integer or float is allowed and stored as the Python number the run's
+    meta.json records."""
+    from minitf.trainer import TrainSettings
+
+    s = TrainSettings(steps=np.int64(5), lr=np.float32(0.5), min_lr=0)
+    assert type(s.steps) is int and s.steps == 5 and type(s.lr) is float and s.lr == 0.5
+    json.dumps(dataclasses.asdict(s))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path, monkeypatch, capsys):
     from minitf.model import GPT
 
@@ -118,15 +145,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--lr", "-1"], "--lr -1.0 must be a finite number > 0"),
+    (["--lr", "-1"], "argument --lr: -1 is not allowed: it must be a finite number > 0"),
+    (["--lr", "nan"], "argument --lr: nan is not allowed: it must be a finite number > 0"),
+    (["--min-lr", "0.01"], "--min-lr 0.01 must be in [0, --lr=0.003]"),
+    (["--beta2", "1"], "argument --beta2: 1 is not allowed: it must be a finite number in [0, 1)"),
     (["--n-head", "7"], "d_model=16 is not divisible by n_head=7"),
-    (["--steps", "-3"], "-3 must be >= 0"),
+    (["--steps", "-3"], "argument --steps: -3 is not allowed: it must be an integer >= 0"),
+    (["--eval-windows", "many"], "argument --eval-windows: 'many' is not allowed: it must be an integer >= 1"),
     (["--tokenizer", "word"], "invalid choice: 'word'"),
-    (["--dropout", "1.5"], "--dropout 1.5 must be in [0, 1)"),
+    (["--dropout", "1.5"], "argument --dropout: 1.5 is not allowed: it must be a number in [0, 1)"),
     (["--backend", "fortran"], "unknown kernel backend 'fortran'"),
     (["--tokenizer", "bpe", "--vocab-size", "99999999999"],
      "argument --vocab-size: 99999999999 must be in [256, 16777216]"),
-    (["--seed", "-5"], "argument --seed: -5 must be >= 0"),
+    (["--seed", "-5"], "argument --seed: -5 is not allowed: it must be an integer >= 0"),
     (["--tokenizer", "char", "--vocab-size", "500"], "--vocab-size 500 applies to --tokenizer bpe only"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(corpus_path, tmp_path, flags, message):
