@@ -74,6 +74,7 @@ import warnings
 from functools import partial
 from pathlib import Path
 
+import minitf  # noqa: F401 (before numpy: minitf sets OpenBLAS's idle spin as its commands run it)
 import numpy as np
 
 # measures the installed minitf (a checkout: `pip install -e .`); `python -m minitf.kernels`

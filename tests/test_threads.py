@@ -150,3 +150,21 @@ def test_set_threads_sets_the_kernels_and_refuses_bad_counts():
         with pytest.raises(ValueError, match="threads="):
             set_threads(bad)
     assert kernel_threads() == 1
+
+
+@pytest.mark.parametrize("given,expected", [(None, "18"), ("25", "25")])
+def test_importing_minitf_shortens_the_blas_threads_spin_unless_set(given, expected):
+    """minitf, imported before numpy (as its commands are), asks OpenBLAS's idle threads to
+    spin 2^18 cycles rather than 2^28 (minitf/__init__.py), before numpy loads OpenBLAS;
+    a value the user set is kept."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = ("import sys, minitf, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'], "
+            "'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [expected, "True"]
