@@ -131,13 +131,18 @@ def build_parser() -> Parser:
 def validate(parser: Parser, args) -> None:
     """Check the flags given against each other (each flag's own range is its type's,
     SETTING_RULES; a resumed run's own values are checked by its Trainer)."""
-    if args.vocab_size is not None and args.tokenizer == "char":
+    # the tokenizer of the run: given, else a new run's default (a dataset folder's own and a
+    # resumed run's are checked by check_dataset_flags and the Trainer)
+    folder = args.data is not None and Path(args.data).is_dir()
+    tokenizer = args.tokenizer or (None if args.resume or folder else NEW_RUN["tokenizer"])
+    if args.vocab_size is not None and tokenizer == "char":
         fail(parser, f"--vocab-size {args.vocab_size} applies to --tokenizer bpe only (a char "
                      f"vocabulary is the text's characters)")
-    lr = args.lr if args.lr is not None else DEFAULTS.lr
-    if args.min_lr is not None and not args.min_lr <= lr:
+    # a resumed run's --min-lr without --lr is checked against the run's own lr (TrainSettings)
+    lr = args.lr if args.lr is not None else None if args.resume else DEFAULTS.lr
+    if args.min_lr is not None and lr is not None and not args.min_lr <= lr:
         fail(parser, f"--min-lr {args.min_lr} must be in [0, --lr={lr}]")
-    if args.min_lr is None and not args.resume and lr < DEFAULTS.min_lr:
+    if args.min_lr is None and lr is not None and not args.resume and lr < DEFAULTS.min_lr:
         fail(parser, f"--lr {lr} is below the default --min-lr {DEFAULTS.min_lr}: give --min-lr too")
 
 

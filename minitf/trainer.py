@@ -352,7 +352,12 @@ class Trainer:
             OSError: `out` cannot be written, or has no room for one checkpoint.
             minitf.config.SizeError: training would need more memory than the machine has.
             ValueError: a bad tokenizer kind or size.
+            TypeError: `settings` is not a TrainSettings or `config` not a GPTConfig.
         """
+        if not isinstance(settings, TrainSettings) or not isinstance(config, GPTConfig):
+            raise TypeError(f"Trainer.start: settings must be a TrainSettings and config a "
+                            f"GPTConfig, got {type(settings).__name__} and "
+                            f"{type(config).__name__}")
         out = Path(out)
         world = kwargs.get("world", World())
         with _rank_zero_first(world, out) as root:
@@ -405,13 +410,22 @@ class Trainer:
             if kwargs.get("record") is not None:  # meta.json records what the run is, not None
                 kwargs["record"] = {**kwargs["record"], **{
                     k: v for k, v in stored.items() if kwargs["record"].get(k, 0) is None}}
+            given = settings if isinstance(settings, TrainSettings) else settings or {}
+            decay_given = (given.decay_steps if isinstance(given, TrainSettings)
+                           else given.get("decay_steps")) is not None
             if not isinstance(settings, TrainSettings):
-                settings = _resumed_settings(out, first, settings or {})
+                settings = _resumed_settings(out, first, given)
             settings = dataclasses.replace(settings, dtype=stored_dtype)
             if settings.decay_steps is None:
                 # continue the first run's schedule: its cosine ended where that run's steps did
                 decay_steps = first.get("decay_steps") or first.get("steps")
                 settings = dataclasses.replace(settings, decay_steps=decay_steps)
+            past = max(int(ckpt.optimizer_state["step"]), settings.decay_steps)
+            if not decay_given and settings.steps > past:
+                warnings.warn(f"steps {past + 1} to {settings.steps} run past the run's cosine "
+                              f"decay, which ends at step {settings.decay_steps}, at --min-lr "
+                              f"{settings.min_lr}; give --decay-steps to stretch the decay",
+                              SettingChanged, stacklevel=2)
             _check_resources(out, ckpt.config, settings, root)
             splits = load_data(data, ckpt.tokenizer)
             return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, splits, settings,
@@ -601,13 +615,16 @@ class Trainer:
             raise self._diverged(f"weights {bad[:3]} became NaN or inf")
         say = bar.write if bar is not None else log
         if final:  # the last step's validation may take a while: say what runs
-            n = len(eval_starts(len(self.val_tokens), self.config.block_size,
-                                s.final_eval_windows))
-            say(f"step {self.step}: final validation over {n:,} windows, then the train "
-                f"loss over {s.eval_windows:,}")
+            n_val, n_train = (len(eval_starts(len(tokens), self.config.block_size, windows))
+                              for tokens, windows in ((self.val_tokens, s.final_eval_windows),
+                                                      (self.train_tokens, s.eval_windows)))
+            say(f"step {self.step}: final validation over {n_val:,} windows, then the train "
+                f"loss over {n_train:,}")
         val = self.evaluate(self.val_tokens, s.final_eval_windows if final else s.eval_windows)
-        if not math.isfinite(val["loss"]):
-            raise self._diverged(f"validation loss {val['loss']}")
+        # a loss past ~709 nats/token (e^loss overflows; a uniform guess over the vocabulary
+        # is ln V, under 22) is divergence too, and its perplexity could not be recorded
+        if not math.isfinite(val["perplexity"]):
+            raise self._diverged(f"validation loss {val['loss']:.4g} nats/token")
         self.history["val"].append([self.step, val["loss"]])
         msg = (f"step {self.step}: train loss {loss:.4f}, val loss {val['loss']:.4f} nats/token, "
                f"perplexity {val['perplexity']:.2f}, {val['bits_per_char']:.4f} bits/char")

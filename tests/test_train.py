@@ -71,9 +71,14 @@ def test_resume_keeps_the_runs_own_settings(corpus_path, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at step 8 already; no step ran" in err[0], err
     assert train.main([*bare, "--steps", "10", "--lr", "0.005"]) == 0
-    err = capsys.readouterr().err
-    assert "--lr 0.005 replaces the run's 0.003" in err and err.count("\n") == 1, err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--lr 0.005 replaces the run's 0.003" in err[0], err
+    # the run's cosine ended at its --decay-steps 8: steps 9 and 10 run at --min-lr, said
+    assert "steps 9 to 10 run past the run's cosine decay, which ends at step 8" in err[1], err
     assert load_checkpoint(tmp_path / "twice").meta["args"]["lr"] == 0.005
+    # --min-lr alone is checked against the run's own --lr (0.005 now), not the default
+    assert train.main([*bare, "--steps", "11", "--decay-steps", "11", "--min-lr", "0.002"]) == 0
+    assert load_checkpoint(tmp_path / "twice").meta["args"]["min_lr"] == 0.002
 
 
 def test_the_python_api_trains_as_the_command_does(corpus_path, tmp_path):
@@ -110,6 +115,17 @@ def test_train_settings_refuse_a_bad_field_by_name(field, value, message):
     with pytest.raises(ValueError) as e:
         TrainSettings(**{field: value})
     assert str(e.value) == message
+
+
+def test_trainer_start_refuses_settings_that_are_not_train_settings(corpus_path, tmp_path):
+    from minitf.config import PRESETS
+    from minitf.trainer import Trainer, TrainSettings
+
+    with pytest.raises(TypeError, match="settings must be a TrainSettings and config a GPTConfig, got dict"):
+        Trainer.start(tmp_path / "x", corpus_path, {"steps": 3}, PRESETS["tiny"])
+    with pytest.raises(TypeError, match="got TrainSettings and str"):
+        Trainer.start(tmp_path / "x", corpus_path, TrainSettings(), "tiny")
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_settings_take_numpy_numbers_as_python_ones():
@@ -159,6 +175,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
      "argument --vocab-size: 99999999999 must be in [256, 16777216]"),
     (["--seed", "-5"], "argument --seed: -5 is not allowed: it must be an integer >= 0"),
     (["--tokenizer", "char", "--vocab-size", "500"], "--vocab-size 500 applies to --tokenizer bpe only"),
+    (["--vocab-size", "500"], "--vocab-size 500 applies to --tokenizer bpe only"),  # char: the default
 ])
 def test_bad_flags_give_one_line_and_exit_2(corpus_path, tmp_path, flags, message):
     proc = subprocess.run(
@@ -272,11 +289,16 @@ def test_never_deletes_or_overwrites_user_data(corpus_path, tmp_path):
     np.testing.assert_array_equal(load_checkpoint(tmp_path / "run").params["wte"], before)
 
 
-def test_divergence_from_a_huge_learning_rate_is_reported(corpus_path, tmp_path, capsys):
+@pytest.mark.parametrize("lr", ["1e30", "1000"], ids=["nan", "finite-but-huge"])
+def test_divergence_from_a_huge_learning_rate_is_reported(corpus_path, tmp_path, capsys, lr):
+    """lr 1e30 makes the weights NaN; lr 1000 leaves them finite with a validation loss far
+    past what a perplexity can hold (e^loss overflows past ~709 nats): both are divergence,
+    exit 1, the last good checkpoint kept."""
     out = tmp_path / "div"
     assert train.main(["--data", str(corpus_path), "--out", str(out), *TINY, "--steps", "2", "--eval-interval", "2"]) == 0
     code = train.main(["--data", str(corpus_path), "--out", str(out), *TINY, "--steps", "12", "--eval-interval", "2",
-                       "--lr", "1e30", "--min-lr", "0", "--resume"])
+                       "--lr", lr, "--min-lr", "0", "--decay-steps", "12", "--resume"])
     assert code == 1
-    assert "training diverged at step" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "training diverged at step" in err and "the last good checkpoint (step 2) is kept" in err, err
     assert np.all(np.isfinite(load_checkpoint(out).params["wte"]))  # the last good one
