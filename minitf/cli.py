@@ -26,6 +26,7 @@ import errno
 import functools
 import io
 import os
+import re
 import sys
 import warnings
 from typing import Callable, NoReturn
@@ -69,6 +70,11 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(**kwargs)
+        # a flag's value that starts with "-" is taken for a value, so that its check names
+        # it, when it is a number: argparse's own pattern knows -3 and -0.5, not -1e-3, -inf
+        # or -nan ("expected one argument"). No minitf flag looks like a number.
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)

@@ -420,14 +420,14 @@ class Trainer:
                 # continue the first run's schedule: its cosine ended where that run's steps did
                 decay_steps = first.get("decay_steps") or first.get("steps")
                 settings = dataclasses.replace(settings, decay_steps=decay_steps)
+            _check_resources(out, ckpt.config, settings, root)
+            splits = load_data(data, ckpt.tokenizer)
             past = max(int(ckpt.optimizer_state["step"]), settings.decay_steps)
-            if not decay_given and settings.steps > past:
+            if not decay_given and settings.steps > past:  # said once the run can go on
                 warnings.warn(f"steps {past + 1} to {settings.steps} run past the run's cosine "
                               f"decay, which ends at step {settings.decay_steps}, at --min-lr "
                               f"{settings.min_lr}; give --decay-steps to stretch the decay",
                               SettingChanged, stacklevel=2)
-            _check_resources(out, ckpt.config, settings, root)
-            splits = load_data(data, ckpt.tokenizer)
             return cls(out, ckpt.config, ckpt.tokenizer, ckpt.params, splits, settings,
                        state=ckpt.optimizer_state, history=history, **kwargs)
 

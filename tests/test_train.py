@@ -163,6 +163,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path, tmp_path
 @pytest.mark.parametrize("flags,message", [
     (["--lr", "-1"], "argument --lr: -1 is not allowed: it must be a finite number > 0"),
     (["--lr", "nan"], "argument --lr: nan is not allowed: it must be a finite number > 0"),
+    (["--lr", "-inf"], "argument --lr: -inf is not allowed: it must be a finite number > 0"),
+    (["--min-lr", "-1e-3"], "argument --min-lr: -1e-3 is not allowed: it must be a finite number >= 0"),
     (["--min-lr", "0.01"], "--min-lr 0.01 must be in [0, --lr=0.003]"),
     (["--beta2", "1"], "argument --beta2: 1 is not allowed: it must be a finite number in [0, 1)"),
     (["--n-head", "7"], "d_model=16 is not divisible by n_head=7"),
