@@ -619,7 +619,7 @@ class Trainer:
                               for tokens, windows in ((self.val_tokens, s.final_eval_windows),
                                                       (self.train_tokens, s.eval_windows)))
             say(f"step {self.step}: final validation over {n_val:,} windows, then the train "
-                f"loss over {n_train:,}")
+                f"split's loss over {n_train:,} (in the result line)")
         val = self.evaluate(self.val_tokens, s.final_eval_windows if final else s.eval_windows)
         # a loss past ~709 nats/token (e^loss overflows; a uniform guess over the vocabulary
         # is ln V, under 22) is divergence too, and its perplexity could not be recorded

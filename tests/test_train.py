@@ -48,7 +48,8 @@ def test_the_final_validation_is_announced(corpus_path, tmp_path):
     train.run(args, log=lambda *a: lines.append(" ".join(map(str, a))))
     said = [i for i, line in enumerate(lines) if "final validation" in line]
     assert len(said) == 1, lines
-    assert lines[said[0]] == "step 4: final validation over 8 windows, then the train loss over 4"
+    assert lines[said[0]] == ("step 4: final validation over 8 windows, then the train split's loss "
+                              "over 4 (in the result line)")
     assert lines[said[0] + 1].startswith("step 4: train loss"), lines
 
 
