@@ -15,6 +15,7 @@ when it exceeds this machine's memory (`memory_limit`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -60,6 +61,16 @@ class Rule(NamedTuple):
 
     allows: Callable[[object], bool]
     allowed: str
+
+
+def integer_at_least(low: int) -> Rule:
+    """The Rule "an integer >= low" (`is_int`)."""
+    return Rule(lambda v: is_int(v) and v >= low, f"an integer >= {low}")
+
+
+def finite_number(test: Callable[[float], bool], allowed: str) -> Rule:
+    """The Rule "a finite number `allowed`" (`is_real`, not NaN or inf, and `test`)."""
+    return Rule(lambda v: is_real(v) and math.isfinite(v) and test(v), f"a finite number {allowed}")
 
 
 # GPTConfig.dropout, and minitf.train's --dropout (minitf.cli.ruled)

@@ -24,11 +24,9 @@ token); NaN, +inf, or every token -inf is a ValueError that names the positions.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from .config import Rule, is_int, is_real
+from .config import Rule, finite_number, is_int, is_real
 from .kernels.numpy_ref import softmax
 
 # "Reaches p" is tested with this much slack. The float64 prefix sums of V probabilities
@@ -60,8 +58,7 @@ def _positions(mask: np.ndarray, limit: int = 10) -> str:
 # The rules of the sampling settings, each written once: validate_sampling (the Python API)
 # and generate's flags (--temperature, --top-k, --top-p) apply these.
 # `not (0 < p <= 1)` is also True for NaN; the finite check refuses inf and NaN.
-TEMPERATURE = Rule(lambda v: is_real(v) and math.isfinite(v) and v >= 0,
-                   "a finite number >= 0 (0 means greedy decoding)")
+TEMPERATURE = finite_number(lambda v: v >= 0, ">= 0 (0 means greedy decoding)")
 TOP_K = Rule(lambda v: is_int(v) and v >= 0, "0 (no top-k filtering) or a positive integer")
 TOP_P = Rule(lambda v: is_real(v) and 0 < v <= 1,
              "a number in (0, 1] (1 means no nucleus filtering)")

@@ -138,11 +138,12 @@ def validate(parser: Parser, args) -> None:
     if args.vocab_size is not None and tokenizer == "char":
         fail(parser, f"--vocab-size {args.vocab_size} applies to --tokenizer bpe only (a char "
                      f"vocabulary is the text's characters)")
-    # a resumed run's --min-lr without --lr is checked against the run's own lr (TrainSettings)
-    lr = args.lr if args.lr is not None else None if args.resume else DEFAULTS.lr
-    if args.min_lr is not None and lr is not None and not args.min_lr <= lr:
+    if args.lr is None and args.resume:
+        return  # a resumed run's --min-lr is checked against its own lr (TrainSettings)
+    lr = args.lr if args.lr is not None else DEFAULTS.lr
+    if args.min_lr is not None and not args.min_lr <= lr:
         fail(parser, f"--min-lr {args.min_lr} must be in [0, --lr={lr}]")
-    if args.min_lr is None and lr is not None and not args.resume and lr < DEFAULTS.min_lr:
+    if args.min_lr is None and not args.resume and lr < DEFAULTS.min_lr:
         fail(parser, f"--lr {lr} is below the default --min-lr {DEFAULTS.min_lr}: give --min-lr too")
 
 

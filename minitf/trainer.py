@@ -39,14 +39,14 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .checkpoint import (CheckpointError, check_writable, is_checkpoint, load_checkpoint,
                          recover_checkpoint, save_checkpoint)
-from .config import PRESETS, GPTConfig, Rule, check_memory, is_int, is_real, num_params
+from .config import (PRESETS, GPTConfig, Rule, check_memory, finite_number, integer_at_least, is_int,
+                     is_real, num_params)
 from .data import batch_rows, get_batch
 from .dataset import Data, load_data
 from .distributed import World
@@ -133,33 +133,25 @@ class TrainSettings:
             raise ValueError(f"min_lr={self.min_lr} must be at most lr={self.lr}")
 
 
-def _int_at_least(low: int) -> Rule:
-    return Rule(lambda v: is_int(v) and v >= low, f"an integer >= {low}")
-
-
-def _finite(test: Callable[[float], bool], allowed: str) -> Rule:
-    return Rule(lambda v: is_real(v) and math.isfinite(v) and test(v), f"a finite number {allowed}")
-
-
 # What each TrainSettings field allows, written once: TrainSettings checks its fields with
 # these, and minitf.train's flags with the same (minitf.cli.ruled).
 SETTING_RULES = {
-    "steps": _int_at_least(0),
-    "batch_size": _int_at_least(1),
-    "lr": _finite(lambda v: v > 0, "> 0"),
-    "min_lr": _finite(lambda v: v >= 0, ">= 0 (at most lr)"),
-    "warmup": _int_at_least(0),
-    "decay_steps": _int_at_least(0),
-    "weight_decay": _finite(lambda v: v >= 0, ">= 0"),
-    "beta1": _finite(lambda v: 0 <= v < 1, "in [0, 1)"),
-    "beta2": _finite(lambda v: 0 <= v < 1, "in [0, 1)"),
-    "grad_clip": _finite(lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
-    "eval_interval": _int_at_least(1),
-    "eval_windows": _int_at_least(1),
-    "final_eval_windows": _int_at_least(1),
-    "seed": _int_at_least(0),
+    "steps": integer_at_least(0),
+    "batch_size": integer_at_least(1),
+    "lr": finite_number(lambda v: v > 0, "> 0"),
+    "min_lr": finite_number(lambda v: v >= 0, ">= 0 (at most lr)"),
+    "warmup": integer_at_least(0),
+    "decay_steps": integer_at_least(0),
+    "weight_decay": finite_number(lambda v: v >= 0, ">= 0"),
+    "beta1": finite_number(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": finite_number(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": finite_number(lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "eval_interval": integer_at_least(1),
+    "eval_windows": integer_at_least(1),
+    "final_eval_windows": integer_at_least(1),
+    "seed": integer_at_least(0),
     "dtype": Rule(lambda v: v in ("float32", "float64"), "float32 or float64"),
-    "threads": _int_at_least(1),
+    "threads": integer_at_least(1),
     "keep_best": Rule(lambda v: isinstance(v, bool), "True or False"),
 }
 # the fields that may be None (see TrainSettings)
@@ -410,11 +402,11 @@ class Trainer:
             if kwargs.get("record") is not None:  # meta.json records what the run is, not None
                 kwargs["record"] = {**kwargs["record"], **{
                     k: v for k, v in stored.items() if kwargs["record"].get(k, 0) is None}}
-            given = settings if isinstance(settings, TrainSettings) else settings or {}
-            decay_given = (given.decay_steps if isinstance(given, TrainSettings)
-                           else given.get("decay_steps")) is not None
-            if not isinstance(settings, TrainSettings):
-                settings = _resumed_settings(out, first, given)
+            if isinstance(settings, TrainSettings):
+                decay_given = settings.decay_steps is not None
+            else:
+                decay_given = (settings or {}).get("decay_steps") is not None
+                settings = _resumed_settings(out, first, settings or {})
             settings = dataclasses.replace(settings, dtype=stored_dtype)
             if settings.decay_steps is None:
                 # continue the first run's schedule: its cosine ended where that run's steps did
@@ -615,9 +607,9 @@ class Trainer:
             raise self._diverged(f"weights {bad[:3]} became NaN or inf")
         say = bar.write if bar is not None else log
         if final:  # the last step's validation may take a while: say what runs
-            n_val, n_train = (len(eval_starts(len(tokens), self.config.block_size, windows))
-                              for tokens, windows in ((self.val_tokens, s.final_eval_windows),
-                                                      (self.train_tokens, s.eval_windows)))
+            B = self.config.block_size
+            n_val = len(eval_starts(len(self.val_tokens), B, s.final_eval_windows))
+            n_train = len(eval_starts(len(self.train_tokens), B, s.eval_windows))
             say(f"step {self.step}: final validation over {n_val:,} windows, then the train "
                 f"split's loss over {n_train:,} (in the result line)")
         val = self.evaluate(self.val_tokens, s.final_eval_windows if final else s.eval_windows)
